@@ -1,0 +1,116 @@
+"""How fast text becomes token ids: zaizai's vectorised encoder and ``prepare`` vs a naive peer.
+
+Workload: the Tang-poetry corpus at ``../shared/corpora/tang.txt.xz`` (relative to the repository
+root), decompressed into a temporary folder. Each method runs in its own child process so that
+its peak RSS (``resource.getrusage``) is its own; the baseline row is a child that only imports
+zaizai and reads the text, which every other row includes too.
+
+Figures are MB/s of UTF-8 input (the file's size in bytes / seconds, best of a few runs).
+
+    python bench/prepare_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "tang.txt.xz"
+
+METHODS = {
+    "baseline": "baseline: import zaizai + read text",
+    "naive": "naive [stoi[c] for c in text]",
+    "encode_array": "CharTokenizer.encode_array",
+    "prepare": "zaizai.prepare (read→bins)",
+}
+REPEATS = {"baseline": 1, "naive": 2, "encode_array": 5, "prepare": 2}
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+
+
+def measure(method: str, path: Path) -> dict:
+    """Run one method on the text file at ``path`` (in this process); return its figures."""
+    from zaizai.data import prepare
+    from zaizai.tokenizer import CharTokenizer
+
+    text = path.read_text(encoding="utf-8")
+    if method == "naive":
+        # The articles' encoder: a dict from character to id, one lookup per character.
+        stoi = {ch: i for i, ch in enumerate(sorted(set(text)), start=6)}
+
+        def run():
+            return [stoi[c] for c in text]
+
+    elif method == "encode_array":
+        tokenizer = CharTokenizer.from_text(text)
+
+        def run():
+            return tokenizer.encode_array(text)
+
+    elif method == "prepare":
+        out_dir = path.parent / "prepared"  # inside the parent's temporary folder
+
+        def run():
+            return prepare([path], out_dir, verbose=False)
+
+    else:
+
+        def run():
+            return None
+
+    best = float("inf")
+    for _ in range(REPEATS[method]):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+        del result
+    return {"seconds": best, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, path = args.child
+        print(json.dumps(measure(method, Path(path))))
+        return 0
+
+    if not CORPUS.exists():
+        print(f"skipped: {CORPUS} is absent (the shared corpora folder next to the repository)")
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="zaizai-bench-") as tmp:
+        path = Path(tmp) / "tang.txt"
+        path.write_bytes(lzma.decompress(CORPUS.read_bytes()))
+        n_bytes = path.stat().st_size
+        n_chars = len(path.read_text(encoding="utf-8"))
+        print(f"corpus: {CORPUS.name}, {n_bytes / 1e6:.2f} MB UTF-8, {n_chars:,} characters")
+        print(f"{'method':<38} {'seconds':>8} {'MB/s':>8} {'peak RSS':>10}")
+        for method, label in METHODS.items():
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", method, str(path)],
+                capture_output=True, text=True, check=True,
+            )
+            figures = json.loads(child.stdout.strip().splitlines()[-1])
+            rss = f"{figures['peak_rss_mb']:.0f} MB"
+            if method == "baseline":
+                print(f"{label:<38} {'-':>8} {'-':>8} {rss:>10}")
+            else:
+                seconds = figures["seconds"]
+                print(f"{label:<38} {seconds:>8.3f} {n_bytes / seconds / 1e6:>8.1f} {rss:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny corpus in the articles' layout and a folder prepared from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Twenty distinct short two-line dialogues: blocks of lines separated by blank lines.
+TINY_DOCUMENTS = [
+    f"{question}（{round_}）\n{answer}"
+    for round_ in range(1, 5)
+    for question, answer in [
+        ("你好", "你好，我是崽崽。"),
+        ("今天天气怎么样？", "晴天，适合出去走走。"),
+        ("你会写诗吗？", "床前明月光，疑是地上霜。"),
+        ("早上好", "早上好！吃早饭了吗？"),
+        ("晚安", "晚安，做个好梦。"),
+    ]
+]
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A UTF-8 text file holding TINY_DOCUMENTS separated by blank lines."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(TINY_DOCUMENTS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path: Path, tiny_corpus: Path) -> Path:
+    """``tiny_corpus`` prepared (seed 1337, 20% validation) into ``tmp_path/data``."""
+    from zaizai.data import prepare
+
+    prepare([tiny_corpus], tmp_path / "data", val_fraction=0.2, verbose=False)
+    return tmp_path / "data"

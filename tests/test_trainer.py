@@ -1,0 +1,147 @@
+"""Training end to end: each model learns, checkpoints load, resume is exact, bad runs stop cleanly."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import zaizai
+from zaizai.checkpoint import BEST, LAST, load_checkpoint
+from zaizai.errors import ZaizaiError
+from util import TINY, prepared
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return prepared(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["bigram", "rnn", "gpt"])
+def test_each_model_trains_resumes_and_samples(tmp_path, data_dir, model):
+    out = tmp_path / f"out-{model}"
+    # a bigram table learns slowly at a transformer's learning rate
+    opts = dict(TINY, lr=0.05) if model == "bigram" else TINY
+    first = zaizai.train(data_dir, out, model=model, max_iters=30, verbose=False, **opts)
+    assert first.step == 30 and first.stopped_by == "max_iters"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.15    # it learns
+    assert records[-1]["val_bpc"] == pytest.approx(records[-1]["val_loss"] / math.log(2), rel=0.05)
+    for key in ("tokens", "lr", "tokens_per_second", "elapsed", "train_bpc"):
+        assert key in records[-1]
+    assert (out / LAST).is_file() and (out / BEST).is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert first.full_val_loss is not None and math.isfinite(first.full_val_loss)
+
+    second = zaizai.train(out_dir=out, resume=True, max_iters=40, verbose=False)
+    assert second.step == 40
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-2:] == [35, 40]
+
+    bot = zaizai.load(out)
+    text = bot.generate("床前", max_new_tokens=20, temperature=0.8, seed=3)
+    assert text == bot.generate("床前", max_new_tokens=20, temperature=0.8, seed=3)
+    assert len(text) > 0
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data_dir):
+    opts = dict(TINY, model="gpt", max_iters=20, dropout=0.1, grad_accum=2, verbose=False)
+    zaizai.train(data_dir, tmp_path / "a", **opts)
+    stopped = zaizai.train(data_dir, tmp_path / "b", on_step=lambda s: s["step"] == 10, **opts)
+    assert stopped.stopped_by == "interrupt" and stopped.step == 10
+    zaizai.train(out_dir=tmp_path / "b", resume=True, verbose=False)
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in map(json.loads, lines)]
+
+    assert losses("a") == losses("b")
+    a = load_checkpoint(tmp_path / "a" / LAST).model_state
+    b = load_checkpoint(tmp_path / "b" / LAST).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run_without_being_told(tmp_path, data_dir):
+    out = tmp_path / "out"
+    zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    before = (out / LAST).read_bytes()
+    with pytest.raises(ZaizaiError, match="already holds a trained model.*--resume.*--overwrite"):
+        zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    assert (out / LAST).read_bytes() == before
+    zaizai.train(data_dir, out, max_iters=5, overwrite=True, verbose=False, **TINY)
+
+
+def test_resume_needs_a_checkpoint_and_keeps_the_shape(tmp_path, data_dir):
+    with pytest.raises(ZaizaiError, match="nothing to resume"):
+        zaizai.train(data_dir, tmp_path / "none", resume=True, max_iters=5, verbose=False)
+    out = tmp_path / "out"
+    zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    with pytest.raises(ZaizaiError, match="cannot change n_embd when resuming"):
+        zaizai.train(out_dir=out, resume=True, n_embd=64, max_iters=10, verbose=False)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    from zaizai.models.gpt import GPT
+
+    out = tmp_path / "out"
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 12:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    with pytest.raises(ZaizaiError, match="loss became nan at step 12.*last good checkpoint.*lower --lr"):
+        zaizai.train(data_dir, out, max_iters=50, verbose=False, **TINY)
+    ckpt = load_checkpoint(out / LAST)
+    assert ckpt.state["step"] == 10
+    assert all(torch.isfinite(t).all() for t in ckpt.model_state.values())
+
+
+def test_max_time_stops_the_run(tmp_path, data_dir):
+    result = zaizai.train(data_dir, tmp_path / "out", max_time=1.0, verbose=False, **TINY)
+    assert result.stopped_by == "max_time" and result.step > 0
+    assert load_checkpoint(tmp_path / "out" / LAST).state["step"] == result.step
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, data_dir):
+    """Two micro-batches of 4 accumulate to the gradient of the same 8 sequences in one batch."""
+    from zaizai.data import TokenData
+    from zaizai.models import ModelConfig, build_model
+
+    data = TokenData(data_dir)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=data.tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
+                                    n_embd=32))
+    x, y = data.get_batch("train", 8, 16, np.random.default_rng(0))
+    model(x, y)[1].backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for part in (slice(0, 4), slice(4, 8)):
+        (model(x[part], y[part])[1] / 2).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(big, model.parameters()))
+
+
+def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path, data_dir):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / LAST).write_bytes((out / LAST).read_bytes()[:100])
+    with pytest.raises(ZaizaiError, match="truncated or not a checkpoint"):
+        zaizai.load(broken)
+    save_file({"w": torch.zeros(2)}, str(broken / LAST))
+    with pytest.raises(ZaizaiError, match="not a zaizai checkpoint"):
+        zaizai.load(broken)
+    with pytest.raises(ZaizaiError, match="does not exist"):
+        zaizai.load(tmp_path / "nowhere")
+    with pytest.raises(ZaizaiError, match="no checkpoint"):
+        zaizai.load(tmp_path)

@@ -1,0 +1,41 @@
+"""Small helpers shared by the training/CLI tests: a tiny corpus and tiny model options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LINES = ["床前明月光", "疑是地上霜", "举头望明月", "低头思故乡", "你好，我是崽崽", "有什么问题吗？",
+         "春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少", "白日依山尽", "黄河入海流"]
+
+# A model small enough that a few dozen steps take about a second on 2 cores.
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_interval=5, eval_iters=2,
+            warmup_iters=2, lr=3e-3, dropout=0.0, threads=1, preset="tiny")
+
+
+def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    """A deterministic corpus in the articles' layout: blocks of lines separated by blank lines."""
+    import random
+
+    rng = random.Random(seed)
+    blocks = ["\n".join(rng.sample(LINES, k=rng.randint(2, 4))) for _ in range(n_docs)]
+    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    return path
+
+
+def prepared(tmp_path: Path) -> Path:
+    """A corpus prepared into ``tmp_path/data``."""
+    import zaizai
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    zaizai.prepare([corpus], tmp_path / "data", verbose=False)
+    return tmp_path / "data"
+
+
+def run_cli(*args, input: str | None = None, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """Run ``python -m zaizai ARGS`` and capture its output as text."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "zaizai", *map(str, args)], input=input, capture_output=True,
+                          text=True, encoding="utf-8", timeout=timeout, env=env, **popen)

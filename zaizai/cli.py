@@ -1,0 +1,159 @@
+"""Command line: ``zaizai prepare | train | sample | demo``. Thin: parse flags, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from . import __version__
+from .errors import ZaizaiError
+
+# Help for the flags generated from the config dataclasses (one flag per field).
+FIELD_HELP = {
+    "model": "bigram | rnn | gpt",
+    "block_size": "context length in tokens",
+    "n_layer": "transformer blocks (gpt) or GRU layers (rnn)",
+    "n_head": "attention heads (gpt)",
+    "n_embd": "embedding width",
+    "dropout": "dropout probability",
+    "bias": "biases in Linear/LayerNorm",
+    "preset": "named defaults: cpu (default), tiny, demo, nanogpt-cpu, small, gpt2",
+    "batch_size": "sequences per micro-step",
+    "grad_accum": "micro-steps per optimizer step",
+    "max_iters": "stop after this many optimizer steps",
+    "max_time": "stop after this many seconds (the lr schedule fits the budget)",
+    "lr": "peak learning rate",
+    "min_lr": "final learning rate of the cosine decay (default lr/10)",
+    "warmup_iters": "linear warmup steps",
+    "weight_decay": "AdamW weight decay on 2-D weights",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm (0 = off)",
+    "eval_interval": "steps between evaluations and `last` checkpoints",
+    "eval_iters": "batches per loss estimate",
+    "device": "auto | cpu | cuda | mps",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "compile": "torch.compile the model",
+    "threads": "CPU threads (0 = PyTorch's choice)",
+    "seed": "random seed",
+    "resume": "continue the run saved in --out",
+    "overwrite": "start over even if --out already holds a model",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+    from .models.config import ModelConfig
+
+    for cls, skip in ((ModelConfig, {"vocab_size"}), (TrainConfig, {"data_dir", "out_dir"})):
+        group = parser.add_argument_group(f"{cls.__name__} options")
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = type(f.default)
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                   help=FIELD_HELP.get(f.name))
+            else:
+                group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                                   help=f"{FIELD_HELP.get(f.name, '')} (default {f.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zaizai", description="崽崽 zaizai: train a GPT-2-style model on your own "
+                                "Chinese text, then talk to it.")
+    p.add_argument("--version", action="version", version=f"zaizai {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pp = sub.add_parser("prepare", help="text file(s) -> tokenizer + train/val token bins")
+    pp.add_argument("corpus", nargs="+", help="text files or folders of .txt files")
+    pp.add_argument("--out", required=True, help="data folder to write")
+    pp.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    pp.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
+    pp.add_argument("--encoding", default="utf-8", help="text encoding of the files (e.g. gbk)")
+
+    tp = sub.add_parser("train", help="train a model on a prepared data folder")
+    tp.add_argument("data_dir", nargs="?", help="folder written by `zaizai prepare` (optional with --resume)")
+    tp.add_argument("--out", dest="out_dir", default=None, help="output folder (default out)")
+    tp.add_argument("--config", dest="config_file", default=None, help="TOML or JSON file of options")
+    _add_config_flags(tp)
+
+    sp = sub.add_parser("sample", help="generate text from a trained model, streamed")
+    sp.add_argument("out_dir", help="folder written by `zaizai train`")
+    sp.add_argument("--prompt", default="", help="text to continue")
+    sp.add_argument("--max-new-tokens", type=int, default=200)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    sp.add_argument("--top-k", type=int, default=0, help="0 = off")
+    sp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    sp.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    sp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+    sp.add_argument("--device", default="auto")
+
+    dp = sub.add_parser("demo", help="train a small chat model on the built-in corpus and show it")
+    dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
+    dp.add_argument("--max-time", type=float, default=150.0, help="training budget in seconds (default 150)")
+    dp.add_argument("--retrain", action="store_true", help="train again even if the demo model exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args) or 0
+    except ZaizaiError as e:
+        print(f"zaizai: 错误 error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nzaizai: 已中断 interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `zaizai sample ... | head`
+        return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare
+
+    prepare(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, encoding=args.encoding)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "data_dir", "out_dir", "config_file")}
+    result = train(args.data_dir, args.out_dir, config_file=args.config_file, **options)
+    return 130 if result.stopped_by == "interrupt" else 0
+
+
+def cmd_sample(args) -> int:
+    from .pipeline import load
+
+    bot = load(args.out_dir, which=args.checkpoint, device=args.device)
+    unknown = bot.unknown_chars(args.prompt)
+    if unknown:
+        print(f"注意 note: {len(unknown)} prompt character(s) not in the vocabulary: {''.join(unknown[:20])}",
+              file=sys.stderr)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    for piece in bot.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, max_time=args.max_time, retrain=args.retrain)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}

@@ -1,0 +1,181 @@
+"""Training configuration: one dataclass, named presets, TOML/JSON files, and how they combine.
+
+Order of precedence, lowest first: the dataclass defaults < the preset < the config file < explicit flags.
+A preset is just a named set of field values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ZaizaiError
+from .models.config import ModelConfig
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape (that is :class:`ModelConfig`)."""
+
+    data_dir: str = ""
+    out_dir: str = "out"
+    preset: str = "cpu"               # named defaults; see PRESETS
+    batch_size: int = 32              # sequences per micro-step
+    grad_accum: int = 1               # micro-steps per optimizer step
+    max_iters: int = 0                # optimizer steps; 0 = no step limit (then --max-time is required)
+    max_time: float = 0.0             # wall-clock budget in seconds; 0 = none. The lr schedule fits the budget.
+    lr: float = 1e-3                  # peak learning rate
+    min_lr: float = -1.0              # floor of the cosine decay; negative = lr / 10
+    warmup_iters: int = 100           # linear warmup steps
+    weight_decay: float = 0.1         # applied to 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0            # max global grad norm; 0 = off
+    eval_interval: int = 250          # steps between train/val loss estimates (and `last` checkpoints)
+    eval_iters: int = 20              # batches per loss estimate
+    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"               # auto | float32 | bfloat16 | float16 (autocast)
+    compile: bool = False             # torch.compile the model (slow start, faster steps)
+    threads: int = 0                  # CPU threads for torch; 0 = PyTorch's choice
+    seed: int = 1337
+    resume: bool = False              # continue the run saved in out_dir
+    overwrite: bool = False           # start over even if out_dir already holds a checkpoint
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ZaizaiError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "threads"):
+            if getattr(self, name) < 0:
+                raise ZaizaiError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.max_time < 0:
+            raise ZaizaiError(f"--max-time must not be negative, got {self.max_time}")
+        if self.max_iters == 0 and self.max_time == 0:
+            raise ZaizaiError("give a stopping point: --max-iters N or --max-time SECONDS")
+        if not self.lr > 0:
+            raise ZaizaiError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ZaizaiError("--weight-decay and --grad-clip must not be negative")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ZaizaiError("--beta1 and --beta2 must be in [0, 1)")
+        if self.resume and self.overwrite:
+            raise ZaizaiError("--resume and --overwrite contradict each other; pick one")
+
+    @property
+    def min_lr_value(self) -> float:
+        return self.lr / 10 if self.min_lr < 0 else self.min_lr
+
+
+# Presets: named field values for both ModelConfig and TrainConfig.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tuned to learn the most per second on a laptop CPU (2 cores, bf16 where the CPU has it):
+    # see bench/train_speed.py --mode preset.
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+                batch_size=32, lr=2e-3, warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20),
+    # About a million parameters with a few-thousand-character vocabulary: the smallest useful model.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0,
+                 batch_size=32, lr=3e-3, warmup_iters=50, beta2=0.99, eval_interval=100),
+    # The built-in demo: a small chat model on a few thousand dialogue lines, minutes on a CPU.
+    "demo": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1,
+                 batch_size=32, lr=2e-3, warmup_iters=50, beta2=0.99, eval_interval=100, eval_iters=10),
+    # nanoGPT's README recipe for a CPU (the reference the cpu preset must beat).
+    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
+                        lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, max_iters=2000,
+                        eval_interval=250, eval_iters=20, dtype="float32"),
+    # nanoGPT's shakespeare-char shape: good on a GPU, slow but fine on a patient CPU.
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                  batch_size=64, lr=1e-3, warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=50),
+    # GPT-2 small, 124M parameters with GPT-2's vocabulary (fewer with a char vocabulary): for a GPU.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
+                 batch_size=16, grad_accum=8, lr=6e-4, warmup_iters=700, beta2=0.95,
+                 eval_interval=500, eval_iters=50),
+}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON file of options. Sections ([model], [train]) are flattened."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ZaizaiError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(raw.decode("utf-8-sig"))
+        else:
+            data = tomllib.loads(raw.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ZaizaiError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ZaizaiError(f"config file {path} must hold a table of options")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return {k.replace("-", "_"): v for k, v in flat.items()}
+
+
+def resolve_config(options: dict[str, Any] | None = None, config_file: str | Path | None = None,
+                   ) -> tuple[ModelConfig, TrainConfig]:
+    """Combine defaults < preset < config file < ``options`` into (ModelConfig, TrainConfig).
+
+    ``options`` holds only the values the user set explicitly (None values are ignored).
+    """
+    given = {k.replace("-", "_"): v for k, v in (options or {}).items() if v is not None}
+    from_file = read_config_file(config_file) if config_file else {}
+    preset_name = given.get("preset", from_file.get("preset", TrainConfig.preset))
+    if preset_name not in PRESETS:
+        raise ZaizaiError(f"unknown preset '{preset_name}'; choose one of: {', '.join(PRESETS)}")
+    merged: dict[str, Any] = {**PRESETS[preset_name], **from_file, **given, "preset": preset_name}
+    unknown = set(merged) - MODEL_FIELDS - TRAIN_FIELDS - {"vocab_size"}
+    if unknown:
+        raise ZaizaiError(f"unknown option(s): {', '.join(sorted(unknown))}; see `zaizai train --help`")
+    model_cfg = ModelConfig(**{k: _coerce(ModelConfig, k, v) for k, v in merged.items() if k in MODEL_FIELDS})
+    train_cfg = TrainConfig(**{k: _coerce(TrainConfig, k, v) for k, v in merged.items() if k in TRAIN_FIELDS})
+    return model_cfg, train_cfg
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    """Check a file/flag value against the field's type (int fields accept 1e3-style floats that are whole)."""
+    default = {f.name: f.default for f in fields(cls)}[name]
+    kind = type(default)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if kind is int:
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ZaizaiError(f"option {name} expects a {kind.__name__}, got {value!r}") from None

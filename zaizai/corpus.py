@@ -1,0 +1,174 @@
+"""Read and validate a user's text, and split it into documents.
+
+The first arrow of the pipeline: files on disk -> clean Python strings -> documents.
+
+- Encodings: UTF-8 by default. A UTF-8 byte-order mark is stripped; a UTF-16 one (what Windows
+  Notepad calls "Unicode") is recognised and decoded as UTF-16. Anything else that is not valid
+  UTF-8 is refused with one line naming the file and the byte offset, and suggesting
+  ``--encoding gbk`` (what Chinese Windows saves "ANSI" text as).
+- Line endings: CRLF and lone CR become LF, so a corpus means the same on every OS.
+- Documents: blocks of lines separated by blank lines (the articles' layout: one dialogue per
+  block). A line holding only whitespace counts as blank.
+
+Input files are only ever read, never written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import ZaizaiError
+
+PathLike = str | os.PathLike[str]
+
+_UTF8_BOM = codecs.BOM_UTF8
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+# A line break followed by one or more whitespace-only lines, each with its own line break.
+# (Python's \s is Unicode-aware: it covers full-width spaces, like str.isspace.)
+_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")
+# Encodings a user can name on the command line, for error messages.
+_ENCODING_HINT = "utf-8, gbk, gb18030 or big5"
+
+
+def check_encoding(encoding: str) -> str:
+    """Return the canonical name of a text encoding (``"UTF8"`` -> ``"utf-8"``).
+
+    Raises ZaizaiError for names Python does not know, and for codecs that do not turn bytes into
+    text (``base64``, ``zlib``, ...).
+    """
+    try:
+        name = codecs.lookup(encoding).name
+        b"a".decode(encoding)  # LookupError for bytes-to-bytes codecs such as base64
+    except (LookupError, TypeError):
+        raise ZaizaiError(
+            f"unknown text encoding {encoding!r}; use a name such as {_ENCODING_HINT}"
+        ) from None
+    except UnicodeDecodeError:
+        pass  # a real text codec that wants more than one byte (utf-16, utf-32)
+    return name
+
+
+def _is_utf8(encoding_name: str) -> bool:
+    return encoding_name in ("utf-8", "utf-8-sig")
+
+
+def list_text_files(paths: PathLike | Iterable[PathLike]) -> list[Path]:
+    """Expand files and folders into the list of files to read.
+
+    A folder stands for every ``*.txt`` file under it (recursively, sorted by path); a file is
+    taken as given whatever its suffix. A file named twice is read once.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            in_folder = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not in_folder:
+                raise ZaizaiError(f"{path}: folder has no .txt files; put your text in .txt files")
+            found.extend(in_folder)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ZaizaiError(f"{path}: no such file or folder; check the path")
+    if not found:
+        raise ZaizaiError("no input files given; name a text file or a folder of .txt files")
+
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def decode_text(raw: bytes, encoding: str = "utf-8", *, name: PathLike = "<text>") -> str:
+    """Decode the bytes of one file, strip its byte-order mark and normalise line endings to LF.
+
+    ``name`` is only used in error messages. Byte offsets in those messages count from the start
+    of the file, byte-order mark included, so a hex editor finds the exact spot.
+    """
+    encoding = check_encoding(encoding)
+    if _is_utf8(encoding) and raw.startswith(_UTF16_BOMS):
+        # Notepad's "Unicode": the BOM is a far stronger signal than the default flag.
+        text = _decode_or_explain(raw, "utf-16", name, offset=0)
+    elif _is_utf8(encoding):
+        bom = len(_UTF8_BOM) if raw.startswith(_UTF8_BOM) else 0
+        text = _decode_or_explain(raw[bom:], "utf-8", name, offset=bom, whole=raw)
+    else:
+        text = _decode_or_explain(raw, encoding, name, offset=0)
+    text = text.removeprefix("\ufeff")  # a BOM some codecs (utf-16-le, gb18030) leave as text
+    if "\r" in text:  # CRLF (Windows) and lone CR (classic Mac) line endings
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def _decode_or_explain(
+    data: bytes, encoding: str, name: PathLike, *, offset: int, whole: bytes | None = None
+) -> str:
+    """``data.decode(encoding)``, turning a decode error into a one-line ZaizaiError."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        where = offset + err.start
+        if _is_utf8(encoding):
+            head = (whole if whole is not None else data)[:4096]
+            if head.count(0) > len(head) // 8:
+                # Many NUL bytes: UTF-16 saved without a byte-order mark.
+                hint = "it looks like UTF-16 without a byte-order mark: try --encoding utf-16"
+            else:
+                hint = "if it was saved on Chinese Windows try --encoding gbk"
+            raise ZaizaiError(f"{name}: not valid UTF-8 at byte {where}; {hint}") from None
+        raise ZaizaiError(
+            f"{name}: not valid {encoding} at byte {where}; check --encoding "
+            f"(common ones: {_ENCODING_HINT})"
+        ) from None
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The raw bytes of ``path``, with OS errors turned into a ZaizaiError."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ZaizaiError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def read_texts(
+    paths: PathLike | Iterable[PathLike], encoding: str = "utf-8"
+) -> list[tuple[Path, str]]:
+    """Read text files and folders of ``*.txt`` files into ``[(path, text), ...]``.
+
+    Each text has its byte-order mark removed and LF line endings. Raises ZaizaiError for a
+    missing path, a folder without ``.txt`` files, an unknown encoding, or bytes that are not
+    valid in ``encoding`` (naming the file and byte offset).
+    """
+    check_encoding(encoding)  # fail before touching any file
+    return [
+        (path, decode_text(read_file_bytes(path), encoding, name=path))
+        for path in list_text_files(paths)
+    ]
+
+
+def split_documents(text: str) -> list[str]:
+    """Split LF-ended text into documents at blank lines.
+
+    A blank line is one that is empty or holds only whitespace (full-width spaces included).
+    Several blank lines in a row count as one separator. Each document keeps its inner newlines
+    and each line's own spacing, but has no leading or trailing blank lines and no final newline.
+    Empty or whitespace-only text gives ``[]``.
+    """
+    # With a newline added at both ends every line of ``text`` sits between two newlines, so
+    # each run of blank lines - even at the very start or end - is one _BLANK_LINES match. The
+    # pieces between matches are the documents; only the first and last still carry one of the
+    # added newlines (or are empty, when the text starts or ends with blank lines).
+    pieces = _BLANK_LINES.split(f"\n{text}\n")
+    pieces[0] = pieces[0][1:]
+    pieces[-1] = pieces[-1][:-1]
+    return [piece for piece in pieces if piece]

@@ -1,0 +1,85 @@
+"""Where to run and at what precision: device choice, bf16 support, autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from .errors import ZaizaiError
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX).
+
+    Elsewhere bf16 autocast is emulated and slower than fp32, so we stay in fp32.
+    ``ZAIZAI_CPU_BF16=0/1`` overrides the detection.
+    """
+    forced = os.environ.get("ZAIZAI_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map ``auto|cpu|cuda|cuda:N|mps`` to a torch.device, refusing ones this machine lacks."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ZaizaiError(f"--device {name}: this PyTorch build sees no CUDA GPU; use --device cpu (or auto)")
+        return torch.device(name)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ZaizaiError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ZaizaiError(f"unknown --device '{name}'; choose auto, cpu, cuda or mps")
+
+
+def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``device`` (None means plain fp32).
+
+    ``dtype``: auto | float32 | bfloat16 | float16. ``auto`` picks bf16 on CUDA GPUs that support it and on
+    CPUs with native bf16, else fp32.
+    """
+    dtype = (dtype or "auto").lower()
+    if dtype in ("float32", "fp32"):
+        return None
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if dtype in ("float16", "fp16"):
+        if device.type != "cuda":
+            raise ZaizaiError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32")
+        return torch.float16
+    if dtype != "auto":
+        raise ZaizaiError(f"unknown --dtype '{dtype}'; choose auto, float32, bfloat16 or float16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A context manager running the forward pass in ``dtype`` (or a no-op for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

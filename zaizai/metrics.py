@@ -1,0 +1,76 @@
+"""Training metrics: one JSON line per evaluation, and the loss-curve picture."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+
+
+def append_metrics(out_dir: Path, record: dict) -> None:
+    with open(Path(out_dir) / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """All records of ``metrics.jsonl``; a torn last line (killed mid-write) is ignored."""
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def truncate_metrics(out_dir: Path, after_step: int) -> None:
+    """Drop records past ``after_step`` (a resumed run repeats those steps)."""
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        return
+    keep = [r for r in read_metrics(out_dir) if r.get("step", 0) <= after_step]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+
+
+def plot_losses(out_dir: Path, records: list[dict] | None = None, path: Path | None = None) -> Path | None:
+    """Draw train/val loss against step and against time into ``loss.png`` (atomically)."""
+    records = read_metrics(out_dir) if records is None else records
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    minutes = [r.get("elapsed", 0.0) / 60 for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, xs, label in ((axes[0], steps, "step"), (axes[1], minutes, "minutes")):
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            pts = [(x, r[key]) for x, r in zip(xs, records) if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, marker=".", label=key.replace("_", " "))
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats per token)")
+    axes[0].legend()
+    fig.suptitle(f"{Path(out_dir).resolve().name}: loss")
+    fig.tight_layout()
+    path = Path(path) if path else Path(out_dir) / LOSS_PNG
+    fd, tmp = tempfile.mkstemp(prefix=".loss.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

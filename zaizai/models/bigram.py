@@ -1,0 +1,39 @@
+"""The bigram language model of the tutorial articles: the next token depends only on this one.
+
+The whole model is one (vocab_size, vocab_size) table: row i holds the logits of the token that follows
+token i. It cannot look further back than one token, which is exactly what makes it the right first
+model: everything the bigger models add (context, attention) is measured against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ZaizaiError
+from .config import ModelConfig
+
+
+class BigramLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.token_embedding_table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
+        nn.init.normal_(self.token_embedding_table.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ZaizaiError(f"input has {T} tokens but block_size is {self.config.block_size}; crop the input")
+        logits = self.token_embedding_table(idx)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; the table is an embedding, so ``non_embedding=True`` gives 0."""
+        if non_embedding:
+            return 0
+        return sum(p.numel() for p in self.parameters())
