@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(JOBS) tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) tests
 
 demo: setup
 	$(BIN)/zaizai demo

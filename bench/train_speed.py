@@ -1,7 +1,8 @@
 """Training speed of zaizai's GPT, side by side with a peer measured in the same run.
 
     .venv/bin/python bench/train_speed.py                    # throughput: zaizai gpt vs transformers GPT2LMHeadModel
-    .venv/bin/python bench/train_speed.py --dtype float32    # force one precision
+    .venv/bin/python bench/train_speed.py --dtype float32    # one precision only
+    .venv/bin/python bench/train_speed.py --mode ablation    # what each speed change in zaizai is worth
     .venv/bin/python bench/train_speed.py --mode preset      # `zaizai train` with the default CPU preset (not yet)
 
 throughput mode: nanoGPT's CPU shapes (4 layers, 4 heads, n_embd 128, block 64, batch 12, dropout 0) with
@@ -9,11 +10,19 @@ the Tang-poetry corpus's vocabulary size (distinct characters + 6 special tokens
 Both models train with torch AdamW (lr 1e-3, weight decay 0.1): zaizai through ``configure_optimizer`` as
 its trainer does (decay on matrices only, fused kernel), the peer with a plain ``torch.optim.AdamW``.
 They alternate in interleaved rounds in one process, warm-up steps excluded, so machine noise hits both.
+Precision: bf16 autocast for both where the CPU has native bf16, and a line in fp32.
+
+ablation mode: the same measurement over zaizai variants that add one change at a time, from a plain
+nanoGPT-style step (F.linear + F.cross_entropy on fp32 logits, SDPA in the autocast dtype, unfused AdamW).
+
+--tune-malloc keeps freed memory mapped (glibc mallopt) for the whole process, so both models stop
+page-faulting on their big per-step tensors; it helps the peer more than zaizai.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import lzma
 import sys
 import time
@@ -22,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zaizai.device import autocast, cpu_has_fast_bf16
+import zaizai.models.gpt as gpt_module
+from zaizai.device import autocast, cpu_has_fast_bf16, tune_glibc_malloc
 from zaizai.models import ModelConfig, build_model
 from zaizai.optim import configure_optimizer
 
@@ -38,46 +48,54 @@ def tang_vocab_size() -> int | None:
         return len(set(f.read())) + N_SPECIAL_TOKENS
 
 
-def zaizai_trainer(vocab_size: int, args):
+# --- the two trainers ---------------------------------------------------------------------------------------
+
+
+def zaizai_trainer(vocab_size: int, args, fused_adamw: bool | None = None):
     cfg = ModelConfig(
         model="gpt", vocab_size=vocab_size, block_size=args.block_size,
         n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True,
     )
+    torch.manual_seed(0)
     model = build_model(cfg).train()
-    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", fused=fused_adamw)
 
     def loss_fn(x, y):
         _, loss = model(x, y)
         return loss
 
-    return model, opt, loss_fn
+    return loss_fn, opt
 
 
 def hf_trainer(vocab_size: int, args):
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.loss.loss_utils import ForCausalLMLoss
 
     hf_cfg = GPT2Config(
         vocab_size=vocab_size, n_positions=args.block_size, n_embd=128, n_layer=4, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
+    torch.manual_seed(0)
     model = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
 
     def loss_fn(x, y):
         logits = model(input_ids=x).logits
-        # transformers' own causal-LM loss (upcasts the logits to fp32), on the same targets as zaizai
-        return model.loss_function(logits, y, vocab_size=vocab_size, shift_labels=y)
+        # transformers' own causal-LM loss (it upcasts the logits to fp32), on the same targets as zaizai
+        return ForCausalLMLoss(logits, y, vocab_size=vocab_size, shift_labels=y)
 
-    return model, opt, loss_fn
+    return loss_fn, opt
 
 
-def make_step(opt, loss_fn, dtype):
+def make_step(loss_fn, opt, dtype, patches=contextlib.nullcontext):
+    """One training step; ``patches`` swaps zaizai's implementations for the ablation variants."""
     device = torch.device("cpu")
 
     def step(x, y):
-        with autocast(device, dtype):
+        with patches(), autocast(device, dtype):
             loss = loss_fn(x, y)
-        loss.backward()
+        with patches():
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -85,58 +103,109 @@ def make_step(opt, loss_fn, dtype):
     return step
 
 
-def measure(vocab_size: int, dtype, args) -> dict[str, float]:
-    """Tokens per second of each trainer, interleaved rounds, warm-up excluded."""
-    torch.manual_seed(0)
+def measure(steps: dict, vocab_size: int, args) -> dict[str, float]:
+    """Tokens per second of each step function: interleaved rounds, order alternating, warm-up excluded."""
     g = torch.Generator().manual_seed(0)
     n_batches = 16
     data = torch.randint(vocab_size, (n_batches, args.batch_size, args.block_size + 1), generator=g)
     batches = [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
-    steps = {}
-    for name, build in (("zaizai", zaizai_trainer), ("transformers", hf_trainer)):
-        _, opt, loss_fn = build(vocab_size, args)
-        steps[name] = make_step(opt, loss_fn, dtype)
-    elapsed = {name: 0.0 for name in steps}
-    n_steps = {name: 0 for name in steps}
-    for name, step in steps.items():
+    for step in steps.values():
         for i in range(args.warmup):
             step(*batches[i % n_batches])
+    elapsed = dict.fromkeys(steps, 0.0)
     order = list(steps)
     for r in range(args.rounds):
-        for name in order if r % 2 == 0 else reversed(order):
-            step = steps[name]
+        for name in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             for i in range(args.steps_per_round):
-                step(*batches[(r * args.steps_per_round + i) % n_batches])
+                steps[name](*batches[(r * args.steps_per_round + i) % n_batches])
             elapsed[name] += time.perf_counter() - t0
-            n_steps[name] += args.steps_per_round
-    tokens_per_step = args.batch_size * args.block_size
-    return {name: n_steps[name] * tokens_per_step / elapsed[name] for name in steps}
+    tokens = args.rounds * args.steps_per_round * args.batch_size * args.block_size
+    return {name: tokens / elapsed[name] for name in steps}
 
 
-def throughput(args) -> int:
-    vocab_size = tang_vocab_size()
-    if vocab_size is None:
-        print(f"skipped: the Tang corpus is not at {TANG} (it ships in the shared corpora folder)")
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.dtype == "auto":
-        dtypes = ["bfloat16", "float32"] if cpu_has_fast_bf16() else ["float32"]
-    else:
-        dtypes = [args.dtype]
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast bf16: {cpu_has_fast_bf16()}; "
+# --- modes --------------------------------------------------------------------------------------------------
+
+
+def precisions(args) -> list[str]:
+    if args.dtype != "auto":
+        return [args.dtype]
+    return ["bfloat16", "float32"] if cpu_has_fast_bf16() else ["float32"]
+
+
+def to_dtype(name: str):
+    return torch.bfloat16 if name == "bfloat16" else None  # None: plain fp32, no autocast
+
+
+def header(vocab_size: int, args) -> str:
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}; "
         f"vocab {vocab_size} (Tang), 4 layers x 4 heads x 128, block {args.block_size}, batch {args.batch_size}; "
-        f"{args.warmup} warm-up + {args.rounds} x {args.steps_per_round} steps each"
+        f"{args.warmup} warm-up + {args.rounds} x {args.steps_per_round} timed steps each"
+        + ("; glibc malloc tuned" if args.tune_malloc else "")
     )
+
+
+def throughput(vocab_size: int, args) -> None:
     print(f"{'precision':<10} {'zaizai tok/s':>13} {'transformers tok/s':>19} {'ratio':>7}")
-    for name in dtypes:
-        dtype = torch.bfloat16 if name == "bfloat16" else None
-        tps = measure(vocab_size, dtype, args)
+    for name in precisions(args):
+        dtype = to_dtype(name)
+        steps = {
+            "zaizai": make_step(*zaizai_trainer(vocab_size, args), dtype),
+            "transformers": make_step(*hf_trainer(vocab_size, args), dtype),
+        }
+        tps = measure(steps, vocab_size, args)
         ratio = tps["zaizai"] / tps["transformers"]
         print(f"{name:<10} {tps['zaizai']:>13,.0f} {tps['transformers']:>19,.0f} {ratio:>6.2f}x", flush=True)
-    return 0
+
+
+@contextlib.contextmanager
+def swapped(**replacements):
+    """Temporarily replace attributes of zaizai's model modules (``module__name=value``)."""
+    modules = {"gpt": gpt_module}
+    saved = []
+    for key, value in replacements.items():
+        module, attr = key.split("__", 1)
+        saved.append((modules[module], attr, getattr(modules[module], attr)))
+        setattr(modules[module], attr, value)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def plain_linear_cross_entropy(x, weight, targets):
+    logits = F.linear(x, weight)
+    return logits, F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
+def plain_attention(q, k, v, dropout_p=0.0):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def ablation(vocab_size: int, args) -> None:
+    plain_ce = dict(gpt__linear_cross_entropy=plain_linear_cross_entropy)
+    plain_attn = dict(gpt__causal_attention=plain_attention)
+    variants = [  # (name, replacements, fused AdamW), each adding one change to the one before
+        ("plain nanoGPT-style step", {**plain_ce, **plain_attn}, False),
+        ("+ attention in fp32 on CPU", plain_ce, False),
+        ("+ fused output layer + loss", {}, False),
+        ("+ fused AdamW (= zaizai)", {}, True),
+    ]
+    for name in precisions(args):
+        dtype = to_dtype(name)
+        steps = {
+            label: make_step(*zaizai_trainer(vocab_size, args, fused), dtype, lambda r=repl: swapped(**r))
+            for label, repl, fused in variants
+        }
+        tps = measure(steps, vocab_size, args)
+        print(f"{name}:")
+        previous = None
+        for label, value in tps.items():
+            gain = "" if previous is None else f"  {value / previous - 1:+6.1%}"
+            print(f"  {label:<30} {value:>8,.0f} tok/s{gain}")
+            previous = value
 
 
 def preset(args) -> int:
@@ -148,18 +217,33 @@ def preset(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["throughput", "preset"], default="throughput")
+    p.add_argument("--mode", choices=["throughput", "ablation", "preset"], default="throughput")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="auto: bf16 and fp32 where the CPU has fast bf16, else fp32 only")
+                   help="auto: bf16 and fp32 where the CPU has native bf16, else fp32 only")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=5, help="steps per model not timed")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per model")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps-per-round", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--max-time", type=float, default=210.0, help="preset mode: training seconds")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="keep freed memory mapped (glibc mallopt), for every model in the run: fewer page faults")
+    p.add_argument("--max-time", type=float, default=210.0, help="preset mode: seconds of training")
     args = p.parse_args(argv)
-    return throughput(args) if args.mode == "throughput" else preset(args)
+
+    if args.mode == "preset":
+        return preset(args)
+    vocab_size = tang_vocab_size()
+    if vocab_size is None:
+        print(f"skipped: the Tang corpus is not at {TANG} (the shared corpora folder next to the repository)")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tune_malloc and not tune_glibc_malloc():
+        print("--tune-malloc: this C library has no glibc mallopt; allocator left as it is")
+    print(header(vocab_size, args))
+    (throughput if args.mode == "throughput" else ablation)(vocab_size, args)
+    return 0
 
 
 if __name__ == "__main__":

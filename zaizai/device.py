@@ -83,3 +83,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep freed memory mapped in the process (glibc only), so the big per-step tensors of training stop
+    page-faulting afresh every step: up to a third faster on CPU for the output layer of a large vocabulary.
+    Returns False where the C library has no ``mallopt`` (macOS, Windows, musl)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False

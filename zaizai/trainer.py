@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, resolve_config
 from .data import TokenData
-from .device import autocast, autocast_dtype, resolve_device
+from .device import autocast, autocast_dtype, resolve_device, tune_glibc_malloc
 from .errors import ZaizaiError
 from .metrics import LOSS_PNG, METRICS, append_metrics, plot_losses, truncate_metrics
 from .models import build_model
@@ -208,6 +208,8 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     amp_dtype = autocast_dtype(device, cfg.dtype)
+    if device.type == "cpu":
+        tune_glibc_malloc()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -23,6 +23,8 @@ class BigramLM(nn.Module):
         nn.init.normal_(self.token_embedding_table.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        if idx.dim() != 2:
+            raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ZaizaiError(f"input has {T} tokens but block_size is {self.config.block_size}; crop the input")
@@ -33,7 +35,6 @@ class BigramLM(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; the table is an embedding, so ``non_embedding=True`` gives 0."""
-        if non_embedding:
-            return 0
+        """Parameter count. The table is the output layer too, so ``non_embedding`` changes nothing
+        (as nanoGPT counts GPT's tied token table)."""
         return sum(p.numel() for p in self.parameters())

@@ -7,6 +7,10 @@ Face's ``GPT2LMHeadModel``: ``transformer.wte``, ``transformer.wpe``, ``transfor
 ``nn.Linear`` weights.
 
 Shapes: B batch, T time (tokens), C channels (n_embd), V vocab_size, nh heads, hs head size (C // nh).
+
+Two computations come from ``ops.py``, where each is written for speed on CPU and tested equal to its
+textbook form: ``causal_attention`` (scaled dot-product attention with a causal mask) and
+``linear_cross_entropy`` (the output layer and its loss in one step).
 """
 
 from __future__ import annotations
@@ -14,113 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ZaizaiError
 from .config import ModelConfig
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """logits = x @ weight^T and their mean cross-entropy, with the loss's gradient made in the forward pass.
-
-    The output layer is the costliest part of a small model with a large vocabulary: (N, V) logits, and the
-    plain ``F.cross_entropy(logits.float(), ...)`` path makes several full-size passes over them (an fp32
-    copy, log_softmax, a zero-filled one-hot gradient, log_softmax's backward, a copy back to bf16). Here the
-    softmax runs on row chunks small enough to stay in cache, in fp32, and each chunk's probabilities are
-    written straight into the gradient buffer: d loss / d logits = (softmax - one_hot(target)) / n. The
-    backward pass is then just the two matmuls. Rows whose target is -1 are ignored.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets):
-        # x (N, C), weight (V, C), targets (N,) int64; x and weight share one dtype (bf16 under autocast)
-        N, V = x.shape[0], weight.shape[0]
-        logits = torch.mm(x, weight.t())  # (N, V)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad = torch.empty_like(logits) if need_grad else None  # (N, V) d loss / d logits, before the 1/n
-        valid = targets != -1  # (N,)
-        safe_targets = targets.clamp(min=0)  # (N,) ignored rows index class 0, then get masked out
-        acc_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        p_target = torch.empty(N, dtype=acc_dtype, device=x.device)  # (N,) softmax at the target
-        rows = torch.arange(N, device=x.device)
-        chunk = max(1, _SOFTMAX_CHUNK_BYTES // (4 * V))
-        for start in range(0, N, chunk):
-            end = min(N, start + chunk)
-            probs = torch.softmax(logits[start:end].to(acc_dtype), dim=1)  # (n, V) fp32, in cache
-            p_target[start:end] = probs[rows[: end - start], safe_targets[start:end]]
-            if grad is not None:
-                grad[start:end].copy_(probs)
-        # -log(softmax) is exact in fp32 unless a target's probability underflowed to 0 (a logit more than
-        # ~87 below the row's largest): those rows are recomputed as logsumexp - logit.
-        losses = -torch.log(p_target)  # (N,)
-        underflow = (p_target == 0) & valid
-        if underflow.any():
-            bad = underflow.nonzero().squeeze(1)
-            bad_logits = logits[bad].to(acc_dtype)
-            losses[bad] = torch.logsumexp(bad_logits, dim=1) - bad_logits[rows[: len(bad)], safe_targets[bad]]
-        n_valid = valid.sum()
-        loss = torch.where(valid, losses, 0.0).sum() / n_valid  # nan when every target is ignored, as F.cross_entropy
-        if grad is not None:
-            grad[rows, safe_targets] -= 1
-            if not bool(valid.all()):
-                grad[~valid] = 0
-            ctx.save_for_backward(x, weight, grad, n_valid)
-        ctx.set_materialize_grads(False)
-        return logits, loss
-
-    @staticmethod
-    def backward(ctx, grad_logits, grad_loss):
-        x, weight, grad, n_valid = ctx.saved_tensors
-        if grad_loss is None and grad_logits is None:
-            return None, None, None
-        scale = grad_loss.float() / n_valid if grad_loss is not None else None  # d total / d loss, and the mean's 1/n
-        if grad_logits is None:
-            g = grad  # the 1/n scale goes on the small (N, C) and (V, C) products below, not on this (N, V)
-        else:  # the logits were used downstream too (rare): sum both gradients at full size
-            g = grad_logits if scale is None else grad_logits + grad * scale.to(grad.dtype)
-            scale = None
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, weight)  # (N, C)
-            grad_x = grad_x if scale is None else grad_x.mul_(scale)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.mm(g.t(), x)  # (V, C)
-            grad_weight = grad_weight if scale is None else grad_weight.mul_(scale)
-        return grad_x, grad_weight, None
-
-
-_SOFTMAX_CHUNK_BYTES = 2 << 20  # ~2 MiB of fp32 probabilities per chunk: two cores' share of L2
-
-
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """(logits, loss) of the output layer ``x @ weight^T`` (no bias) against ``targets`` (-1 = ignore).
-
-    x (N, C), weight (V, C), targets (N,). Equal to ``F.linear`` then ``F.cross_entropy(logits.float(),
-    targets, ignore_index=-1)``; under autocast the matmuls run in the autocast dtype, and the loss is
-    computed in fp32 as in that reference.
-    """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(x.dtype)
-    return _LinearCrossEntropy.apply(x, weight, targets)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs) + causal mask) v, for (B, nh, T, hs) tensors, through PyTorch's fused SDPA.
-
-    On CPU the fused kernel is about ten times slower in bf16 than in fp32 at these small head sizes
-    (forward plus backward, measured with torch 2.13 on AVX512-BF16/AMX cores), so under CPU bf16 autocast
-    the attention itself runs in fp32: faster, and more accurate. GPUs keep the autocast dtype.
-    """
-    if q.device.type == "cpu" and q.dtype != torch.float32:
-        with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
-        return y.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+from .ops import causal_attention, linear_cross_entropy
 
 
 class CausalSelfAttention(nn.Module):
@@ -210,9 +112,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (the tied lm_head counted once); ``non_embedding`` leaves out the position table.
+        """Parameter count, the tied lm_head counted once; ``non_embedding`` leaves out the position table.
 
-        The token table is kept in, as nanoGPT does, because it is also the output layer's weight.
+        The token table stays in, as nanoGPT counts it, because it is also the output layer's weight.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -220,6 +122,8 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        if idx.dim() != 2:
+            raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ZaizaiError(f"input has {T} tokens but block_size is {self.config.block_size}; crop the input")

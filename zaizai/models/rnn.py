@@ -9,11 +9,11 @@ calls, which is how generation continues past ``block_size``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ZaizaiError
 from .config import ModelConfig
+from .ops import linear_cross_entropy
 
 
 class RNNLM(nn.Module):
@@ -35,26 +35,36 @@ class RNNLM(nn.Module):
         # Small embeddings keep the initial logits near zero, so the first loss is about ln(vocab_size).
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
 
-    def step(self, idx: torch.Tensor, hidden: torch.Tensor | None = None):
-        """Run ``idx`` (B, T) on from ``hidden`` (n_layer, B, C) or zeros; return (logits (B, T, V), hidden)."""
+    def features(self, idx: torch.Tensor, hidden: torch.Tensor | None = None):
+        """The GRU's normalised outputs for ``idx`` (B, T), starting from ``hidden`` (n_layer, B, C) or zeros."""
         x = self.drop(self.wte(idx))  # (B, T, C)
         x, hidden = self.gru(x, hidden)  # (B, T, C), (n_layer, B, C)
-        x = self.drop(self.ln_f(x))  # (B, T, C)
+        return self.drop(self.ln_f(x)), hidden  # (B, T, C), (n_layer, B, C)
+
+    def step(self, idx: torch.Tensor, hidden: torch.Tensor | None = None):
+        """Run ``idx`` (B, T) on from ``hidden``; return (logits (B, T, V), the new hidden state).
+
+        Any T is fine here: generation feeds the hidden state back in and goes on past block_size.
+        """
+        x, hidden = self.features(idx, hidden)
         return self.lm_head(x), hidden  # (B, T, V)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        if idx.dim() != 2:
+            raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ZaizaiError(f"input has {T} tokens but block_size is {self.config.block_size}; crop the input")
-        logits, _ = self.step(idx)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self.step(idx)[0], None  # (B, T, V)
+        x, _ = self.features(idx)  # (B, T, C)
+        logits, loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+        return logits.view(B, T, -1), loss  # (B, T, V), scalar
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (the tied output layer counted once); ``non_embedding`` leaves out the token table."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.wte.weight.numel()
-        return n
+        """Parameter count, the tied output layer counted once.
+
+        ``non_embedding`` would leave out tables that only look tokens up; the token table here is also
+        the output layer (as in nanoGPT's count for GPT), so it stays and the count is the same.
+        """
+        return sum(p.numel() for p in self.parameters())
