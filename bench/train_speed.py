@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_speed.py                    # throughput: zaizai gpt vs transformers GPT2LMHeadModel
     .venv/bin/python bench/train_speed.py --dtype float32    # one precision only
     .venv/bin/python bench/train_speed.py --mode ablation    # what each speed change in zaizai is worth
-    .venv/bin/python bench/train_speed.py --mode preset      # `zaizai train` with the default CPU preset (not yet)
+    .venv/bin/python bench/train_speed.py --mode preset      # default CPU preset, 210 s on Tang, vs nanoGPT's recipe
 
 throughput mode: nanoGPT's CPU shapes (4 layers, 4 heads, n_embd 128, block 64, batch 12, dropout 0) with
 the Tang-poetry corpus's vocabulary size (distinct characters + 6 special tokens) on random token data.
@@ -209,9 +209,37 @@ def ablation(vocab_size: int, args) -> None:
 
 
 def preset(args) -> int:
-    # TODO(lead): run `zaizai train` with the default CPU preset for --max-time 210 and report
-    # tokens/s and the final val loss next to the nanoGPT reference figure.
-    print("--mode preset: not implemented yet")
+    """`zaizai train` with the default CPU preset for --max-time seconds on the Tang corpus, then the loss on
+    the whole validation split; the peer is nanoGPT's README CPU recipe (preset nanogpt-cpu: 4 layers, 128 wide,
+    block 64, batch 12, lr 1e-3, fp32, 2,000 iterations) on the same data in the same run and time budget."""
+    import tempfile
+
+    import zaizai
+
+    if not TANG.exists():
+        print(f"skipped: the Tang corpus is not at {TANG}")
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="zaizai-bench-") as tmp:
+        corpus = Path(tmp) / "tang.txt"
+        with lzma.open(TANG, "rb") as src:
+            corpus.write_bytes(src.read())
+        zaizai.prepare([corpus], Path(tmp) / "data", verbose=False)
+        runs = [("cpu", "zaizai default CPU preset")]
+        if not args.no_peer:
+            runs.append(("nanogpt-cpu", "nanoGPT README CPU recipe"))
+        for name, label in runs:
+            print(f"== {label} (--preset {name}, --max-time {args.max_time:g})", flush=True)
+            result = zaizai.train(Path(tmp) / "data", Path(tmp) / name, preset=name, max_time=args.max_time,
+                                  verbose=not args.quiet)
+            rows.append((label, name, result))
+    print()
+    print(f"Tang corpus, whole validation split, {args.max_time:g} s of training per run, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'run':<28} {'preset':<12} {'steps':>7} {'tokens':>11} {'tok/s':>8} {'val nats/char':>14}")
+    for label, name, r in rows:
+        print(f"{label:<28} {name:<12} {r.step:>7,} {r.tokens_seen:>11,} {r.tokens_seen / r.elapsed:>8,.0f} "
+              f"{r.full_val_loss:>14.4f}")
     return 0
 
 
@@ -228,7 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--tune-malloc", action="store_true",
                    help="keep freed memory mapped (glibc mallopt), for every model in the run: fewer page faults")
-    p.add_argument("--max-time", type=float, default=210.0, help="preset mode: seconds of training")
+    p.add_argument("--max-time", type=float, default=210.0, help="preset mode: seconds of training per run")
+    p.add_argument("--no-peer", action="store_true", help="preset mode: skip the nanoGPT-recipe run")
+    p.add_argument("--quiet", action="store_true", help="preset mode: no progress bars")
     args = p.parse_args(argv)
 
     if args.mode == "preset":

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from zaizai.checkpoint import LAST, atomic_write_text, load_checkpoint, save_checkpoint
+from zaizai.checkpoint import LAST, load_checkpoint, save_checkpoint
+from zaizai.fileio import atomic_write_text
 from zaizai.models import ModelConfig, build_model
 from zaizai.optim import configure_optimizer
 from util import TINY, prepared

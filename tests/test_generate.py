@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from zaizai.errors import ZaizaiError
-from zaizai.generate import SamplingConfig, filter_logits, sample_next
+from zaizai.generate import (
+    NGramBlocker,
+    SamplingConfig,
+    apply_repetition_penalty,
+    banned_ngram_tokens,
+    filter_logits,
+    sample_next,
+)
 
 
 def kept(logits):
@@ -29,6 +36,18 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     assert kept(filter_logits(logits, top_p=1.0)) == set(range(5))
 
 
+def test_filters_work_row_by_row_and_combine():
+    logits = torch.tensor([[0.1, 3.0, -2.0, 2.5, 1.0, -0.5],
+                           [5.0, -1.0, 0.0, 0.2, 4.9, 0.1]])
+    out = filter_logits(logits, top_k=2)
+    assert kept(out) == {1, 3} and kept(out[1:]) == {0, 4}
+    # top-k first, then top-p renormalised over what is left: row 0 keeps {1, 3}, p(1) = 0.62 < 0.7 -> both
+    assert kept(filter_logits(logits, top_k=2, top_p=0.7)) == {1, 3}
+    assert kept(filter_logits(logits, top_k=2, top_p=0.6)) == {1}
+    kept_values = filter_logits(logits, top_k=3)
+    assert torch.equal(kept_values[torch.isfinite(kept_values)], logits[torch.isfinite(kept_values)])  # unchanged
+
+
 def test_top_p_then_sampling_never_leaves_the_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     gen = torch.Generator().manual_seed(0)
@@ -46,9 +65,36 @@ def test_temperature_zero_is_greedy_and_seed_repeats():
     assert a == b
 
 
+def test_repetition_penalty_lowers_seen_tokens_whatever_their_sign():
+    logits = torch.tensor([[-2.0, -1.0, 1.0, 2.0, 0.0]])
+    seen = torch.tensor([True, False, True, False, True])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[-4.0, -1.0, 0.5, 2.0, 0.0]]  # negative: times p; positive: divided by p
+    before, after = torch.softmax(logits, -1)[0], torch.softmax(out, -1)[0]
+    assert after[0] < before[0] and after[2] < before[2]  # both seen tokens became less likely
+    # the well-known bug, logit / p for every sign, moves the negative logit up: -2 / 2 = -1
+    buggy = torch.where(seen, logits / 2.0, logits)
+    assert torch.softmax(buggy, -1)[0, 0] > before[0]
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+    # (V,) and (B, V) masks both work
+    two = apply_repetition_penalty(logits.repeat(2, 1), torch.stack([seen, ~seen]), 2.0)
+    assert two[0].tolist() == out[0].tolist() and two[1].tolist() == [-2.0, -2.0, 1.0, 1.0, 0.0]
+
+
+def test_ngram_blocker_agrees_with_the_plain_definition():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, (200,), generator=g).tolist()
+    for n in (1, 2, 3, 4):
+        blocker = NGramBlocker(n)
+        for i in range(len(ids)):
+            assert blocker.banned() == banned_ngram_tokens(ids[:i], n), (n, i)
+            blocker.extend(ids[i:i + 1])
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", -1.0, "--temperature"), ("top_p", 0.0, "--top-p"), ("top_k", -2, "--top-k"),
-    ("max_new_tokens", -1, "--max-new-tokens")])
+    ("max_new_tokens", -1, "--max-new-tokens"), ("repetition_penalty", 0.0, "--repetition-penalty"),
+    ("no_repeat_ngram_size", -1, "--no-repeat-ngram-size")])
 def test_sampling_values_are_checked(field, value, message):
     cfg = SamplingConfig()
     setattr(cfg, field, value)

@@ -63,7 +63,10 @@ def test_prepare_writes_bins_tokenizer_and_meta(tmp_path, tiny_corpus):
     raw = tiny_corpus.read_bytes()
     assert meta == {
         "version": 1,
+        "kind": "plain",
+        "format": "plain",
         "tokenizer": "char",
+        "tokenizer_from": None,
         "tokenizer_file": "tokenizer.json",
         "vocab_size": tok.vocab_size,
         "dtype": "uint16",
@@ -427,3 +430,23 @@ def test_bits_per_char_of_the_char_tokenizer_is_loss_over_ln2(tiny_data_dir):
 def test_seed_must_be_a_non_negative_integer(tmp_path, tiny_corpus, seed):
     with pytest.raises(ZaizaiError, match="--seed must be a whole number >= 0"):
         prepare([tiny_corpus], tmp_path / "data", seed=seed, verbose=False)
+
+
+def test_plain_text_can_reuse_a_tokenizer(tmp_path, tiny_corpus, capsys):
+    prepare([tiny_corpus], tmp_path / "first", verbose=False)
+    original = load_tokenizer(tmp_path / "first" / "tokenizer.json")
+    more = _write_docs(tmp_path / "more.txt", ["你好，熊猫", "晚安，熊猫"])  # 熊猫 is new
+    meta = prepare([more], tmp_path / "second", tokenizer=tmp_path / "first", verbose=True)
+    assert load_tokenizer(tmp_path / "second" / "tokenizer.json") == original
+    assert meta["tokenizer_from"] == (tmp_path / "first" / "tokenizer.json").as_posix()
+    data = TokenData(tmp_path / "second")
+    both = data.train.tolist() + data.val.tolist()
+    assert sorted(both) == sorted(original.encode("你好，熊猫") + original.encode("晚安，熊猫") + [EOT_ID] * 2)
+    assert meta["splits"]["train"]["unknown"] + meta["splits"]["val"]["unknown"] == 4
+    assert "(reused " in capsys.readouterr().out
+
+
+def test_missing_tokenizer_to_reuse_is_refused(tmp_path, tiny_corpus):
+    with pytest.raises(ZaizaiError, match="--tokenizer .*nope: no such file or folder"):
+        prepare([tiny_corpus], tmp_path / "data", tokenizer=tmp_path / "nope", verbose=False)
+    assert not (tmp_path / "data").exists()

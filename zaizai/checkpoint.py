@@ -20,8 +20,6 @@ Layout of an output directory::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ZaizaiError
+from .fileio import atomic_path
 
 FORMAT = "zaizai-checkpoint"
 FORMAT_VERSION = "1"
@@ -50,46 +49,6 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None = None   # torch optimizer state_dict, or None
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _silent_unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _silent_unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -127,18 +86,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, *, model_config: dict, t
                 t = value if torch.is_tensor(value) else torch.tensor(value)
                 tensors[f"{_OPT}{idx}/{key}"] = t.detach().to("cpu").contiguous()
         meta["optimizer_param_groups"] = json.dumps(opt["param_groups"])
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _silent_unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_checkpoint(path: Path, *, with_optimizer: bool = True, map_location: str = "cpu") -> Checkpoint:

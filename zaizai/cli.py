@@ -1,4 +1,4 @@
-"""Command line: ``zaizai prepare | train | sample | demo``. Thin: parse flags, call the library, print."""
+"""Command line: ``zaizai prepare | train | sample | chat | demo``. Thin: parse flags, call the library, print."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ FIELD_HELP = {
     "seed": "random seed",
     "resume": "continue the run saved in --out",
     "overwrite": "start over even if --out already holds a model",
+    "loss_on": "dialogue data: learn the assistant turns only (assistant) or every turn (all)",
+    "init_from": "start from the weights of this trained model folder (pretrain -> fine-tune)",
 }
 
 
@@ -73,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
     pp.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
     pp.add_argument("--encoding", default="utf-8", help="text encoding of the files (e.g. gbk)")
+    pp.add_argument("--format", default="auto", choices=["auto", "plain", "text", "jsonl", "lccc"],
+                    help="plain text, or dialogues: text (one turn per line, a blank line between dialogues), "
+                         "jsonl (OpenAI messages), lccc (JSON lists of utterances); auto: by file extension")
+    pp.add_argument("--tokenizer", default=None,
+                    help="reuse this tokenizer.json (or a trained model's folder), e.g. to fine-tune that model")
+    pp.add_argument("--skip-bad", action="store_true", help="skip malformed dialogues (and count them)")
 
     tp = sub.add_parser("train", help="train a model on a prepared data folder")
     tp.add_argument("data_dir", nargs="?", help="folder written by `zaizai prepare` (optional with --resume)")
@@ -87,9 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     sp.add_argument("--top-k", type=int, default=0, help="0 = off")
     sp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    sp.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    sp.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
+    sp.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
     sp.add_argument("--seed", type=int, default=None, help="same seed, same text")
     sp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
     sp.add_argument("--device", default="auto")
+
+    cp = sub.add_parser("chat", help="talk with a trained model in the terminal (or answer --message / stdin)")
+    cp.add_argument("out_dir", help="folder written by `zaizai train`")
+    cp.add_argument("--message", "-m", action="append", default=None,
+                    help="say this and print the reply (repeat for several turns); no interactive prompt")
+    cp.add_argument("--system", default=None, help="a system message that starts the conversation")
+    cp.add_argument("--max-new-tokens", type=int, default=100)
+    cp.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    cp.add_argument("--top-k", type=int, default=0, help="0 = off")
+    cp.add_argument("--top-p", type=float, default=0.9, help="1 = off")
+    cp.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
+    cp.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
+    cp.add_argument("--seed", type=int, default=None)
+    cp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+    cp.add_argument("--device", default="auto")
 
     dp = sub.add_parser("demo", help="train a small chat model on the built-in corpus and show it")
     dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
@@ -119,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_prepare(args) -> int:
     from .data import prepare
 
-    prepare(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, encoding=args.encoding)
+    prepare(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, encoding=args.encoding,
+            format=args.format, tokenizer=args.tokenizer, skip_bad=args.skip_bad)
     return 0
 
 
@@ -143,11 +170,105 @@ def cmd_sample(args) -> int:
     out.write(args.prompt)
     out.flush()
     for piece in bot.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed):
         out.write(piece)
         out.flush()
     out.write("\n")
     return 0
+
+
+CHAT_HELP = """命令 commands:
+  /reset                 清空对话历史 forget the conversation
+  /history               显示对话历史 show the conversation so far
+  /set NAME VALUE        改采样参数 change a sampling option: temperature, top_k, top_p,
+                         repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed
+  /settings              显示当前参数 show the sampling options
+  /quit                  退出 leave (Ctrl-D works too)"""
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+    from .generate import SamplingConfig
+    from .pipeline import load
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
+    sampling.validate()
+    bot = load(args.out_dir, which=args.checkpoint, device=args.device)
+    session = ChatSession(bot, system=args.system, sampling=sampling)
+    if not session.is_chat_model:
+        print("注意 note: this model was trained on plain text, not dialogues: it continues what you type "
+              "(completion mode)", file=sys.stderr)
+    if args.message:
+        for message in args.message:
+            print(session.say(message), flush=True)
+        return 0
+    if not sys.stdin.isatty():  # scripted: one message per line on stdin, one reply per line on stdout
+        for line in sys.stdin:
+            if line.strip():
+                print(session.say(line), flush=True)
+        return 0
+    return _interactive_chat(session)
+
+
+def _interactive_chat(session) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    print(f"崽崽 zaizai · {session.bot}\n输入 /help 看命令 · type /help for commands, /quit to leave")
+    while True:
+        try:
+            line = input("\n你 you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _chat_command(session, line):
+                return 0
+            continue
+        print("崽崽> ", end="", flush=True)
+        try:
+            for piece in session.send(line):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [停止 stopped]", end="")
+        print()
+
+
+def _chat_command(session, line: str) -> bool:
+    """Run a /command; True means quit."""
+    name, *rest = line[1:].split()
+    if name in ("quit", "exit", "q"):
+        return True
+    if name == "help":
+        print(CHAT_HELP)
+    elif name == "reset":
+        session.reset()
+        print("(已清空 history cleared)")
+    elif name == "history":
+        for m in session.history or []:
+            print(f"{'你 you' if m['role'] == 'user' else '崽崽'}: {m['content']}")
+        if not session.history:
+            print("(空 empty)")
+    elif name == "settings":
+        print(session.sampling)
+    elif name == "set" and len(rest) == 2:
+        try:
+            session.set(rest[0], rest[1])
+            print(f"({rest[0]} = {rest[1]})")
+        except ZaizaiError as e:
+            print(f"错误 error: {e}")
+    else:
+        print(f"未知命令 unknown command: {line} (try /help)")
+    return False
 
 
 def cmd_demo(args) -> int:
@@ -156,4 +277,4 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, max_time=args.max_time, retrain=args.retrain)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "demo": cmd_demo}

@@ -1,6 +1,6 @@
-"""Read and validate a user's text, and split it into documents.
+"""Read and validate a user's text, and split it into documents or dialogues.
 
-The first arrow of the pipeline: files on disk -> clean Python strings -> documents.
+The first arrow of the pipeline: files on disk -> clean Python strings -> documents or dialogues.
 
 - Encodings: UTF-8 by default. A UTF-8 byte-order mark is stripped; a UTF-16 one (what Windows
   Notepad calls "Unicode") is recognised and decoded as UTF-16. Anything else that is not valid
@@ -9,6 +9,8 @@ The first arrow of the pipeline: files on disk -> clean Python strings -> docume
 - Line endings: CRLF and lone CR become LF, so a corpus means the same on every OS.
 - Documents: blocks of lines separated by blank lines (the articles' layout: one dialogue per
   block). A line holding only whitespace counts as blank.
+- Dialogues (``--format text | jsonl | lccc``): parsed and checked into :class:`Dialogues`; a
+  malformed dialogue is reported as ``file:line: what is wrong`` (or counted and skipped).
 
 Input files are only ever read, never written.
 """
@@ -16,11 +18,15 @@ Input files are only ever read, never written.
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .dialogue import ASSISTANT, ROLES, USER, Dialogues, render_text_layout_turns
 from .errors import ZaizaiError
 
 PathLike = str | os.PathLike[str]
@@ -56,21 +62,33 @@ def _is_utf8(encoding_name: str) -> bool:
     return encoding_name in ("utf-8", "utf-8-sig")
 
 
-def list_text_files(paths: PathLike | Iterable[PathLike]) -> list[Path]:
+def list_text_files(
+    paths: PathLike | Iterable[PathLike], suffixes: Iterable[str] = (".txt",)
+) -> list[Path]:
     """Expand files and folders into the list of files to read.
 
-    A folder stands for every ``*.txt`` file under it (recursively, sorted by path); a file is
-    taken as given whatever its suffix. A file named twice is read once.
+    A folder stands for its files (recursively, sorted by path) with the first of ``suffixes``
+    that it has any of: ``*.txt`` by default; with ``(".txt", ".jsonl", ".json")`` its ``.txt``
+    files if it has some, else its ``.jsonl`` files, else its ``.json`` files. Suffixes match
+    whatever their case. A file is taken as given whatever its suffix. A file named twice is
+    read once.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    suffixes = tuple(s.lower() for s in suffixes)
     found: list[Path] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            in_folder = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            candidates = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+            in_folder = next(
+                ([p for p in candidates if p.suffix.lower() == suffix] for suffix in suffixes
+                 if any(p.suffix.lower() == suffix for p in candidates)),
+                [],
+            )
             if not in_folder:
-                raise ZaizaiError(f"{path}: folder has no .txt files; put your text in .txt files")
+                kinds = " or ".join(suffixes)
+                raise ZaizaiError(f"{path}: folder has no {kinds} files; put your text in {kinds} files")
             found.extend(in_folder)
         elif path.is_file():
             found.append(path)
@@ -172,3 +190,314 @@ def split_documents(text: str) -> list[str]:
     pieces[0] = pieces[0][1:]
     pieces[-1] = pieces[-1][:-1]
     return [piece for piece in pieces if piece]
+
+
+# ---------------------------------------------------------------------------------------------
+# dialogues: the three conversation layouts
+# ---------------------------------------------------------------------------------------------
+
+# plain: pretraining text (documents). text: the articles' dialogue layout (one turn per line,
+# blank line between dialogues). jsonl: {"messages": [...]} per line. lccc: JSON lists of utterances.
+FORMATS = ("auto", "plain", "text", "jsonl", "lccc")
+DIALOGUE_FORMATS = ("text", "jsonl", "lccc")
+# What --format auto makes of a suffix; anything else is plain text. A .txt file stays plain: Tang
+# poems are blocks of lines too, so dialogues in the text layout cannot be told apart safely.
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "lccc"}
+# The files a folder stands for (auto: its .txt files, or if none its .jsonl, or else its .json).
+FOLDER_SUFFIXES = {
+    "auto": (".txt", ".jsonl", ".json"),
+    "plain": (".txt",),
+    "text": (".txt",),
+    "jsonl": (".jsonl",),
+    "lccc": (".json",),
+}
+TXT_HINT = (
+    "把 .txt 当作普通文本 treating .txt as plain text; for dialogues in the articles' layout "
+    "(one turn per line) add --format text"
+)
+_SKIP_HINT = "fix it, or add --skip-bad to skip malformed dialogues"
+
+
+def check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise ZaizaiError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
+    return format
+
+
+def resolve_format(files: list[Path], format: str = "auto") -> str:
+    """The one layout of ``files``: ``format`` itself, or under ``"auto"`` the one their suffixes say.
+
+    ``.jsonl`` -> jsonl, ``.json`` -> lccc, anything else (``.txt``) -> plain. Files of different
+    layouts cannot be prepared together: ZaizaiError.
+    """
+    check_format(format)
+    if format != "auto":
+        return format
+    by_format: dict[str, Path] = {}
+    for path in files:
+        by_format.setdefault(SUFFIX_FORMATS.get(path.suffix.lower(), "plain"), path)
+    if len(by_format) > 1:
+        examples = ", ".join(f"{path.name} ({fmt})" for fmt, path in by_format.items())
+        raise ZaizaiError(
+            f"the input files mix formats: {examples}; prepare one format at a time, "
+            "or name it with --format"
+        )
+    return next(iter(by_format), "plain")
+
+
+class Problems:
+    """Where malformed dialogues go: raise at the first (default), or count them (``skip_bad``)."""
+
+    def __init__(self, skip_bad: bool = False):
+        self.skip_bad = skip_bad
+        self.count = 0
+        self.first: str | None = None  # the first one skipped, to show the user
+
+    def report(self, where: str, what: str) -> None:
+        message = f"{where}: {what}"
+        if not self.skip_bad:
+            raise ZaizaiError(f"{message}; {_SKIP_HINT}")
+        self.count += 1
+        if self.first is None:
+            self.first = message
+
+
+@dataclass
+class ParsedDialogues:
+    """The dialogues of one file. ``valid`` holds an LCCC file's own validation list, if it has one."""
+
+    dialogues: Dialogues
+    valid: Dialogues | None = None
+    ignored: dict[str, int] = field(default_factory=dict)  # lists left out, e.g. {"test": 1000}
+
+
+def parse_dialogues(text: str, format: str, name: PathLike, problems: Problems) -> ParsedDialogues:
+    """Parse the decoded text of one file in a dialogue ``format`` (text, jsonl or lccc).
+
+    Malformed dialogues go to ``problems`` as ``file:line: what is wrong``.
+    """
+    if format == "text":
+        return ParsedDialogues(parse_text_layout(text, name, problems))
+    if format == "jsonl":
+        return ParsedDialogues(parse_jsonl(text, name, problems))
+    if format == "lccc":
+        return parse_lccc(text, name, problems)
+    raise ValueError(f"not a dialogue format: {format!r}")
+
+
+def parse_text_layout(text: str, name: PathLike, problems: Problems) -> Dialogues:
+    """The articles' layout: a block of lines is a dialogue, each line a turn, the first the user's.
+
+    Blocks are separated by blank (or whitespace-only) lines, as documents are.
+    """
+    dialogues = Dialogues()
+    block: list[str] = []
+    first_line = 0
+
+    def flush() -> None:
+        if len(block) < 2:
+            problems.report(
+                f"{name}:{first_line}",
+                "a dialogue needs at least two lines (the user's turn, then the reply); "
+                "separate dialogues by a blank line",
+            )
+        else:
+            dialogues.add(render_text_layout_turns(block))
+
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            if not block:
+                first_line = number
+            block.append(line)
+        elif block:
+            flush()
+            block = []
+    if block:
+        flush()
+    return dialogues
+
+
+def parse_jsonl(text: str, name: PathLike, problems: Problems) -> Dialogues:
+    """One OpenAI-style ``{"messages": [{"role": ..., "content": ...}, ...]}`` object per line.
+
+    Blank lines are skipped. Keys other than "messages" (and than "role"/"content" in a message)
+    are ignored.
+    """
+    dialogues = Dialogues()
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{name}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.report(where, f"not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list):
+            problems.report(where, 'expected an object {"messages": [{"role": ..., "content": ...}, ...]}')
+            continue
+        problem = training_messages_problem(messages)
+        if problem:
+            problems.report(where, problem)
+            continue
+        dialogues.add(messages)
+    return dialogues
+
+
+def training_messages_problem(messages: list[Any]) -> str | None:
+    """What is wrong with a training conversation, or None.
+
+    Each message needs a role (system, user, assistant) and non-empty string content; a system
+    message may only come first; user and assistant alternate; at least one reply (assistant)
+    gives the model something to learn.
+    """
+    if not messages:
+        return "the conversation has no messages"
+    previous = None
+    for k, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            return f'message {k} is not an object {{"role": ..., "content": ...}}'
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return f"message {k} has role {role!r}; use {', '.join(ROLES)}"
+        if not isinstance(content, str):
+            return f"message {k}: content must be a string, got {_json_type(content)}"
+        if not content.strip():
+            return f"message {k} ({role}) is empty"
+        if role == "system" and k != 1:
+            return f"message {k}: a system message may only come first"
+        if role == previous:
+            return f"messages {k - 1} and {k} are both {role}; user and assistant must take turns"
+        previous = role
+    if not any(message["role"] == "assistant" for message in messages):
+        return "no assistant message: nothing for the model to learn to reply"
+    return None
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_LCCC_KEYS = ("train", "valid")
+_LCCC_IGNORED_KEYS = ("test",)
+
+
+def parse_lccc(text: str, name: PathLike, problems: Problems) -> ParsedDialogues:
+    """LCCC-style JSON: a list of dialogues, each a list of utterances (user first, then taking turns).
+
+    Or an object ``{"train": [...], "valid": [...]}``, whose "valid" list becomes the validation
+    split; a "test" list is left out. The top level is scanned one dialogue at a time, so a
+    malformed dialogue is reported with the line it starts on. Broken JSON syntax cannot be
+    skipped (nothing after it can be trusted): it always stops with its line and column.
+    """
+    decoder = json.JSONDecoder()
+    lines = _LineCounter(text)
+    train, valid = Dialogues(), None
+    ignored: dict[str, int] = {}
+
+    def fail(pos: int, what: str) -> ZaizaiError:
+        return ZaizaiError(f"{name}:{lines.line_of(pos)}: {what}; fix the file")
+
+    def skip_space(pos: int) -> int:
+        return _WHITESPACE.match(text, pos).end()
+
+    def decode(pos: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise ZaizaiError(
+                f"{name}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file"
+            ) from None
+
+    def scan_list(pos: int, into: Dialogues | None) -> int:
+        """Read the list of dialogues that starts at text[pos]; return the position after it."""
+        if text[pos : pos + 1] != "[":
+            raise fail(pos, "expected a list of dialogues")
+        pos = skip_space(pos + 1)
+        if text[pos : pos + 1] == "]":
+            return pos + 1
+        while True:
+            item, end = decode(pos)
+            if into is not None:
+                problem = _lccc_dialogue_problem(item)
+                if problem:
+                    problems.report(f"{name}:{lines.line_of(pos)}", problem)
+                else:
+                    into.add_codes(item, _alternating_roles(len(item)))
+            pos = skip_space(end)
+            if text[pos : pos + 1] == ",":
+                pos = skip_space(pos + 1)
+            elif text[pos : pos + 1] == "]":
+                return pos + 1
+            else:
+                raise fail(pos, "not valid JSON (expected ',' or ']' after a dialogue)")
+
+    pos = skip_space(0)
+    top = text[pos : pos + 1]
+    if top == "[":
+        pos = scan_list(pos, train)
+    elif top == "{":
+        pos = skip_space(pos + 1)
+        while text[pos : pos + 1] != "}":
+            key, end = decode(pos)
+            pos = skip_space(end)
+            if not isinstance(key, str) or text[pos : pos + 1] != ":":
+                raise fail(pos, "not valid JSON (expected a key and ':')")
+            pos = skip_space(pos + 1)
+            if key == "train":
+                pos = scan_list(pos, train)
+            elif key == "valid":
+                valid = valid if valid is not None else Dialogues()
+                pos = scan_list(pos, valid)
+            elif key in _LCCC_IGNORED_KEYS:
+                value, pos = decode(pos)
+                ignored[key] = ignored.get(key, 0) + (len(value) if isinstance(value, list) else 1)
+            else:
+                raise fail(pos, f'unexpected key {key!r}; an LCCC object holds "train" and "valid" lists')
+            pos = skip_space(pos)
+            if text[pos : pos + 1] == ",":
+                pos = skip_space(pos + 1)
+            elif text[pos : pos + 1] != "}":
+                raise fail(pos, "not valid JSON (expected ',' or '}')")
+        pos += 1
+    else:
+        raise fail(pos, 'expected a JSON list of dialogues, or {"train": [...], "valid": [...]}')
+    if skip_space(pos) != len(text):
+        raise fail(skip_space(pos), "not valid JSON (extra data after the end)")
+    return ParsedDialogues(train, valid, ignored)
+
+
+def _lccc_dialogue_problem(item: Any) -> str | None:
+    if not isinstance(item, list):
+        return f"a dialogue must be a list of utterances (strings), got {_json_type(item)}"
+    if len(item) < 2:
+        return "a dialogue needs at least two utterances (the user's, then the reply)"
+    for k, utterance in enumerate(item, 1):
+        if not isinstance(utterance, str):
+            return f"utterance {k} must be a string, got {_json_type(utterance)}"
+        if not utterance.strip():
+            return f"utterance {k} is empty"
+    return None
+
+
+def _alternating_roles(n: int) -> list[int]:
+    return [USER if k % 2 == 0 else ASSISTANT for k in range(n)]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+class _LineCounter:
+    """Line numbers of positions in a text, for positions asked for in increasing order (cheap)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+        self.line = 1
+
+    def line_of(self, pos: int) -> int:
+        if pos < self.pos:  # out of order: count from the start
+            self.pos, self.line = 0, 1
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line

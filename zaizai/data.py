@@ -1,7 +1,9 @@
 """Token bins: turn text into ``train.bin`` / ``val.bin`` once, then sample batches from them.
 
-``prepare`` reads the user's text, splits it into documents, holds out whole documents for
-validation, builds the character tokenizer from the training split and writes::
+``prepare`` reads the user's files and writes one of two kinds of data folder.
+
+Plain text (``"kind": "plain"``, pretraining): the text is split into documents, whole documents
+are held out for validation, the character tokenizer is built from the training split, and::
 
     out_dir/
       train.bin       doc EOT doc EOT ...  raw little-endian uint16 (uint32 for > 65,535 tokens)
@@ -10,14 +12,28 @@ validation, builds the character tokenizer from the training split and writes::
       meta.json       sizes, dtype, split settings and sources (written last: its presence
                       means the folder is complete)
 
+Dialogues (``"kind": "dialogue"``, ``--format text | jsonl | lccc``): whole dialogues are held
+out, each is rendered by :func:`zaizai.dialogue.render_dialogues` (the rendering chat uses), and
+besides ``tokenizer.json`` and ``meta.json``::
+
+      train.bin             the rendered dialogues end to end: EOT <|user|> ... <|end|> EOT ...
+      train_roles.bin       uint8, one per token: what that token is as a target (0 the opening
+                            EOT, 1 prompt text or a role marker, 2 an assistant reply or its END)
+      train_dialogues.npy   int64 (n_dialogues, 2): start and length of each dialogue in train.bin
+      train_turns.npy       int64 (n_messages,): position of every message's role marker
+      val.bin, val_roles.bin, val_dialogues.npy, val_turns.npy   the same for validation
+
 ``TokenData`` opens such a folder with read-only memory maps, so training touches only the
 pages it samples, and several processes (data-parallel ranks, loader workers) can share it.
+Plain data is sampled as random windows (:meth:`TokenData.get_batch`); dialogue data as rows of
+whole dialogues packed together with loss masks (:meth:`TokenData.get_dialogue_batch`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import numbers
@@ -30,27 +46,47 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import (
+    FOLDER_SUFFIXES,
+    TXT_HINT,
     PathLike,
+    Problems,
     check_encoding,
+    check_format,
     decode_text,
     list_text_files,
+    parse_dialogues,
     read_file_bytes,
+    resolve_format,
     split_documents,
 )
+from .dialogue import ASSISTANT, ASSISTANT_TARGET, PROMPT, Dialogues, loss_mask, render_dialogues
 from .errors import ZaizaiError
 from .tokenizer import EOT_ID, UNK_ID, CharTokenizer, load_tokenizer, write_atomic
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
+KINDS = ("plain", "dialogue")
 META_VERSION = 1
-IGNORE_INDEX = -1  # target value the models' loss skips (padding of the last eval window)
+IGNORE_INDEX = -1  # target value the models' loss skips (padding, masked-out targets)
 
 _PROGRESS_MIN_FILES = 20  # show a progress bar when reading at least this many files
 
 
 def _bin_file(split: str) -> str:
     return f"{split}.bin"
+
+
+def _dialogue_files(split: str) -> tuple[str, str, str]:
+    """Roles, dialogue table and turn starts of a dialogue split."""
+    return f"{split}_roles.bin", f"{split}_dialogues.npy", f"{split}_turns.npy"
+
+
+def _output_names(kind: str) -> list[str]:
+    names = [_bin_file(split) for split in SPLITS]
+    if kind == "dialogue":
+        names += [name for split in SPLITS for name in _dialogue_files(split)]
+    return [*names, TOKENIZER_FILE, META_FILE]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,18 +98,37 @@ def prepare(
     paths: PathLike | Iterable[PathLike],
     out_dir: PathLike,
     *,
+    format: str = "auto",
+    tokenizer: PathLike | None = None,
+    skip_bad: bool = False,
     val_fraction: float = 0.1,
     seed: int = 1337,
     encoding: str = "utf-8",
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Turn text files (or folders of ``*.txt``) into token bins in ``out_dir``; return the meta.
+    """Turn text files (or folders of them) into token bins in ``out_dir``; return the meta.
 
-    The validation split is ``val_fraction`` of the documents, chosen by a seeded permutation
-    (same seed, same split) and kept in their original order. A corpus with a single document
-    falls back to holding out its last lines (its last characters, if it is a single line).
-    The tokenizer sees only the training split, so validation characters it never saw become
-    ``<|unk|>``, as they would in new text.
+    ``format``: ``"plain"`` text to pretrain on, dialogues in the articles' ``"text"`` layout (a
+    block of lines is a dialogue, one turn per line, the user first), ``"jsonl"`` (OpenAI-style
+    ``{"messages": [...]}`` per line) or ``"lccc"`` (JSON lists of utterances, or
+    ``{"train": [...], "valid": [...]}``). ``"auto"`` goes by the suffix: ``.jsonl`` -> jsonl,
+    ``.json`` -> lccc, anything else (``.txt``) -> plain; files of different formats are refused.
+    A folder stands for its files of the format (``.txt`` for plain and text, ``.jsonl``,
+    ``.json``); under auto for its ``.txt`` files, or if it has none its ``.jsonl``, else ``.json``.
+
+    ``tokenizer``: a ``tokenizer.json`` (or a folder holding one: a data folder or a trained
+    model's) to reuse instead of building one from the training split, so a pretrained model can
+    be fine-tuned on the new data. Characters it lacks become ``<|unk|>`` (counted).
+
+    ``skip_bad``: skip malformed dialogues (counted) instead of stopping at the first with
+    ``file:line: what is wrong``.
+
+    The validation split is ``val_fraction`` of the documents (dialogues), chosen by a seeded
+    permutation (same seed, same split) and kept in their original order; an LCCC file's own
+    "valid" list is used as given instead. A plain corpus with a single document falls back to
+    holding out its last lines (its last characters, if it is a single line). A new tokenizer
+    sees only the training split, so validation characters it never saw become ``<|unk|>``, as
+    they would in new text.
     """
     # numbers.Real / Integral also admit numpy scalars; bools are refused as typos.
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not (
@@ -83,69 +138,158 @@ def prepare(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ZaizaiError(f"--seed must be a whole number >= 0, got {seed!r}")
     val_fraction, seed = float(val_fraction), int(seed)  # plain types for meta.json
+    check_format(format)
     encoding = check_encoding(encoding)
-    files = list_text_files(paths)
+    files = list_text_files(paths, FOLDER_SUFFIXES[format])
+    resolved = resolve_format(files, format)
+    kind = "plain" if resolved == "plain" else "dialogue"
     out_dir = Path(out_dir)
-    outputs = [out_dir / name for name in (*map(_bin_file, SPLITS), TOKENIZER_FILE, META_FILE)]
+    outputs = [out_dir / name for name in _output_names(kind)]
     _refuse_overwriting_inputs(files, outputs)
+    reused, reused_from = _reused_tokenizer(tokenizer) if tokenizer is not None else (None, None)
 
-    # Read every file: documents never span two files.
-    documents: list[str] = []
+    notes: list[str] = []
+    if format == "auto" and resolved == "plain" and any(p.suffix.lower() == ".txt" for p in files):
+        notes.append(TXT_HINT)
     sources: list[dict[str, Any]] = []
-    n_chars = 0
-    head = ""  # the corpus' first 100 characters, for the printout
+    texts = _read_files(files, encoding, sources, verbose)
+    if kind == "plain":
+        built = _build_plain(texts, files, val_fraction, seed, reused, notes)
+    else:
+        built = _build_dialogues(texts, files, resolved, skip_bad, val_fraction, seed, reused, notes)
+    tok, arrays, split_by, split_info, summary = built
+
+    meta: dict[str, Any] = {
+        "version": META_VERSION,
+        "kind": kind,
+        "format": resolved,
+        "tokenizer": tok.type,
+        "tokenizer_file": TOKENIZER_FILE,
+        "tokenizer_from": reused_from,
+        "vocab_size": tok.vocab_size,
+        "dtype": tok.dtype.name,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "encoding": encoding,
+        "split_by": split_by,
+        "splits": split_info,
+        "sources": sources,
+        "created_by": f"zaizai {_zaizai_version()}",
+    }
+    _write_folder(out_dir, kind, tok, arrays, meta)
+    if verbose:
+        for note in notes:
+            print(note)
+        summary(meta)
+        print(f"已写入 wrote: {', '.join(str(p) for p in outputs)}")
+    return meta
+
+
+def _reused_tokenizer(path: PathLike) -> tuple[CharTokenizer, str]:
+    """Load the tokenizer to reuse: a tokenizer.json, or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / TOKENIZER_FILE).is_file():
+            raise ZaizaiError(
+                f"--tokenizer {path}: the folder has no {TOKENIZER_FILE}; name a tokenizer.json, "
+                "or a folder made by `zaizai prepare` or `zaizai train`"
+            )
+        path = path / TOKENIZER_FILE
+    elif not path.is_file():
+        raise ZaizaiError(f"--tokenizer {path}: no such file or folder; check the path")
+    return load_tokenizer(path), path.as_posix()
+
+
+def _read_files(
+    files: list[Path], encoding: str, sources: list[dict[str, Any]], verbose: bool
+) -> Iterator[tuple[Path, str]]:
+    """Yield ``(path, text)`` file by file (one text in memory at a time), recording ``sources``."""
     progress = tqdm(
         files, desc="读取 reading", unit="file", disable=not verbose or len(files) < _PROGRESS_MIN_FILES
     )
     for path in progress:
         raw = read_file_bytes(path)
-        text = decode_text(raw, encoding, name=path)
         sources.append(
             {"path": path.as_posix(), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
         )
+        yield path, decode_text(raw, encoding, name=path)
+
+
+def _where(files: list[Path]) -> str:
+    return str(files[0]) if len(files) == 1 else f"{len(files)} files"
+
+
+# -- plain text ---------------------------------------------------------------------------------
+
+
+def _build_plain(texts, files, val_fraction, seed, reused, notes):
+    """Documents -> split -> tokenizer -> bins. Returns (tokenizer, arrays by file name, split_by,
+    split sizes, a function printing the summary)."""
+    # Read every file: documents never span two files.
+    documents: list[str] = []
+    n_chars = 0
+    head = ""  # the corpus' first 100 characters, for the printout
+    for _, text in texts:
         documents.extend(split_documents(text))
         n_chars += len(text)
         head += text[: 100 - len(head)]
     if not documents:
-        where = files[0] if len(files) == 1 else f"{len(files)} files"
-        raise ZaizaiError(f"the corpus is empty or only whitespace ({where}); put some text in it")
+        raise ZaizaiError(f"the corpus is empty or only whitespace ({_where(files)}); put some text in it")
 
     train_docs, val_docs, split_by, note = _hold_out(documents, val_fraction, seed)
-    tokenizer = CharTokenizer.from_text(train_docs)
-    train_ids = _encode_documents(tokenizer, train_docs)
-    val_ids = _encode_documents(tokenizer, val_docs)
-
-    meta: dict[str, Any] = {
-        "version": META_VERSION,
-        "tokenizer": tokenizer.type,
-        "tokenizer_file": TOKENIZER_FILE,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": tokenizer.dtype.name,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "encoding": encoding,
-        "split_by": split_by,
-        "splits": {
-            name: {
-                "tokens": int(ids.size),
-                # characters the tokens stand for, each document separator counting as one, so
-                # bits per character stays comparable across tokenizers
-                "chars": sum(map(len, docs)) + len(docs),
-                "documents": len(docs),
-                "unknown": int(np.count_nonzero(ids == UNK_ID)),
-            }
-            for name, docs, ids in (("train", train_docs, train_ids), ("val", val_docs, val_ids))
-        },
-        "sources": sources,
-        "created_by": f"zaizai {_zaizai_version()}",
+    if note:
+        notes.append(note)
+    tok = reused if reused is not None else CharTokenizer.from_text(train_docs)
+    ids = {"train": _encode_documents(tok, train_docs), "val": _encode_documents(tok, val_docs)}
+    split_info = {
+        name: {
+            "tokens": int(ids[name].size),
+            # characters the tokens stand for, each document separator counting as one, so
+            # bits per character stays comparable across tokenizers
+            "chars": sum(map(len, docs)) + len(docs),
+            "documents": len(docs),
+            "unknown": int(np.count_nonzero(ids[name] == UNK_ID)),
+        }
+        for name, docs in (("train", train_docs), ("val", val_docs))
     }
 
-    _write_folder(out_dir, tokenizer, {"train": train_ids, "val": val_ids}, meta)
-    if verbose:
-        if note:
-            print(note)
-        _print_summary(meta, n_chars, head, outputs)
-    return meta
+    def summary(meta: dict[str, Any]) -> None:
+        """What the articles print: character count, vocabulary, the first characters, split sizes."""
+        train, val = meta["splits"]["train"], meta["splits"]["val"]
+        print(f"字符数 characters: {n_chars:,}")
+        print(f"词表大小 vocab size: {meta['vocab_size']:,}" + _reused_note(meta))
+        print("前 100 个字符 first 100 characters:")
+        print(head)
+        print(f"训练集 train: {train['tokens']:,} tokens ({train['documents']:,} documents)")
+        print(f"验证集 val: {val['tokens']:,} tokens ({val['documents']:,} documents)")
+        _print_unknown(meta)
+
+    return tok, {_bin_file(name): ids[name] for name in SPLITS}, split_by, split_info, summary
+
+
+def _reused_note(meta: dict[str, Any]) -> str:
+    return f" (reused {meta['tokenizer_from']})" if meta["tokenizer_from"] else ""
+
+
+def _print_unknown(meta: dict[str, Any]) -> None:
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    if train["unknown"]:
+        print(
+            f"复用的词表里没有的字符 characters the reused tokenizer lacks: {train['unknown']:,} "
+            "in train (-> <|unk|>)"
+        )
+    if val["unknown"]:
+        unseen = "the tokenizer lacks" if meta["tokenizer_from"] else "unseen in train"
+        print(f"验证集里训练集没有的字符 val characters {unseen}: {val['unknown']:,} (-> <|unk|>)")
+
+
+def _validation_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Which of ``n >= 2`` items go to validation: a seeded choice, at least one on each side."""
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
+    chosen = np.random.default_rng(seed).permutation(n)[:n_val]
+    is_val = np.zeros(n, dtype=bool)
+    is_val[chosen] = True
+    return is_val
 
 
 def _hold_out(
@@ -157,10 +301,7 @@ def _hold_out(
     """
     n = len(documents)
     if n >= 2:
-        n_val = min(max(round(n * val_fraction), 1), n - 1)
-        chosen = np.random.default_rng(seed).permutation(n)[:n_val]
-        is_val = np.zeros(n, dtype=bool)
-        is_val[chosen] = True
+        is_val = _validation_mask(n, val_fraction, seed)
         train = [doc for doc, v in zip(documents, is_val) if not v]
         val = [doc for doc, v in zip(documents, is_val) if v]
         return train, val, "documents", None
@@ -186,41 +327,6 @@ def _hold_out(
     raise ZaizaiError("the corpus is a single character; it needs more text to train on")
 
 
-def _write_folder(
-    out_dir: Path, tokenizer: CharTokenizer, ids: dict[str, np.ndarray], meta: dict[str, Any]
-) -> None:
-    """Write the bins, the tokenizer and then meta.json, each atomically."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # meta.json marks a complete folder: remove the old one first, so a crash part way
-        # through leaves "not prepared" rather than new bins described by old metadata.
-        (out_dir / META_FILE).unlink(missing_ok=True)
-        little_endian = tokenizer.dtype.newbyteorder("<")
-        for split in SPLITS:
-            write_atomic(out_dir / _bin_file(split), ids[split].astype(little_endian, copy=False))
-        tokenizer.save(out_dir / TOKENIZER_FILE)
-        meta_json = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
-        write_atomic(out_dir / META_FILE, meta_json.encode("utf-8"))
-    except (FileExistsError, NotADirectoryError):
-        raise ZaizaiError(f"{out_dir}: exists and is not a folder; choose another output folder") from None
-    except OSError as err:
-        raise ZaizaiError(f"{out_dir}: cannot write there ({err.strerror or err})") from None
-
-
-def _print_summary(meta: dict[str, Any], n_chars: int, head: str, outputs: list[Path]) -> None:
-    """What the articles print: character count, vocabulary, the first characters, split sizes."""
-    train, val = meta["splits"]["train"], meta["splits"]["val"]
-    print(f"字符数 characters: {n_chars:,}")
-    print(f"词表大小 vocab size: {meta['vocab_size']:,}")
-    print("前 100 个字符 first 100 characters:")
-    print(head)
-    print(f"训练集 train: {train['tokens']:,} tokens ({train['documents']:,} documents)")
-    print(f"验证集 val: {val['tokens']:,} tokens ({val['documents']:,} documents)")
-    if val["unknown"]:
-        print(f"验证集里训练集没有的字符 val characters unseen in train: {val['unknown']:,} (-> <|unk|>)")
-    print(f"已写入 wrote: {', '.join(str(p) for p in outputs)}")
-
-
 def _encode_documents(tokenizer: CharTokenizer, documents: list[str]) -> np.ndarray:
     """Encode documents into one array ``doc0 EOT doc1 EOT ...``.
 
@@ -231,6 +337,136 @@ def _encode_documents(tokenizer: CharTokenizer, documents: list[str]) -> np.ndar
     lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
     ids[np.cumsum(lengths + 1) - 1] = EOT_ID
     return ids
+
+
+# -- dialogues ----------------------------------------------------------------------------------
+
+
+def _build_dialogues(texts, files, format, skip_bad, val_fraction, seed, reused, notes):
+    """Dialogues -> split -> tokenizer -> rendered bins and tables. Returns as _build_plain does."""
+    problems = Problems(skip_bad)
+    pool = Dialogues()
+    given_val: Dialogues | None = None
+    ignored: dict[str, int] = {}
+    for path, text in texts:
+        parsed = parse_dialogues(text, format, path, problems)
+        pool.extend(parsed.dialogues)
+        if parsed.valid is not None:
+            given_val = given_val if given_val is not None else Dialogues()
+            given_val.extend(parsed.valid)
+        for key, count in parsed.ignored.items():
+            ignored[key] = ignored.get(key, 0) + count
+    if problems.count:
+        notes.append(
+            f"跳过了 {problems.count:,} 个格式不对的对话 skipped {problems.count:,} malformed "
+            f"dialogue(s) (--skip-bad); the first: {problems.first}"
+        )
+    for key, count in ignored.items():
+        notes.append(f"忽略 ignored the {key!r} list ({count:,} dialogues)")
+    if not len(pool):
+        raise ZaizaiError(f"no dialogues found in {_where(files)}; check the file and --format {format}")
+
+    if given_val is not None and len(given_val):
+        train, val, split_by = pool, given_val, "given"
+        notes.append(
+            f"验证集用文件自带的 valid 列表 using the files' own \"valid\" list for validation "
+            f"({len(val):,} dialogues)"
+        )
+    elif len(pool) >= 2:
+        is_val = _validation_mask(len(pool), val_fraction, seed)
+        train, val = pool.select(np.flatnonzero(~is_val)), pool.select(np.flatnonzero(is_val))
+        split_by = "dialogues"
+    else:
+        raise ZaizaiError(
+            f"only one dialogue in {_where(files)}; at least two are needed (one is held out for validation)"
+        )
+
+    tok = reused if reused is not None else CharTokenizer.from_text(train.contents)
+    arrays: dict[str, np.ndarray] = {}
+    split_info: dict[str, dict[str, int]] = {}
+    for name, dialogues in (("train", train), ("val", val)):
+        rendered = render_dialogues(tok, dialogues)
+        roles_bin, dialogues_npy, turns_npy = _dialogue_files(name)
+        arrays[_bin_file(name)] = rendered.ids
+        arrays[roles_bin] = rendered.roles
+        arrays[dialogues_npy] = np.stack([rendered.starts, rendered.lengths], axis=1)
+        arrays[turns_npy] = rendered.turn_starts
+        split_info[name] = _dialogue_counts(dialogues, rendered)
+    first_dialogue = tok.decode(arrays["train.bin"][: min(int(arrays["train_dialogues.npy"][0, 1]), 301)])
+
+    def summary(meta: dict[str, Any]) -> None:
+        print(f"对话格式 format: {meta['format']} · {len(files):,} file(s)")
+        print(f"词表大小 vocab size: {meta['vocab_size']:,}" + _reused_note(meta))
+        print("第一个训练对话 first training dialogue:")
+        print(first_dialogue if len(first_dialogue) <= 300 else first_dialogue[:300] + " ...")
+        for name, label in (("train", "训练集 train"), ("val", "验证集 val")):
+            info = meta["splits"][name]
+            share = info["assistant_tokens"] / info["tokens"] if info["tokens"] else 0.0
+            print(
+                f"{label}: {info['dialogues']:,} dialogues · {info['turns']:,} turns · "
+                f"{info['tokens']:,} tokens · {share:.1%} assistant"
+            )
+        _print_unknown(meta)
+
+    return tok, arrays, split_by, split_info, summary
+
+
+def _dialogue_counts(dialogues: Dialogues, rendered) -> dict[str, int]:
+    """Sizes of a rendered dialogue split; "chars" and "assistant_chars" feed bits_per_char."""
+    roles = np.frombuffer(bytes(dialogues.roles), dtype=np.uint8)
+    text_lengths = np.fromiter(map(len, dialogues.contents), dtype=np.int64, count=dialogues.n_messages)
+    is_assistant = roles == ASSISTANT
+    return {
+        "tokens": int(rendered.ids.size),
+        "dialogues": len(dialogues),
+        "turns": dialogues.n_messages,
+        # targets with loss_on="all" (role >= 1) and loss_on="assistant" (role 2)
+        "loss_tokens": int(np.count_nonzero(rendered.roles >= PROMPT)),
+        "assistant_tokens": int(np.count_nonzero(rendered.roles == ASSISTANT_TARGET)),
+        # characters those targets stand for: the messages' text, plus one per <|end|>
+        "chars": int(text_lengths.sum()) + dialogues.n_messages,
+        "assistant_chars": int(text_lengths[is_assistant].sum()) + int(is_assistant.sum()),
+        "unknown": int(np.count_nonzero(rendered.ids == UNK_ID)),
+    }
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _write_folder(
+    out_dir: Path, kind: str, tokenizer: CharTokenizer, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> None:
+    """Write the bins (and dialogue tables), the tokenizer and then meta.json, each atomically."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # meta.json marks a complete folder: remove the old one first, so a crash part way
+        # through leaves "not prepared" rather than new bins described by old metadata.
+        (out_dir / META_FILE).unlink(missing_ok=True)
+        if kind == "plain":  # leftovers of dialogue data prepared here before
+            for name in set(_output_names("dialogue")) - set(_output_names("plain")):
+                (out_dir / name).unlink(missing_ok=True)
+        little_endian = tokenizer.dtype.newbyteorder("<")
+        for name, array in arrays.items():  # train.bin first: its name is in every folder
+            if name.endswith(".npy"):
+                data: Any = _npy_bytes(array.astype("<i8", copy=False))
+            elif name.endswith("_roles.bin"):
+                data = np.ascontiguousarray(array, dtype=np.uint8)
+            else:
+                data = array.astype(little_endian, copy=False)
+            write_atomic(out_dir / name, data)
+        tokenizer.save(out_dir / TOKENIZER_FILE)
+        meta_json = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
+        write_atomic(out_dir / META_FILE, meta_json.encode("utf-8"))
+    except (FileExistsError, NotADirectoryError):
+        raise ZaizaiError(f"{out_dir}: exists and is not a folder; choose another output folder") from None
+    except OSError as err:
+        raise ZaizaiError(f"{out_dir}: cannot write there ({err.strerror or err})") from None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
@@ -275,14 +511,17 @@ def load_meta(data_dir: PathLike) -> dict[str, Any]:
             f"{path} has format version {meta.get('version')!r}, this zaizai reads version "
             f"{META_VERSION}; run `zaizai prepare` again"
         )
+    kind = meta.setdefault("kind", "plain")  # folders prepared before dialogues existed
+    counts = ("tokens", "chars")
+    if kind == "dialogue":
+        counts += ("dialogues", "turns", "loss_tokens", "assistant_tokens", "assistant_chars")
     try:
         ok = (
-            meta["dtype"] in ("uint16", "uint32")
+            kind in KINDS
+            and meta["dtype"] in ("uint16", "uint32")
             and isinstance(meta["vocab_size"], int)
             and isinstance(meta["tokenizer_file"], str)
-            and all(
-                isinstance(meta["splits"][s][k], int) for s in SPLITS for k in ("tokens", "chars")
-            )
+            and all(isinstance(meta["splits"][s][k], int) for s in SPLITS for k in counts)
         )
     except (KeyError, TypeError):
         ok = False
@@ -296,6 +535,10 @@ class TokenData:
 
     The bins are opened lazily as read-only memory maps. Pickling (to start another process)
     carries only the folder's path and metadata; each process maps the files itself.
+
+    Plain data (``kind == "plain"``) is sampled with :meth:`get_batch` and
+    :meth:`iter_eval_windows`; dialogue data (``kind == "dialogue"``) with
+    :meth:`get_dialogue_batch` and :meth:`iter_dialogue_eval_batches`.
     """
 
     def __init__(self, data_dir: PathLike):
@@ -303,15 +546,24 @@ class TokenData:
         self.meta = load_meta(self.data_dir)
         self._tokenizer: CharTokenizer | None = None
         self._arrays: dict[str, np.ndarray] = {}
+        self._chunks: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._with_targets: dict[tuple[str, int, str], np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tokenizer"] = None
         state["_arrays"] = {}  # a pickled memmap would be a full in-memory copy
+        state["_chunks"] = {}
+        state["_with_targets"] = {}
         return state
 
     def __repr__(self) -> str:
-        return f"TokenData({str(self.data_dir)!r}, vocab_size={self.meta['vocab_size']})"
+        return f"TokenData({str(self.data_dir)!r}, kind={self.kind!r}, vocab_size={self.meta['vocab_size']})"
+
+    @property
+    def kind(self) -> str:
+        """``"plain"`` (text, sampled as windows) or ``"dialogue"`` (conversations with loss masks)."""
+        return self.meta["kind"]
 
     @property
     def tokenizer(self) -> CharTokenizer:
@@ -336,28 +588,36 @@ class TokenData:
         """The token ids of split ``name`` as a read-only 1-D memory map (opened on first use)."""
         _check_split(name)
         if name not in self._arrays:
-            self._arrays[name] = self._open(name)
+            dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            self._arrays[name] = self._open_bin(_bin_file(name), dtype, self.meta["splits"][name]["tokens"])
         return self._arrays[name]
 
-    def _open(self, name: str) -> np.ndarray:
-        path = self.data_dir / _bin_file(name)
-        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        tokens = self.meta["splits"][name]["tokens"]
+    def _open_bin(self, file: str, dtype: np.dtype, count: int) -> np.ndarray:
+        path = self.data_dir / file
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise ZaizaiError(f"{path} is missing; run `zaizai prepare` again") from None
-        if size != tokens * dtype.itemsize:
+        if size != count * dtype.itemsize:
             raise ZaizaiError(
-                f"{path} does not match {META_FILE} ({size:,} bytes, expected {tokens:,} tokens of "
+                f"{path} does not match {META_FILE} ({size:,} bytes, expected {count:,} tokens of "
                 f"{dtype.itemsize} bytes); run `zaizai prepare` again"
             )
-        if tokens == 0:
+        if count == 0:
             return np.empty(0, dtype=dtype)  # mmap refuses empty files
         return np.memmap(path, dtype=dtype, mode="r")
 
     def num_tokens(self, split: str) -> int:
         return len(self.split(split))
+
+    # -- plain text: windows ---------------------------------------------------------------------
+
+    def _require_plain(self, method: str, instead: str) -> None:
+        if self.kind != "plain":
+            raise ZaizaiError(
+                f"{self.data_dir} holds dialogue data, which {method} cannot sample (it would mix "
+                f"conversations and ignore the loss mask); use {instead}"
+            )
 
     def get_batch(
         self, split: str, batch_size: int, block_size: int, rng: np.random.Generator
@@ -365,7 +625,9 @@ class TokenData:
         """Sample ``batch_size`` random windows: inputs x and next-token targets y, both (B, T).
 
         int64 CPU tensors; ``y[b, t] == x[b, t + 1]`` and ``y[b, -1]`` is the token after the window.
+        Plain data only (dialogue data: :meth:`get_dialogue_batch`).
         """
+        self._require_plain("get_batch", "get_dialogue_batch")
         data = self.split(split)
         _check_sizes(batch_size, block_size)
         n = len(data)
@@ -390,7 +652,9 @@ class TokenData:
         Every token but the first is a target exactly once, so the mean loss over all targets
         is the loss on the whole split. Yields int64 (B', T) pairs with B' <= batch_size; the
         final window is padded (x with EOT, y with IGNORE_INDEX = -1, which the loss skips).
+        Plain data only (dialogue data: :meth:`iter_dialogue_eval_batches`).
         """
+        self._require_plain("iter_eval_windows", "iter_dialogue_eval_batches")
         data = self.split(split)
         _check_sizes(batch_size, block_size)
         n_targets = len(data) - 1
@@ -410,11 +674,282 @@ class TokenData:
                 torch.from_numpy(y.reshape(count, block_size)),
             )
 
-    def bits_per_char(self, split: str, loss_nats: float) -> float:
-        """Convert a mean loss per token (nats) into bits per character of the original text."""
+    # -- dialogues: packed chunks with loss masks ----------------------------------------------
+
+    def _require_dialogue(self, method: str) -> None:
+        if self.kind != "dialogue":
+            raise ZaizaiError(
+                f"{self.data_dir} holds plain text, not dialogues, so {method} has nothing to do; "
+                "prepare dialogues with `zaizai prepare --format text|jsonl|lccc`"
+            )
+
+    def roles(self, split: str) -> np.ndarray:
+        """uint8 role class of every token of a dialogue split (see :mod:`zaizai.dialogue`)."""
+        self._require_dialogue("roles")
+        _check_split(split)
+        key = f"{split}_roles"
+        if key not in self._arrays:
+            self._arrays[key] = self._open_bin(
+                _dialogue_files(split)[0], np.dtype(np.uint8), self.meta["splits"][split]["tokens"]
+            )
+        return self._arrays[key]
+
+    def dialogues(self, split: str) -> np.ndarray:
+        """int64 (n_dialogues, 2): start and length of each dialogue in the split's bin."""
+        self._require_dialogue("dialogues")
+        return self._open_table(split, 1, (self.meta["splits"][split]["dialogues"], 2))
+
+    def turn_starts(self, split: str) -> np.ndarray:
+        """int64 (n_messages,): position of every message's role marker in the split's bin."""
+        self._require_dialogue("turn_starts")
+        return self._open_table(split, 2, (self.meta["splits"][split]["turns"],))
+
+    def _open_table(self, split: str, which: int, shape: tuple[int, ...]) -> np.ndarray:
+        _check_split(split)
+        path = self.data_dir / _dialogue_files(split)[which]
+        if path.name not in self._arrays:
+            try:
+                table = np.load(path, mmap_mode="r", allow_pickle=False)
+            except FileNotFoundError:
+                raise ZaizaiError(f"{path} is missing; run `zaizai prepare` again") from None
+            except (OSError, ValueError) as err:
+                raise ZaizaiError(f"{path} is damaged ({err}); run `zaizai prepare` again") from None
+            if table.shape != shape or table.dtype != np.int64:
+                raise ZaizaiError(f"{path} does not match {META_FILE}; run `zaizai prepare` again")
+            self._arrays[path.name] = table
+        return self._arrays[path.name]
+
+    def dialogue_chunks(self, split: str, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pieces a split's dialogues are cut into for ``block_size``: (starts, lengths), int64.
+
+        A piece is at most ``block_size + 1`` tokens (``block_size`` inputs and their targets).
+        A dialogue that fits is one piece. A longer one is cut at turn starts: each piece runs
+        from one turn's role marker up to and including the marker of the last turn that still
+        fits, and the next piece starts at that marker, so every target of the dialogue is a
+        target of exactly one piece and a piece that starts mid-dialogue starts with its role
+        marker. A turn too long for a block by itself is cut wherever the block ends (again
+        sharing one token, so no target is lost). Computed once per split and block size.
+        """
+        self._require_dialogue("dialogue_chunks")
+        _check_sizes(1, block_size)
+        key = (split, block_size)
+        if key not in self._chunks:
+            self._chunks[key] = _cut_dialogues(self.dialogues(split), self.turn_starts(split), block_size)
+        return self._chunks[key]
+
+    def _chunks_with_targets(self, split: str, block_size: int, loss_on: str) -> np.ndarray:
+        """Indices of the chunks that hold at least one target the loss counts under ``loss_on``."""
+        key = (split, block_size, loss_on)
+        if key not in self._with_targets:
+            starts, lengths = self.dialogue_chunks(split, block_size)
+            counted = np.append(loss_mask(np.asarray(self.roles(split)), loss_on), False)
+            if len(starts):
+                # A chunk's targets are its tokens after the first: counted[start + 1 : start + length]
+                # (the even slices between these bounds; the odd ones are discarded).
+                bounds = np.stack([starts + 1, starts + lengths], axis=1).reshape(-1)
+                has_target = np.logical_or.reduceat(counted, bounds)[::2]
+            else:
+                has_target = np.zeros(0, dtype=bool)
+            self._with_targets[key] = np.flatnonzero(has_target)
+        return self._with_targets[key]
+
+    def get_dialogue_batch(
+        self,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        rng: np.random.Generator,
+        *,
+        loss_on: str = "assistant",
+        packed: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample a batch of dialogue chunks: ``(x, y, segments)``, int64 (B, T) CPU tensors.
+
+        Chunks (see :meth:`dialogue_chunks`) holding at least one counted target are drawn at
+        random. With ``packed``, each row takes drawn chunks one after another until the next
+        would not fit (that one starts the next row); without, one chunk per row (for models
+        that cannot keep segments apart, such as the rnn).
+
+        ``segments[b, t]`` numbers the chunk position t belongs to within row b (0, 1, ...);
+        padding is -1. ``x`` padding is EOT. ``y[b, t]`` is the next token of the same chunk,
+        or -1 (IGNORE_INDEX) where that target is padding, not counted by ``loss_on``
+        (``"assistant"``: replies and their ``<|end|>`` only; ``"all"``: every token after the
+        opening EOT), or would be the first token of another chunk (never predicted).
+        """
+        self._require_dialogue("get_dialogue_batch")
+        _check_sizes(batch_size, block_size)
+        loss_mask(np.zeros(0, dtype=np.uint8), loss_on)  # check loss_on early
+        starts, lengths = self.dialogue_chunks(split, block_size)
+        pool = self._chunks_with_targets(split, block_size, loss_on)
+        if pool.size == 0:
+            what = "assistant replies" if loss_on == "assistant" else "tokens"
+            raise ZaizaiError(f"the {split} split has no {what} to learn from; check the data or --loss-on")
+        slots = lengths - 1  # a chunk of L tokens fills L - 1 positions: inputs and their targets
+        draws = _Draws(rng, pool, batch_size)
+        rows: list[list[int]] = []
+        pending: int | None = None
+        for _ in range(batch_size):
+            row: list[int] = []
+            room = block_size
+            while room > 0 and (packed or not row):
+                if pending is None:
+                    pending = draws.next()
+                if slots[pending] > room:
+                    break
+                row.append(pending)
+                room -= int(slots[pending])
+                pending = None
+            rows.append(row)
+        return self._assemble(split, rows, starts, lengths, block_size, loss_on)
+
+    def iter_dialogue_eval_batches(
+        self,
+        split: str,
+        block_size: int,
+        batch_size: int,
+        *,
+        loss_on: str = "assistant",
+        packed: bool = True,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Cover a whole dialogue split, ``batch_size`` rows at a time: ``(x, y, segments)``.
+
+        Every chunk that holds a counted target appears exactly once, in order, packed into rows
+        (first fit in order) or one per row; as chunks never share a target, every counted
+        target of the split is a target exactly once and the mean loss over them is the loss of
+        the whole split. Deterministic. Tensors as in :meth:`get_dialogue_batch`; the last batch
+        may have fewer rows.
+        """
+        self._require_dialogue("iter_dialogue_eval_batches")
+        _check_sizes(batch_size, block_size)
+        loss_mask(np.zeros(0, dtype=np.uint8), loss_on)
+        starts, lengths = self.dialogue_chunks(split, block_size)
+        rows: list[list[int]] = []
+        row: list[int] = []
+        room = block_size
+        for chunk in self._chunks_with_targets(split, block_size, loss_on).tolist():
+            need = int(lengths[chunk]) - 1
+            if row and (not packed or need > room):
+                rows.append(row)
+                row, room = [], block_size
+                if len(rows) == batch_size:
+                    yield self._assemble(split, rows, starts, lengths, block_size, loss_on)
+                    rows = []
+            row.append(chunk)
+            room -= need
+        if row:
+            rows.append(row)
+        if rows:
+            yield self._assemble(split, rows, starts, lengths, block_size, loss_on)
+
+    def _assemble(
+        self,
+        split: str,
+        rows: list[list[int]],
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        block_size: int,
+        loss_on: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lay the chunks of each row side by side into (x, y, segments) tensors of (B, T)."""
+        n_rows = len(rows)
+        x = np.full((n_rows, block_size), EOT_ID, dtype=np.int64)
+        y = np.full((n_rows, block_size), IGNORE_INDEX, dtype=np.int64)
+        segments = np.full((n_rows, block_size), -1, dtype=np.int64)
+        chunks = np.fromiter((c for row in rows for c in row), dtype=np.int64)
+        if chunks.size:
+            row_of = np.repeat(np.arange(n_rows), [len(row) for row in rows])
+            segment_of = np.concatenate([np.arange(len(row)) for row in rows])
+            width = lengths[chunks] - 1  # positions each chunk fills
+            # Column where each chunk begins: the widths of the chunks before it in its row.
+            before = np.cumsum(width) - width
+            row_first = np.searchsorted(row_of, row_of)  # index of its row's first chunk
+            column = before - before[row_first]
+            offset = np.arange(int(width.sum())) - np.repeat(before, width)  # 0.. within a chunk
+            source = np.repeat(starts[chunks], width) + offset  # token positions in the bin
+            flat = np.repeat(row_of * block_size + column, width) + offset
+            ids, roles = self.split(split), self.roles(split)
+            targets = np.asarray(ids[source + 1], dtype=np.int64)
+            counted = loss_mask(np.asarray(roles[source + 1]), loss_on)
+            x.reshape(-1)[flat] = ids[source]
+            y.reshape(-1)[flat] = np.where(counted, targets, IGNORE_INDEX)
+            segments.reshape(-1)[flat] = np.repeat(segment_of, width)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(segments)
+
+    # -- bits per character --------------------------------------------------------------------
+
+    def bits_per_char(self, split: str, loss_nats: float, *, loss_on: str = "assistant") -> float:
+        """Convert a mean loss per token (nats) into bits per character of the original text.
+
+        Plain data: characters of the split's text, each document separator counting as one.
+        Dialogue data: the characters the counted targets stand for, that is the text of the
+        messages whose tokens are targets plus one per ``<|end|>`` (role markers stand for no
+        character; their bits are charged to the text). ``loss_on="assistant"`` counts the
+        replies (and the bits per character equal the loss over ln 2 for the char tokenizer),
+        ``"all"`` every message.
+        """
         _check_split(split)
         info = self.meta["splits"][split]
-        return loss_nats / math.log(2) * info["tokens"] / info["chars"]
+        if self.kind == "dialogue":
+            loss_mask(np.zeros(0, dtype=np.uint8), loss_on)
+            if loss_on == "assistant":
+                tokens, chars = info["assistant_tokens"], info["assistant_chars"]
+            else:
+                tokens, chars = info["loss_tokens"], info["chars"]
+        else:
+            tokens, chars = info["tokens"], info["chars"]
+        return loss_nats / math.log(2) * tokens / chars if chars else float("nan")
+
+
+class _Draws:
+    """Random chunk indices from ``pool``, drawn from ``rng`` a block at a time."""
+
+    def __init__(self, rng: np.random.Generator, pool: np.ndarray, batch_size: int):
+        self.rng, self.pool = rng, pool
+        self.block = max(64, 4 * batch_size)
+        self.buffer: list[int] = []
+
+    def next(self) -> int:
+        if not self.buffer:
+            self.buffer = self.pool[self.rng.integers(0, len(self.pool), size=self.block)].tolist()[::-1]
+        return self.buffer.pop()
+
+
+def _cut_dialogues(
+    dialogues: np.ndarray, turn_starts: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces of at most ``block_size + 1`` tokens (see :meth:`TokenData.dialogue_chunks`)."""
+    starts = np.asarray(dialogues[:, 0], dtype=np.int64)
+    lengths = np.asarray(dialogues[:, 1], dtype=np.int64)
+    fits = lengths <= block_size + 1
+    piece_starts, piece_lengths = [starts[fits]], [lengths[fits]]
+    turns = np.asarray(turn_starts, dtype=np.int64)
+    cut_starts: list[int] = []
+    cut_lengths: list[int] = []
+    for start, length in zip(starts[~fits].tolist(), lengths[~fits].tolist()):
+        end = start + length  # one past the dialogue's last token
+        inner = turns[np.searchsorted(turns, start) : np.searchsorted(turns, end)]
+        position = start
+        while position < end - 1:
+            limit = position + block_size  # the furthest token this piece may hold
+            if limit >= end - 1:
+                cut = end - 1
+            else:
+                # Cut at the last turn start that still fits, unless the turn starting there
+                # is itself too long for a block (it will be cut anyway: fill this piece).
+                k = int(np.searchsorted(inner, limit, side="right")) - 1
+                cut = limit
+                if k >= 0 and inner[k] > position:
+                    after = int(inner[k + 1]) if k + 1 < len(inner) else end - 1
+                    if after - int(inner[k]) <= block_size:
+                        cut = int(inner[k])
+            cut_starts.append(position)
+            cut_lengths.append(cut - position + 1)
+            position = cut
+    piece_starts.append(np.asarray(cut_starts, dtype=np.int64))
+    piece_lengths.append(np.asarray(cut_lengths, dtype=np.int64))
+    all_starts, all_lengths = np.concatenate(piece_starts), np.concatenate(piece_lengths)
+    order = np.argsort(all_starts, kind="stable")
+    return all_starts[order], all_lengths[order]
 
 
 def _check_split(name: str) -> None:

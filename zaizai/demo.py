@@ -1,12 +1,14 @@
-"""The built-in demo: a small chat corpus -> a small gpt trained on the CPU in minutes -> a few exchanges.
+"""The built-in demo: a small chat corpus -> a small gpt trained on the CPU in minutes -> a chat.
 
 The corpus is the Chinese part of the ``chatterbot-corpus`` package (BSD licence; YAML files of short
-conversations) plus a few lines that give the bot its name, 崽崽. It is written in the articles' text
-layout: one dialogue per block, one turn per line, a blank line between dialogues.
+conversations, the first turn the user's) plus a few dialogues that give the bot its name, 崽崽. It is
+written as JSONL chat messages, prepared as dialogue data (loss on the assistant's turns), trained with the
+``demo`` preset, and then the demo shows a few exchanges and, on a terminal, opens the chat.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -39,32 +41,34 @@ def chatterbot_dialogues(language: str = "chinese") -> list[list[str]]:
     return dialogues
 
 
-def build_demo_corpus(path: Path) -> Path:
-    """Write the demo corpus (text layout) to ``path``."""
-    blocks = ["\n".join(turns) for turns in chatterbot_dialogues()]
+def demo_dialogues() -> list[list[dict]]:
+    """The demo conversations as chat messages: chatterbot-corpus's Chinese plus 崽崽's self-introduction."""
+    convs = chatterbot_dialogues()
     intro = resources.files("zaizai") / "resources" / "zaizai_intro.txt"
-    blocks.extend(b.strip() for b in intro.read_text(encoding="utf-8").split("\n\n") if b.strip())
+    convs += [b.strip().splitlines() for b in intro.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    return [[{"role": "user" if i % 2 == 0 else "assistant", "content": turn} for i, turn in enumerate(turns)]
+            for turns in convs]
+
+
+def build_demo_corpus(path: Path) -> Path:
+    """Write the demo corpus as JSONL (one ``{"messages": [...]}`` per line) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    lines = [json.dumps({"messages": messages}, ensure_ascii=False) for messages in demo_dialogues()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def reply(bot, history: list[str], **sampling) -> str:
-    """The model's next line after the dialogue lines in ``history`` (text layout: one turn per line)."""
-    prompt = "\n".join(history) + "\n"
-    text = bot.generate(prompt, stop=["\n"], stop_at_eot=True, max_new_tokens=60, **sampling)
-    return text.strip()
-
-
 def run_demo(out: str | Path = "demo", max_time: float = 150.0, retrain: bool = False) -> int:
+    from .chat import ChatSession
     from .data import prepare
+    from .generate import SamplingConfig
     from .pipeline import load
     from .trainer import train
 
     out = Path(out)
     model_dir = out / "model"
     if retrain or not (model_dir / LAST).is_file():
-        corpus = build_demo_corpus(out / "corpus.txt")
+        corpus = build_demo_corpus(out / "corpus.jsonl")
         print(f"== 1/3 语料 corpus: {corpus} (chatterbot-corpus 中文对话 + 崽崽的自我介绍)")
         prepare([corpus], out / "data", val_fraction=0.05, seed=1)
         print(f"\n== 2/3 训练 train: a small gpt on the CPU for {max_time:.0f} s")
@@ -75,21 +79,12 @@ def run_demo(out: str | Path = "demo", max_time: float = 150.0, retrain: bool = 
     bot = load(model_dir, which="last")
     print("\n== 3/3 对话 exchanges (greedy):")
     for prompt in DEMO_PROMPTS:
-        print(f"  你 you: {prompt}\n  崽崽:   {reply(bot, [prompt], temperature=0)}")
+        session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=60, temperature=0))
+        print(f"  你 you: {prompt}\n  崽崽:   {session.say(prompt)}")
     if not sys.stdin.isatty():
-        print(f"\n接着聊 to chat: zaizai sample {model_dir} --prompt '你好' (interactive chat: run `make demo` in a terminal)")
+        print(f"\n接着聊 to chat: zaizai chat {model_dir}   (或 or: zaizai chat {model_dir} --message 你好)")
         return 0
-    print("\n和崽崽聊天 chat with zaizai (empty line or Ctrl-D to quit):")
-    history: list[str] = []
-    while True:
-        try:
-            line = input("你 you: ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not line:
-            return 0
-        history.append(line)
-        answer = reply(bot, history[-6:], temperature=0.7, top_p=0.9)
-        history.append(answer)
-        print(f"崽崽: {answer}")
+    from .cli import _interactive_chat
+
+    print()
+    return _interactive_chat(ChatSession(bot))

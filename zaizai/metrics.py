@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from .fileio import atomic_path
 
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -64,13 +64,9 @@ def plot_losses(out_dir: Path, records: list[dict] | None = None, path: Path | N
     fig.suptitle(f"{Path(out_dir).resolve().name}: loss")
     fig.tight_layout()
     path = Path(path) if path else Path(out_dir) / LOSS_PNG
-    fd, tmp = tempfile.mkstemp(prefix=".loss.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

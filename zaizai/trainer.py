@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import BEST, LAST, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, resolve_config
+from .tokenizer import load_tokenizer
 from .data import TokenData
 from .device import autocast, autocast_dtype, resolve_device, tune_glibc_malloc
 from .errors import ZaizaiError
+from .fileio import atomic_write_text
 from .metrics import LOSS_PNG, METRICS, append_metrics, plot_losses, truncate_metrics
 from .models import build_model
 from .optim import configure_optimizer
@@ -75,46 +77,84 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
+class Batches:
+    """Training/evaluation batches for a model: plain token windows, or packed dialogues with loss masks.
+
+    Dialogue data is packed several conversations to a row with ``segments`` telling them apart for models
+    that can keep them apart (gpt); other models get one conversation per row.
+    """
+
+    def __init__(self, data: TokenData, model, block_size: int, loss_on: str = "assistant"):
+        self.data = data
+        self.block_size = block_size
+        self.loss_on = loss_on
+        self.dialogue = data.kind == "dialogue"
+        self.packed = self.dialogue and bool(getattr(model, "supports_segments", False))
+
+    def get(self, split: str, batch_size: int, rng: np.random.Generator):
+        """(x, y, segments or None) for one random batch."""
+        if self.dialogue:
+            x, y, seg = self.data.get_dialogue_batch(split, batch_size, self.block_size, rng, loss_on=self.loss_on,
+                                                     packed=self.packed)
+            return x, y, (seg if self.packed else None)
+        x, y = self.data.get_batch(split, batch_size, self.block_size, rng)
+        return x, y, None
+
+    def whole_split(self, split: str, batch_size: int):
+        """Batches covering every target of ``split`` once."""
+        if self.dialogue:
+            for x, y, seg in self.data.iter_dialogue_eval_batches(split, self.block_size, batch_size,
+                                                                  loss_on=self.loss_on, packed=self.packed):
+                yield x, y, (seg if self.packed else None)
+        else:
+            for x, y in self.data.iter_eval_windows(split, self.block_size, batch_size):
+                yield x, y, None
+
+
+def forward(model, x, y, segments):
+    return model(x, y) if segments is None else model(x, y, segments=segments)
+
+
 @torch.no_grad()
-def estimate_loss(model, data: TokenData, mcfg: ModelConfig, cfg: TrainConfig, device, amp_dtype) -> dict:
+def estimate_loss(model, batches: Batches, cfg: TrainConfig, device, amp_dtype) -> dict:
     """Mean loss over ``eval_iters`` fixed batches of each split (the same batches at every evaluation)."""
     model.eval()
     out: dict[str, float | None] = {}
+    data = batches.data
     for split_no, split in enumerate(("train", "val")):
         if data.num_tokens(split) < 2:
             out[split] = None
             continue
-        if data.num_tokens(split) <= mcfg.block_size:
-            out[split] = evaluate_split(model, data, split, mcfg.block_size, cfg.batch_size, device, amp_dtype)
+        if not batches.dialogue and data.num_tokens(split) <= batches.block_size:
+            out[split] = evaluate_split(model, batches, split, cfg.batch_size, device, amp_dtype)
             continue
         losses = []
         for k in range(cfg.eval_iters):
             rng = np.random.default_rng([cfg.seed, 1_000_000 + split_no, k])
-            x, y = data.get_batch(split, cfg.batch_size, mcfg.block_size, rng)
+            x, y, seg = batches.get(split, cfg.batch_size, rng)
             with autocast(device, amp_dtype):
-                _, loss = model(x.to(device), y.to(device))
-            losses.append(loss.item())
-        out[split] = float(np.mean(losses))
+                _, loss = forward(model, x.to(device), y.to(device), None if seg is None else seg.to(device))
+            if math.isfinite(loss.item()):  # a batch with no target at all has a nan mean
+                losses.append(loss.item())
+        out[split] = float(np.mean(losses)) if losses else None
     model.train()
     return out
 
 
 @torch.no_grad()
-def evaluate_split(model, data: TokenData, split: str, block_size: int, batch_size: int, device,
-                   amp_dtype=None) -> float:
-    """Mean loss per token over every token of ``split`` (non-overlapping block_size windows)."""
+def evaluate_split(model, batches: Batches, split: str, batch_size: int, device, amp_dtype=None) -> float:
+    """Mean loss per target token over the whole of ``split``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in data.iter_eval_windows(split, block_size, batch_size):
+    for x, y, seg in batches.whole_split(split, batch_size):
         x, y = x.to(device), y.to(device)
         with autocast(device, amp_dtype):
-            logits, _ = model(x)
-        mask = y != -1
+            logits, _ = model(x) if seg is None else model(x, segments=seg.to(device))
         nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                                 ignore_index=-1, reduction="sum")
         total += nll.item()
-        count += int(mask.sum())
+        count += int((y != -1).sum())
     model.train(was_training)
     if count == 0:
         raise ZaizaiError(f"the {split} split has no tokens to evaluate")
@@ -157,6 +197,16 @@ def _plan(data_dir, out_dir, config_file, options) -> tuple[ModelConfig, TrainCo
     resume = bool(options.get("resume"))
     if not resume:
         mcfg, tcfg = resolve_config(options, config_file)
+        if tcfg.init_from:
+            init = load_checkpoint(find_checkpoint(Path(tcfg.init_from)), with_optimizer=False)
+            for name in MODEL_FIELDS - {"dropout"}:
+                if name in options and options[name] != init.model_config.get(name):
+                    raise ZaizaiError(f"--init-from keeps the model's shape: {name} is "
+                                      f"{init.model_config.get(name)} there; drop --{name.replace('_', '-')}")
+            dropout = mcfg.dropout
+            mcfg = ModelConfig.from_dict(init.model_config)
+            mcfg.dropout = dropout
+            return mcfg, tcfg, init
         return mcfg, tcfg, None
     last = out / LAST
     if not last.is_file():
@@ -190,13 +240,20 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         raise ZaizaiError("no data folder given; run `zaizai prepare CORPUS --out DATA_DIR` and pass DATA_DIR")
     cfg.validate()
     data = TokenData(cfg.data_dir)
-    if ckpt is None:
+    init = ckpt if cfg.init_from else None
+    if init is not None:
+        ckpt = None
+        init_tokenizer = load_tokenizer(find_checkpoint(Path(cfg.init_from)).parent / "tokenizer.json")
+        if init_tokenizer != data.tokenizer:
+            raise ZaizaiError(f"{cfg.data_dir} was not prepared with the tokenizer of {cfg.init_from}; prepare it "
+                              f"again with `zaizai prepare ... --tokenizer {cfg.init_from}`")
+    if ckpt is None and init is None:
         mcfg.vocab_size = data.tokenizer.vocab_size
     elif data.tokenizer.vocab_size != mcfg.vocab_size:
         raise ZaizaiError(f"{cfg.data_dir} has a different tokenizer ({data.tokenizer.vocab_size} tokens) than "
                           f"the checkpoint ({mcfg.vocab_size}); resume with the data it was trained on")
     mcfg.validate()
-    if data.num_tokens("train") <= mcfg.block_size:
+    if data.kind != "dialogue" and data.num_tokens("train") <= mcfg.block_size:
         raise ZaizaiError(f"the training split has only {data.num_tokens('train')} tokens, fewer than "
                           f"block_size + 1 = {mcfg.block_size + 1}; use a smaller --block-size or more text")
 
@@ -218,7 +275,9 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
     model = build_model(mcfg).to(device)
     optimizer = configure_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     betas=(cfg.beta1, cfg.beta2), device_type=device.type)
-    state = {"step": 0, "tokens_seen": 0, "elapsed": 0.0, "best_val_loss": None}
+    state = {"step": 0, "tokens_seen": 0, "elapsed": 0.0, "best_val_loss": None, "data_kind": data.kind}
+    if init is not None:
+        model.load_state_dict(init.model_state)
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
         if ckpt.optimizer_state is not None:
@@ -242,6 +301,7 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         save_checkpoint(out / kind, model, model_config=mcfg.to_dict(), train_config=cfg.to_dict(),
                         state=dict(state), optimizer=optimizer if with_optimizer else None)
 
+    batches = Batches(data, model, mcfg.block_size, cfg.loss_on)
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum
     bar = _ProgressBar(cfg, state, enabled=verbose)
     last_eval: dict = {}
@@ -270,11 +330,11 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
             torch.manual_seed(_step_seed(cfg.seed, step))
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                x, y = data.get_batch("train", cfg.batch_size, mcfg.block_size,
-                                      np.random.default_rng([cfg.seed, step, micro]))
+                x, y, seg = batches.get("train", cfg.batch_size, np.random.default_rng([cfg.seed, step, micro]))
                 x, y = _to_device(x, device), _to_device(y, device)
+                seg = None if seg is None else _to_device(seg, device)
                 with autocast(device, amp_dtype):
-                    _, loss = step_model(x, y)
+                    _, loss = forward(step_model, x, y, seg)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             train_loss = loss_sum / cfg.grad_accum
@@ -298,20 +358,20 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
                 stop.requested = True
 
             if state["step"] % cfg.eval_interval == 0:
-                last_eval = _evaluate_and_save(model, data, mcfg, cfg, device, amp_dtype, state, out, save, lr,
+                last_eval = _evaluate_and_save(model, batches, cfg, device, amp_dtype, state, out, save, lr,
                                                tokens_since_eval / max(train_time_since_eval, 1e-9), bar)
                 train_time_since_eval, tokens_since_eval = 0.0, 0
 
         if last_eval.get("step") != state["step"] and state["step"] > 0:
-            last_eval = _evaluate_and_save(model, data, mcfg, cfg, device, amp_dtype, state, out, save,
+            last_eval = _evaluate_and_save(model, batches, cfg, device, amp_dtype, state, out, save,
                                            lr_at(state["step"], 1.0, cfg),
                                            tokens_since_eval / max(train_time_since_eval, 1e-9), bar)
         bar.close()
 
     full_val = full_bpc = None
     if 1 < data.num_tokens("val") <= FULL_EVAL_MAX_TOKENS and state["step"] > 0:
-        full_val = evaluate_split(model, data, "val", mcfg.block_size, max(cfg.batch_size, 16), device, amp_dtype)
-        full_bpc = data.bits_per_char("val", full_val)
+        full_val = evaluate_split(model, batches, "val", max(cfg.batch_size, 16), device, amp_dtype)
+        full_bpc = data.bits_per_char("val", full_val, loss_on=cfg.loss_on)
         state["full_val_loss"] = full_val
         save(LAST, with_optimizer=True)
         say(f"整个验证集 whole val split: {full_val:.4f} nats/token · {full_bpc:.4f} bits/char")
@@ -325,15 +385,16 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
                        stopped_by=stopped_by)
 
 
-def _evaluate_and_save(model, data, mcfg, cfg, device, amp_dtype, state, out, save, lr, tokens_per_second, bar):
-    losses = estimate_loss(model, data, mcfg, cfg, device, amp_dtype)
+def _evaluate_and_save(model, batches, cfg, device, amp_dtype, state, out, save, lr, tokens_per_second, bar):
+    data = batches.data
+    losses = estimate_loss(model, batches, cfg, device, amp_dtype)
     record = {
         "step": state["step"],
         "tokens": state["tokens_seen"],
         "train_loss": losses["train"],
         "val_loss": losses["val"],
-        "train_bpc": data.bits_per_char("train", losses["train"]) if losses["train"] is not None else None,
-        "val_bpc": data.bits_per_char("val", losses["val"]) if losses["val"] is not None else None,
+        "train_bpc": None if losses["train"] is None else data.bits_per_char("train", losses["train"], loss_on=cfg.loss_on),
+        "val_bpc": None if losses["val"] is None else data.bits_per_char("val", losses["val"], loss_on=cfg.loss_on),
         "lr": lr,
         "tokens_per_second": tokens_per_second,
         "elapsed": state["elapsed"],
@@ -400,9 +461,8 @@ class _ProgressBar:
             return
         self.tps = tokens_per_second if self.tps is None else 0.9 * self.tps + 0.1 * tokens_per_second
         if self.by_time:
-            self.bar.n = min(state["elapsed"], self.bar.total)
             self.bar.set_postfix_str(f"step {state['step']} · loss {loss:.3f} · {self.tps:,.0f} tok/s", refresh=False)
-            self.bar.refresh()
+            self.bar.update(min(state["elapsed"], self.bar.total) - self.bar.n)  # redraws at tqdm's own pace
         else:
             self.bar.set_postfix_str(f"loss {loss:.3f} · {self.tps:,.0f} tok/s · lr {lr:.2e}", refresh=False)
             self.bar.update(1)

@@ -6,6 +6,10 @@ Every model is an ``nn.Module`` built from a :class:`ModelConfig` with
 - ``idx``: (B, T) int64 token ids, T <= block_size
 - ``logits``: (B, T, vocab_size)
 - ``loss``: mean cross-entropy over positions whose target is not -1, or None without targets
+
+``forward`` also takes ``segments=None``: (B, T) ids of the conversations packed in each row (-1 = padding).
+Models with ``supports_segments = True`` keep packed conversations apart (gpt: positions restart and attention
+stays within a segment; bigram: no context at all); the trainer gives the others (rnn) one conversation per row.
 """
 
 from __future__ import annotations

@@ -16,13 +16,19 @@ from .config import ModelConfig
 
 
 class BigramLM(nn.Module):
+    # Each prediction depends on one token only, so packed sequences never see each other: segments need
+    # no handling at all, and packing rows is exact.
+    supports_segments = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.token_embedding_table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
         nn.init.normal_(self.token_embedding_table.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+        """idx (B, T) -> (logits (B, T, V), loss or None). ``segments`` is accepted and ignored: a bigram
+        model never looks past the current token, so packed sequences are already apart."""
         if idx.dim() != 2:
             raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape

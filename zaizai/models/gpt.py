@@ -11,6 +11,13 @@ Shapes: B batch, T time (tokens), C channels (n_embd), V vocab_size, nh heads, h
 Two computations come from ``ops.py``, where each is written for speed on CPU and tested equal to its
 textbook form: ``causal_attention`` (scaled dot-product attention with a causal mask) and
 ``linear_cross_entropy`` (the output layer and its loss in one step).
+
+Two extras over nanoGPT, each optional and off by default:
+
+- ``segments``: several conversations packed into one row for dialogue training. Positions restart at 0
+  where a segment starts and attention stays inside the segment (block-diagonal and causal).
+- ``kv_cache``: a :class:`KVCache` for generation. The keys and values of tokens already seen are kept,
+  so each new token costs one position's worth of work instead of a forward pass over the whole context.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ZaizaiError
@@ -25,8 +33,63 @@ from .config import ModelConfig
 from .ops import causal_attention, linear_cross_entropy
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer, in buffers allocated once.
+
+    ``k`` and ``v`` are (n_layer, B, nh, max_len, hs); positions ``[0, pos)`` hold data. Each forward pass
+    with the cache writes its T new positions in place (no ``torch.cat``, no reallocation) and then moves
+    ``pos`` on by T. ``max_len`` is at most block_size: the position table ends there.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int = 1, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        max_len = config.block_size if max_len is None else max_len
+        if not 0 < max_len <= config.block_size:
+            raise ZaizaiError(f"a KV cache holds 1 to block_size ({config.block_size}) tokens, not {max_len}")
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0  # tokens cached so far (the position the next token gets)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` (B, nh, T, hs) after the cached ones; return all keys and values so far,
+        (B, nh, pos + T, hs) each, as views of the buffers."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ZaizaiError(f"the KV cache holds {self.max_len} tokens; {end} do not fit (start a new cache)")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask for rows that pack several sequences: ``segments`` (B, T) int64.
+
+    A new segment starts wherever the value changes from the previous position, so values need not be
+    unique within a row (two runs of the same value are two segments). Returns ``pos`` (B, T): the
+    position within the segment, restarting at 0; and ``mask`` (B, 1, T, T) bool, True where query t may
+    attend to key s: s <= t in the same segment. Every row of the mask allows at least its diagonal, so
+    padding (segment -1) attends to itself and no row is fully masked (which would give NaN).
+    """
+    T = segments.size(1)
+    t = torch.arange(T, device=segments.device)  # (T,)
+    starts = torch.ones_like(segments, dtype=torch.bool)  # (B, T): a segment starts here
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    run = starts.cumsum(dim=1)  # (B, T): which segment of the row each position is in
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): where the current segment started
+    pos = t - first  # (B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    mask = (run.unsqueeze(2) == run.unsqueeze(1)) & causal  # (B, T, T)
+    return pos, mask.unsqueeze(1)  # (B, T), (B, 1, T, T)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; the one place a KV cache will hook in."""
+    """Multi-head causal self-attention; with a KV cache, new queries also see the cached keys and values."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -37,14 +100,30 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). ``attn_mask`` (B, 1, T, T) bool replaces the plain causal mask (packed
+        segments); ``kv_cache`` adds the cached positions in front of this call's T (layer: its slot)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        if kv_cache is not None and kv_cache.pos > 0:  # generation, after the cached tokens
+            start = kv_cache.pos
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hs)
+            # query i sits at position start + i and sees keys 0 .. start + i; a single new token sees all
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        else:
+            if kv_cache is not None:  # the first tokens of a generation: cache them, attend as usual
+                kv_cache.update(layer, k, v)
+            dropout_p = self.dropout if self.training else 0.0
+            if attn_mask is None:
+                y = causal_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
+            else:
+                y = causal_attention(q, k, v, dropout_p=dropout_p, attn_mask=attn_mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -72,13 +151,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
 
 class GPT(nn.Module):
+    supports_segments = True  # forward() can keep packed sequences apart
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -121,21 +203,46 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        if idx.dim() != 2:
-            raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ZaizaiError(f"input has {T} tokens but block_size is {self.config.block_size}; crop the input")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+        """idx (B, T) -> (logits (B, T, V), loss or None); see :meth:`hidden_states` for the options."""
+        x = self.hidden_states(idx, segments=segments, kv_cache=kv_cache)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None  # (B, T, V)
+        B, T = idx.shape
         logits, loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
         return logits.view(B, T, -1), loss  # (B, T, V), scalar
+
+    def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised features (B, T, C) that the output layer turns into logits.
+
+        ``segments`` (B, T) int64: packed sequences (see :func:`segment_layout`); attention then goes
+        through SDPA with a boolean mask, otherwise through the plain causal path, which is faster.
+        ``kv_cache``: continue after the ``kv_cache.pos`` tokens already cached (positions go on from
+        there) and cache these T; used by generation, not with ``segments``.
+        """
+        if idx.dim() != 2:
+            raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        T = idx.size(1)
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
+            raise ZaizaiError(f"input has {start + T} tokens but block_size is {self.config.block_size}; "
+                              "crop the input")
+        attn_mask = None
+        if segments is not None:
+            if kv_cache is not None:
+                raise ZaizaiError("segments and kv_cache cannot be combined; generate one sequence at a time")
+            if segments.shape != idx.shape:
+                raise ZaizaiError(f"segments must have idx's shape {tuple(idx.shape)}, got {tuple(segments.shape)}")
+            pos, attn_mask = segment_layout(segments)  # (B, T), (B, 1, T, T)
+        else:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), or (B, T, C) with segments
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, layer)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x)  # (B, T, C)

@@ -1,7 +1,7 @@
 """Two computations written for speed on CPU, each tested equal to its plain form (tests/test_models.py).
 
 - :func:`linear_cross_entropy`: the output layer and its loss, ``F.linear`` + ``F.cross_entropy``.
-- :func:`causal_attention`: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
+- :func:`causal_attention`: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` (or a given mask).
 
 With a character vocabulary of ~10k and a small model, the output layer is most of a training step on CPU:
 see bench/train_speed.py for the measurements behind the choices made here.
@@ -104,15 +104,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs) + causal mask) v for (B, nh, T, hs) tensors, through PyTorch's fused SDPA.
+
+    ``attn_mask`` (B, 1, T, T) bool, True where a query may attend, replaces the causal mask (it must be
+    causal itself; packed segments use it); without it SDPA's ``is_causal`` path runs, which is faster.
 
     On CPU the fused kernel is ~10x slower in bf16 than in fp32 at small head sizes (forward + backward,
     torch 2.13, AVX512-BF16/AMX cores: 9 ms vs 0.8 ms per layer at B=12, nh=4, T=64, hs=32), so under CPU
     autocast the attention itself runs in fp32: faster, and more accurate. GPUs keep the autocast dtype.
     """
+    causal = dict(is_causal=True) if attn_mask is None else dict(attn_mask=attn_mask)
     if q.device.type == "cpu" and q.dtype != torch.float32:
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, **causal)
         return y.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)

@@ -4,6 +4,9 @@ Tokens are embedded, run through a stack of GRU layers that carry a hidden state
 normalised, and projected back onto the vocabulary with the embedding matrix itself (tied weights).
 Unlike the GPT, the model has no hard context limit: :meth:`RNNLM.step` carries the hidden state across
 calls, which is how generation continues past ``block_size``.
+
+A recurrent state runs through a whole row, so packed sequences cannot be kept apart: ``supports_segments``
+is False, ``forward`` ignores ``segments``, and the trainer gives the RNN one conversation per row.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from .ops import linear_cross_entropy
 
 
 class RNNLM(nn.Module):
+    supports_segments = False  # the hidden state would carry one packed sequence into the next
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -49,7 +54,9 @@ class RNNLM(nn.Module):
         x, hidden = self.features(idx, hidden)
         return self.lm_head(x), hidden  # (B, T, V)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+        """idx (B, T) -> (logits (B, T, V), loss or None). ``segments`` is accepted and ignored (one
+        sequence per row; see the module docstring)."""
         if idx.dim() != 2:
             raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape

@@ -1,0 +1,118 @@
+"""Chat: the prompt is the training rendering, history fits the budget, the CLI answers through stdin."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import zaizai
+from zaizai.chat import ChatSession
+from zaizai.dialogue import render_conversation
+from zaizai.errors import ZaizaiError
+from zaizai.generate import SamplingConfig
+from zaizai.tokenizer import ASSISTANT_ID, USER_ID, CharTokenizer
+from util import TINY, run_cli
+
+DIALOGUES = [
+    [("你好", "你好，我是崽崽。"), ("你会什么", "我会聊天。")],
+    [("早上好", "早上好！")],
+    [("你是谁", "我是崽崽。"), ("再见", "再见！")],
+    [("晚安", "晚安，做个好梦。")],
+]
+
+
+def write_jsonl(path, copies=10):
+    lines = []
+    for _ in range(copies):
+        for turns in DIALOGUES:
+            messages = []
+            for user, bot in turns:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": bot}]
+            lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def fake_bot(block_size=40):
+    tok = CharTokenizer.from_text("你好我是崽崽会聊天早上再见晚安，。！")
+    return SimpleNamespace(tokenizer=tok, model_config=SimpleNamespace(block_size=block_size), is_chat_model=True)
+
+
+def test_prompt_is_the_training_rendering_with_a_generation_prompt():
+    bot = fake_bot(block_size=200)
+    session = ChatSession(bot, system="你是崽崽", sampling=SamplingConfig(max_new_tokens=20))
+    session.history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    ids = session.prompt_ids("再见")
+    expected, _ = render_conversation(bot.tokenizer, [{"role": "system", "content": "你是崽崽"}, *session.history,
+                                                      {"role": "user", "content": "再见"}], add_generation_prompt=True)
+    assert ids == expected and ids[-1] == ASSISTANT_ID
+
+
+def test_history_is_trimmed_oldest_first_to_fit_the_budget():
+    bot = fake_bot(block_size=40)
+    session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=10))
+    for i in range(6):
+        session.history += [{"role": "user", "content": "你好" * 2}, {"role": "assistant", "content": f"我是崽崽{i}"}]
+    ids = session.prompt_ids("晚安")
+    assert len(ids) + session.reply_budget() <= 40
+    assert session.dropped_turns > 0 and session.dropped_turns % 2 == 0
+    kept = session.history[session.dropped_turns:]
+    expected, _ = render_conversation(bot.tokenizer, kept + [{"role": "user", "content": "晚安"}],
+                                      add_generation_prompt=True)
+    assert ids == expected
+    # one more dropped exchange would have been needless: the budget is used, not wasted
+    longer, _ = render_conversation(bot.tokenizer, session.history[session.dropped_turns - 2:] +
+                                    [{"role": "user", "content": "晚安"}], add_generation_prompt=True)
+    assert len(longer) + session.reply_budget() > 40
+
+
+def test_a_message_longer_than_the_context_keeps_its_end():
+    bot = fake_bot(block_size=30)
+    session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=10))
+    ids = session.prompt_ids("你好" * 40 + "晚安")
+    assert len(ids) == 30 - session.reply_budget()
+    assert bot.tokenizer.decode(ids[-4:-2]) == "晚安" and ids[1] == USER_ID
+
+
+def test_set_changes_sampling_and_refuses_nonsense():
+    session = ChatSession(fake_bot())
+    session.set("temperature", "0.3")
+    session.set("top-k", "5")
+    assert session.sampling.temperature == 0.3 and session.sampling.top_k == 5
+    with pytest.raises(ZaizaiError, match="unknown option"):
+        session.set("warmth", "1")
+    with pytest.raises(ZaizaiError, match="--top-p"):
+        session.set("top_p", "2")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chat")
+    corpus = write_jsonl(tmp / "chat.jsonl")
+    zaizai.prepare([corpus], tmp / "data", val_fraction=0.2, verbose=False)
+    zaizai.train(tmp / "data", tmp / "out", max_iters=60, verbose=False, **dict(TINY, block_size=32, lr=1e-2))
+    return tmp / "out"
+
+
+def test_chat_cli_answers_lines_on_stdin(chat_model):
+    r = run_cli("chat", chat_model, "--temperature", "0", input="你好\n\n晚安\n")
+    assert r.returncode == 0, r.stderr
+    replies = r.stdout.splitlines()
+    assert len(replies) == 2
+    assert "Traceback" not in r.stderr and "completion mode" not in r.stderr
+    again = run_cli("chat", chat_model, "--temperature", "0", "--message", "你好", "--message", "晚安")
+    assert again.stdout.splitlines() == replies
+
+
+def test_a_plain_text_model_chats_in_completion_mode(tmp_path):
+    from util import prepared
+
+    data = prepared(tmp_path)
+    zaizai.train(data, tmp_path / "out", max_iters=5, verbose=False, **TINY)
+    r = run_cli("chat", tmp_path / "out", "--message", "床前", "--max-new-tokens", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert "completion mode" in r.stderr
+    bot = zaizai.load(tmp_path / "out")
+    expected = bot.generate("床前", max_new_tokens=5, seed=1, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
+                            stop_at_eot=True)
+    assert r.stdout == expected.strip() + "\n"

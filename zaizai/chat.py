@@ -1,0 +1,110 @@
+"""A conversation with a trained model: history kept within a token budget, replies streamed.
+
+The prompt is rendered by :func:`zaizai.dialogue.render_conversation`, the very function that rendered the
+training data, so what the model sees when chatting is exactly what it learned from. When the history grows,
+the oldest turns are dropped so that the prompt plus the reply budget fits in the model's block_size.
+
+A model trained on plain text (not dialogues) works in completion mode: each message is continued as text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Iterator
+
+from .errors import ZaizaiError
+from .generate import SamplingConfig
+from .tokenizer import END_ID, EOT_ID
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatSession:
+    """Multi-turn chat with a loaded model (see :func:`zaizai.load`)."""
+
+    def __init__(self, bot, *, system: str | None = None, sampling: SamplingConfig | None = None):
+        self.bot = bot
+        self.system = system or None
+        self.sampling = sampling or SamplingConfig(max_new_tokens=100, temperature=0.7, top_p=0.9,
+                                                   repetition_penalty=1.1)
+        self.history: list[dict] = []   # user/assistant messages, oldest first
+        self.dropped_turns = 0          # how many old messages the last prompt had to leave out
+
+    @property
+    def is_chat_model(self) -> bool:
+        return self.bot.is_chat_model
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.dropped_turns = 0
+
+    def set(self, name: str, value: str) -> None:
+        """Change a sampling option by name, e.g. ``set("temperature", "0.7")``."""
+        name = name.replace("-", "_")
+        kinds = {f.name: type(f.default) for f in fields(SamplingConfig)}
+        if name == "seed":
+            new = replace(self.sampling, seed=None if value.lower() in ("none", "off", "") else int(value))
+        elif name in kinds:
+            try:
+                new = replace(self.sampling, **{name: kinds[name](value)})
+            except ValueError:
+                raise ZaizaiError(f"{name} expects a {kinds[name].__name__}, got {value!r}") from None
+        else:
+            raise ZaizaiError(f"unknown option '{name}'; options: {', '.join(kinds)}")
+        new.validate()
+        self.sampling = new
+
+    def reply_budget(self) -> int:
+        """New tokens a reply may use: the sampling setting, at most half the context."""
+        return max(1, min(self.sampling.max_new_tokens, self.bot.model_config.block_size // 2))
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The rendered prompt for ``user_text`` after the history, oldest turns dropped to fit the budget."""
+        from .dialogue import render_conversation
+
+        budget = self.bot.model_config.block_size - self.reply_budget()
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        history = list(self.history)
+        user = {"role": "user", "content": user_text}
+        dropped = 0
+        while True:
+            ids, _ = render_conversation(self.bot.tokenizer, system + history + [user], add_generation_prompt=True)
+            if len(ids) <= budget or not history:
+                break
+            # drop the oldest exchange (a user message and the reply to it)
+            cut = 2 if len(history) >= 2 else 1
+            history = history[cut:]
+            dropped += cut
+        if len(ids) > budget:
+            # the message alone is too long: keep its end (the most recent words), and its role marker
+            prefix, _ = render_conversation(self.bot.tokenizer, system)
+            keep = len(prefix) + 1  # ... up to and including the user marker
+            ids = ids[:keep] + ids[keep + len(ids) - budget:]
+        self.dropped_turns = dropped
+        return ids
+
+    def send(self, user_text: str) -> Iterator[str]:
+        """Stream the reply to ``user_text`` piece by piece; the exchange joins the history at the end."""
+        user_text = user_text.strip()
+        if not user_text:
+            raise ZaizaiError("empty message; type something to say")
+        sampling = replace(self.sampling, max_new_tokens=self.reply_budget())
+        pieces: list[str] = []
+        if self.is_chat_model:
+            ids = self.prompt_ids(user_text)
+            stream = self.bot.stream_text(ids, sampling, stop_ids={END_ID, EOT_ID})
+        else:  # completion mode: continue the text
+            stream = self.bot.stream(user_text, max_new_tokens=sampling.max_new_tokens,
+                                     temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                     repetition_penalty=sampling.repetition_penalty,
+                                     no_repeat_ngram_size=sampling.no_repeat_ngram_size, seed=sampling.seed,
+                                     stop_at_eot=True)
+        for piece in stream:
+            pieces.append(piece)
+            yield piece
+        reply = "".join(pieces).strip()
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+
+    def say(self, user_text: str) -> str:
+        """The whole reply to ``user_text``."""
+        return "".join(self.send(user_text))
