@@ -116,3 +116,21 @@ def test_a_plain_text_model_chats_in_completion_mode(tmp_path):
     expected = bot.generate("床前", max_new_tokens=5, seed=1, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
                             stop_at_eot=True)
     assert r.stdout == expected.strip() + "\n"
+
+
+def test_chat_commands(capsys):
+    from zaizai.cli import _chat_command
+
+    session = ChatSession(fake_bot())
+    session.history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    assert _chat_command(session, "/history") is False
+    assert "你好！" in capsys.readouterr().out
+    _chat_command(session, "/set temperature 0.2")
+    assert session.sampling.temperature == 0.2
+    _chat_command(session, "/set top_p 7")
+    assert "--top-p" in capsys.readouterr().out and session.sampling.top_p != 7
+    _chat_command(session, "/reset")
+    assert session.history == []
+    _chat_command(session, "/dance")
+    assert "unknown command" in capsys.readouterr().out
+    assert _chat_command(session, "/quit") is True

@@ -145,3 +145,32 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path, data_dir)
         zaizai.load(tmp_path / "nowhere")
     with pytest.raises(ZaizaiError, match="no checkpoint"):
         zaizai.load(tmp_path)
+
+
+def test_pretrain_then_fine_tune_on_dialogues_keeps_the_tokenizer(tmp_path, data_dir):
+    import json as _json
+
+    from zaizai.tokenizer import load_tokenizer
+
+    base = tmp_path / "base"
+    zaizai.train(data_dir, base, max_iters=10, verbose=False, **TINY)
+    dialogues = tmp_path / "chat.jsonl"
+    dialogues.write_text("\n".join(_json.dumps({"messages": [{"role": "user", "content": u},
+                                                             {"role": "assistant", "content": a}]},
+                                               ensure_ascii=False)
+                                   for u, a in [("床前", "明月光"), ("举头", "望明月"), ("低头", "思故乡")] * 5) + "\n",
+                         encoding="utf-8")
+    zaizai.prepare([dialogues], tmp_path / "sft", tokenizer=base, verbose=False)
+    assert load_tokenizer(tmp_path / "sft" / "tokenizer.json") == load_tokenizer(base / "tokenizer.json")
+    # a vanishing learning rate: the fine-tuned weights must be the pretrained ones
+    result = zaizai.train(tmp_path / "sft", tmp_path / "chat", init_from=str(base), max_iters=1, lr=1e-12,
+                          warmup_iters=0, eval_interval=1, verbose=False, preset="tiny", batch_size=4, threads=1)
+    assert result.step == 1
+    before = load_checkpoint(base / BEST).model_state
+    after = load_checkpoint(tmp_path / "chat" / LAST).model_state
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert zaizai.load(tmp_path / "chat").is_chat_model
+
+    zaizai.prepare([dialogues], tmp_path / "own", verbose=False)   # a tokenizer of its own
+    with pytest.raises(ZaizaiError, match="--tokenizer"):
+        zaizai.train(tmp_path / "own", tmp_path / "chat2", init_from=str(base), max_iters=1, verbose=False)
