@@ -16,7 +16,7 @@ from pathlib import Path
 from .checkpoint import LAST
 from .errors import ZaizaiError
 
-DEMO_PROMPTS = ["你好", "你是谁", "早上好", "你喜欢什么", "再见"]
+DEMO_PROMPTS = ["你好", "你是谁", "你叫什么名字", "谢谢", "再见"]
 
 
 def chatterbot_dialogues(language: str = "chinese") -> list[list[str]]:
