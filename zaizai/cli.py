@@ -45,8 +45,10 @@ FIELD_HELP = {
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
+    from .config import PRESETS, TrainConfig
     from .models.config import ModelConfig
+
+    default_preset = PRESETS[TrainConfig.preset]
 
     for cls, skip in ((ModelConfig, {"vocab_size"}), (TrainConfig, {"data_dir", "out_dir"})):
         group = parser.add_argument_group(f"{cls.__name__} options")
@@ -59,8 +61,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                    help=FIELD_HELP.get(f.name))
             else:
+                default = default_preset.get(f.name, f.default)
                 group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                                   help=f"{FIELD_HELP.get(f.name, '')} (default {f.default})")
+                                   help=f"{FIELD_HELP.get(f.name, '')} (default {default!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
