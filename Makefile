@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.zaizai-installed
 TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean fonts
 
 setup: $(STAMP)
 
@@ -20,7 +20,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: setup
+# A CJK font for `zaizai attention` (Chinese on the axes): installed when missing, as root with apt-get;
+# elsewhere a note, and the attention picture test skips saying why.
+fonts:
+	@if fc-list :lang=zh 2>/dev/null | grep -q .; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -q fonts-noto-cjk >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fonts-noto-cjk >/dev/null 2>&1)) || \
+	  echo "note: could not install fonts-noto-cjk; attention pictures need a CJK font"; \
+	else echo "note: no CJK font found; install fonts-noto-cjk (or any Chinese font) for attention pictures"; fi
+
+test: setup fonts
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) tests
 
 demo: setup

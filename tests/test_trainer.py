@@ -174,3 +174,12 @@ def test_pretrain_then_fine_tune_on_dialogues_keeps_the_tokenizer(tmp_path, data
     zaizai.prepare([dialogues], tmp_path / "own", verbose=False)   # a tokenizer of its own
     with pytest.raises(ZaizaiError, match="--tokenizer"):
         zaizai.train(tmp_path / "own", tmp_path / "chat2", init_from=str(base), max_iters=1, verbose=False)
+
+
+def test_compile_trains_and_saves_plain_weight_names(tmp_path, data_dir):
+    """--compile is opt-in; it must train and write the same checkpoint layout (no torch.compile prefixes)."""
+    out = tmp_path / "out"
+    result = zaizai.train(data_dir, out, max_iters=6, compile=True, verbose=False, **TINY)
+    assert result.step == 6 and math.isfinite(result.val_loss)
+    names = set(load_checkpoint(out / LAST).model_state)
+    assert "transformer.wte.weight" in names and not any("_orig_mod" in n for n in names)

@@ -1,4 +1,4 @@
-"""Command line: ``zaizai prepare | train | sample | chat | demo``. Thin: parse flags, call the library, print."""
+"""Command line: ``zaizai prepare | train | sample | chat | demo | eval | report | attention | compare``. Thin: parse flags, call the library, print."""
 
 from __future__ import annotations
 
@@ -124,6 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
     dp.add_argument("--max-time", type=float, default=90.0, help="training budget in seconds (default 90)")
     dp.add_argument("--retrain", action="store_true", help="train again even if the demo model exists")
+    ep = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on the whole val split (+ dialogue metrics)")
+    ep.add_argument("out_dir", help="folder written by `zaizai train`")
+    ep.add_argument("--data", default=None, help="prepared data folder (default: the one the model was trained on)")
+    ep.add_argument("--max-pairs", type=int, default=200, help="held-out dialogue pairs to score (default 200)")
+    ep.add_argument("--seed", type=int, default=0, help="seed of the pair choice and of sampled replies")
+    ep.add_argument("--no-dialogue", action="store_true", help="skip the reply metrics (BLEU, distinct-n)")
+    ep.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+    ep.add_argument("--device", default="auto")
+
+    rp = sub.add_parser("report", help="write report.md: a model card with config, data, losses, metrics, samples")
+    rp.add_argument("out_dir", help="folder written by `zaizai train`")
+    rp.add_argument("--data", default=None, help="prepared data folder (default: the one the model was trained on)")
+    rp.add_argument("--max-pairs", type=int, default=200, help="held-out dialogue pairs to score (default 200)")
+    rp.add_argument("--reevaluate", action="store_true", help="evaluate again even if eval.json exists")
+    rp.add_argument("--device", default="auto")
+
+    ap = sub.add_parser("attention", help="draw the attention weights (layers x heads) of a gpt over a text")
+    ap.add_argument("out_dir", help="folder written by `zaizai train`")
+    ap.add_argument("--text", required=True, help="the text to look at, e.g. 你好，我是崽崽")
+    ap.add_argument("--png", default=None, help="picture to write (default OUT_DIR/attention.png)")
+    ap.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+
+    mp = sub.add_parser("compare", help="train bigram, rnn and gpt for the same time and compare them")
+    mp.add_argument("data_dir", help="folder written by `zaizai prepare`")
+    mp.add_argument("--max-time", type=float, default=120.0, help="seconds of training per model (default 120)")
+    mp.add_argument("--out", default="compare", help="folder for compare-<model>/ runs and the plot (default compare)")
+    mp.add_argument("--models", default="bigram,rnn,gpt", help="comma-separated (default bigram,rnn,gpt)")
+    mp.add_argument("--threads", type=int, default=None, help="CPU threads (0 = PyTorch's choice)")
+    mp.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
     return p
 
 
@@ -280,4 +309,37 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, max_time=args.max_time, retrain=args.retrain)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "demo": cmd_demo}
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.out_dir, args.data, which=args.checkpoint, device=args.device, max_pairs=args.max_pairs,
+             seed=args.seed, dialogue=not args.no_dialogue)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    write_report(args.out_dir, args.data, device=args.device, max_pairs=args.max_pairs, reevaluate=args.reevaluate)
+    return 0
+
+
+def cmd_attention(args) -> int:
+    from .attention import attention_picture
+
+    path = attention_picture(args.out_dir, args.text, args.png, which=args.checkpoint)
+    print(f"已写入 written: {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    options = {k: v for k, v in (("threads", args.threads), ("device", args.device)) if v is not None}
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    compare(args.data_dir, args.out, max_time=args.max_time, models=models, **options)
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "demo": cmd_demo,
+            "eval": cmd_eval, "report": cmd_report, "attention": cmd_attention, "compare": cmd_compare}

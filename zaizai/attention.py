@@ -1,0 +1,141 @@
+"""Attention pictures: what each head of a GPT looks at, as a grid of heat maps (layers x heads).
+
+The weights are recomputed from each block's own ``c_attn`` (softmax(QK^T / sqrt(hs)) with the causal
+mask), so the model itself needs no hooks or extra outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import ZaizaiError
+from .fileio import atomic_path
+
+# Families that cover Chinese, most likely first (Linux, then macOS / Windows names).
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Serif CJK SC", "Source Han Sans SC", "Source Han Sans CN",
+             "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "AR PL UMing CN", "SimHei", "Microsoft YaHei",
+             "PingFang SC", "Heiti SC", "STHeiti", "Hiragino Sans GB", "Noto Sans SC")
+FONT_HINT = ("no font with Chinese glyphs found; install one, e.g. `sudo apt-get install fonts-noto-cjk` (Debian/"
+             "Ubuntu), `brew install --cask font-noto-sans-cjk` (macOS), then delete matplotlib's font cache "
+             "(~/.cache/matplotlib)")
+
+
+def find_cjk_font() -> str:
+    """The family name of an installed font that has Chinese glyphs; ZaizaiError saying how to install one."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for name in CJK_FONTS:
+        if name in installed:
+            return name
+    for f in font_manager.fontManager.ttflist:  # any other family that says it is CJK
+        if any(key in f.name for key in ("CJK", "Han Sans", "WenQuanYi", "Hei", "Song", "Ming")):
+            return f.name
+    # matplotlib caches its font list: a font installed since then is found after a rebuild
+    font_manager.fontManager = font_manager.FontManager()
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for name in CJK_FONTS:
+        if name in installed:
+            return name
+    raise ZaizaiError(FONT_HINT)
+
+
+@torch.no_grad()
+def attention_weights(model, ids: list[int]) -> torch.Tensor:
+    """Attention weights of a GPT for one sequence: (n_layer, n_head, T, T), each row summing to 1."""
+    from .models.gpt import GPT
+
+    if not isinstance(model, GPT):
+        raise ZaizaiError(f"attention pictures need a gpt model, not {type(model).__name__.lower()}")
+    cfg = model.config
+    T = len(ids)
+    if not 0 < T <= cfg.block_size:
+        raise ZaizaiError(f"the text is {T} tokens; give 1 to block_size ({cfg.block_size}) characters")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    pos = torch.arange(T, device=device)
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (1, T, C)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    layers = []
+    for layer, block in enumerate(model.transformer.h):
+        h = block.ln_1(x)
+        C = h.size(-1)
+        q, k, _ = block.attn.c_attn(h).split(C, dim=2)  # (1, T, C) each
+        hs = C // cfg.n_head
+        q = q.view(1, T, cfg.n_head, hs).transpose(1, 2)  # (1, nh, T, hs)
+        k = k.view(1, T, cfg.n_head, hs).transpose(1, 2)  # (1, nh, T, hs)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (1, nh, T, T)
+        layers.append(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)[0].float().cpu())
+        x = block(x, None, None, layer)  # the model's own forward on to the next block
+    model.train(was_training)
+    return torch.stack(layers)  # (n_layer, nh, T, T)
+
+
+def plot_attention(weights: torch.Tensor, labels: list[str], path: str | Path, title: str = "") -> Path:
+    """Draw (n_layer, n_head, T, T) weights as a grid of heat maps with ``labels`` on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    font = find_cjk_font()
+    n_layer, n_head, T, _ = weights.shape
+    cell = max(2.2, 0.28 * T)
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(cell * n_head + 1, cell * n_layer + 0.8), squeeze=False)
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            ax.imshow(weights[layer, head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks(range(T))
+            ax.set_yticks(range(T))
+            ax.set_xticklabels(labels, fontfamily=font, fontsize=9)
+            ax.set_yticklabels(labels, fontfamily=font, fontsize=9)
+            ax.set_title(f"layer {layer} · head {head}", fontsize=9)
+            if layer == n_layer - 1:
+                ax.set_xlabel("key (attended to)", fontsize=8)
+            if head == 0:
+                ax.set_ylabel("query", fontsize=8)
+    fig.suptitle(title, fontfamily=font)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _label(tokenizer, i: int) -> str:
+    from .tokenizer import EOT_ID
+
+    if i == EOT_ID:
+        return "⏎"
+    text = tokenizer.decode([i])
+    return {" ": "␣", "\n": "↵"}.get(text, text if len(text) <= 2 else text[2:-2][:4])
+
+
+def attention_picture(out_dir: str | Path, text: str, path: str | Path | None = None, *, which: str = "auto",
+                      device: str = "cpu") -> Path:
+    """Write ``attention.png`` (or ``path``): the attention of every layer and head of the model in ``out_dir``
+    over ``text`` (after the start-of-document token, as generation sees it)."""
+    from .pipeline import load
+    from .tokenizer import EOT_ID
+
+    if not text:
+        raise ZaizaiError("give some --text to look at")
+    find_cjk_font()  # fail before the work when no font can show the characters
+    bot = load(out_dir, which=which, device=device)
+    if bot.model_config.model != "gpt":
+        raise ZaizaiError(f"attention pictures need a gpt model; {out_dir} holds a {bot.model_config.model} model")
+    ids = [EOT_ID] + bot.tokenizer.encode(text)
+    ids = ids[-bot.model_config.block_size:]
+    weights = attention_weights(bot.model, ids)
+    labels = [_label(bot.tokenizer, i) for i in ids]
+    path = Path(path) if path else Path(out_dir) / "attention.png"
+    return plot_attention(weights, labels, path, title=f"{Path(out_dir).resolve().name}: 注意力 attention · {text}")

@@ -1,0 +1,324 @@
+"""Evaluate a trained model: loss, perplexity and bits per character / per UTF-8 byte over the whole
+validation split, and for chat models reply metrics on held-out dialogues (BLEU-2/4, distinct-n, length,
+repetition) under fixed, printed decoding settings.
+
+``evaluate(out_dir)`` does both and writes ``eval.json`` next to the checkpoint; the pieces
+(:func:`split_loss`, :func:`bleu`, :func:`distinct_n`, :func:`dialogue_pairs` ...) are usable on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ZaizaiError
+from .fileio import atomic_write_text
+from .generate import SamplingConfig
+
+EVAL_JSON = "eval.json"
+LN2 = math.log(2)
+# Bytes an unknown character is taken to stand for (its text is gone from the bins; most are CJK, 3 bytes).
+UNK_BYTES = 3
+REPEAT_N = 3  # a reply "repeats itself" when one character n-gram of this size occurs twice in it
+
+# The two decoding settings of the dialogue metrics: greedy, and sampled as in CDial-GPT.
+GREEDY = SamplingConfig(max_new_tokens=64, temperature=0.0)
+SAMPLED = SamplingConfig(max_new_tokens=64, temperature=0.7, top_p=0.9)
+
+
+# --- text metrics -------------------------------------------------------------------------------------------
+
+
+def bleu(hypotheses: list[str], references: list[str], max_ngram_order: int = 4) -> tuple[float, str]:
+    """Corpus BLEU (0-100) of ``hypotheses`` against one reference each, sacrebleu with ``tokenize='zh'``
+    (Chinese split into characters); returns (score, sacrebleu signature)."""
+    from sacrebleu.metrics import BLEU
+
+    if len(hypotheses) != len(references):
+        raise ValueError("one reference per hypothesis")
+    metric = BLEU(tokenize="zh", max_ngram_order=max_ngram_order)
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return float(score.score), str(metric.get_signature())
+
+
+def _char_ngrams(text: str, n: int) -> list[str]:
+    chars = [c for c in text if not c.isspace()]
+    return ["".join(chars[i:i + n]) for i in range(len(chars) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Corpus-level distinct-n over characters: distinct n-grams / all n-grams of all texts (0 if none)."""
+    grams = [g for t in texts for g in _char_ngrams(t, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def has_repeated_ngram(text: str, n: int = REPEAT_N) -> bool:
+    """True when some character n-gram occurs more than once in ``text``."""
+    grams = _char_ngrams(text, n)
+    return len(set(grams)) < len(grams)
+
+
+# --- whole-split loss ---------------------------------------------------------------------------------------
+
+
+def split_sizes(data, split: str, loss_on: str = "assistant") -> dict[str, int]:
+    """Counted targets of ``split`` and the characters and UTF-8 bytes they stand for.
+
+    Conventions as :meth:`TokenData.bits_per_char`: a document separator (plain) or ``<|end|>`` (dialogue)
+    counts as one character and one byte, role markers as none; an unknown character as ``UNK_BYTES``.
+    """
+    from .dialogue import loss_mask
+    from .tokenizer import END_ID, EOT_ID, UNK_ID
+
+    tok = data.tokenizer
+    ids = np.asarray(data.split(split))
+    if data.kind == "dialogue":
+        ids = ids[loss_mask(np.asarray(data.roles(split)), loss_on)]
+    byte_len = np.zeros(tok.vocab_size, dtype=np.int64)
+    char_len = np.zeros(tok.vocab_size, dtype=np.int64)
+    for i in range(tok.vocab_size):
+        if i in tok.special_ids.values():
+            continue
+        byte_len[i] = len(tok.decode([i]).encode("utf-8"))
+        char_len[i] = len(tok.decode([i]))
+    byte_len[[EOT_ID, END_ID]] = char_len[[EOT_ID, END_ID]] = 1
+    byte_len[UNK_ID], char_len[UNK_ID] = UNK_BYTES, 1
+    counts = np.bincount(ids.astype(np.int64), minlength=tok.vocab_size)
+    return {"tokens": int(ids.size), "chars": int(counts @ char_len), "bytes": int(counts @ byte_len)}
+
+
+def split_loss(bot, data, split: str = "val", batch_size: int = 16) -> dict[str, Any]:
+    """Loss (nats/token), perplexity, bits per character and per UTF-8 byte over the whole ``split``."""
+    from .trainer import Batches, evaluate_split
+
+    if data.tokenizer != bot.tokenizer:
+        raise ZaizaiError(f"{data.data_dir} was not prepared with this model's tokenizer; pass the --data folder "
+                          "the model was trained on")
+    if data.num_tokens(split) < 2:
+        raise ZaizaiError(f"the {split} split of {data.data_dir} is empty; prepare with a --val-fraction > 0")
+    loss_on = bot.train_config.get("loss_on", "assistant")
+    batches = Batches(data, bot.model, bot.model_config.block_size, loss_on)
+    loss = evaluate_split(bot.model, batches, split, batch_size, bot.device)
+    sizes = split_sizes(data, split, loss_on)
+    nats = loss * sizes["tokens"]
+    return {
+        "split": split,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_char": data.bits_per_char(split, loss, loss_on=loss_on),
+        "bits_per_byte": nats / LN2 / sizes["bytes"] if sizes["bytes"] else float("nan"),
+        "loss_on": loss_on if data.kind == "dialogue" else None,
+        **sizes,
+    }
+
+
+# --- dialogue metrics ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    context: list[dict]   # the messages before the reply; the last one is the user's
+    reference: str
+
+
+def split_messages(data, split: str) -> list[list[dict]]:
+    """The conversations of a dialogue split as message lists (unknown characters become U+FFFD)."""
+    from .dialogue import ROLE_MARKER_IDS, ROLES
+    from .tokenizer import UNK_ID
+
+    role_of = {marker: role for marker, role in zip(ROLE_MARKER_IDS, ROLES)}
+    ids = np.asarray(data.split(split))
+    turns = np.asarray(data.turn_starts(split))
+    conversations = []
+    for start, length in np.asarray(data.dialogues(split)):
+        inside = turns[(turns >= start) & (turns < start + length)]
+        messages = []
+        for j, marker in enumerate(inside):
+            end = inside[j + 1] if j + 1 < len(inside) else start + length
+            body = ids[marker + 1:end - 1].tolist()  # text between the role marker and <|end|>
+            text = "".join("\ufffd" if i == UNK_ID else data.tokenizer.decode([i]) for i in body)
+            messages.append({"role": role_of[int(ids[marker])], "content": text})
+        conversations.append(messages)
+    return conversations
+
+
+def dialogue_pairs(data, split: str = "val", max_pairs: int = 200, seed: int = 0) -> list[Pair]:
+    """(context -> reference reply) pairs: every assistant turn that answers a user message, with all the
+    messages before it; at most ``max_pairs``, chosen with ``seed`` (the same pairs every time)."""
+    pairs = []
+    for messages in split_messages(data, split):
+        for k in range(1, len(messages)):
+            if messages[k]["role"] == "assistant" and messages[k - 1]["role"] == "user":
+                pairs.append(Pair(messages[:k], messages[k]["content"]))
+    if len(pairs) > max_pairs:
+        chosen = sorted(random.Random(seed).sample(range(len(pairs)), max_pairs))
+        pairs = [pairs[i] for i in chosen]
+    return pairs
+
+
+def generate_reply(bot, context: list[dict], sampling: SamplingConfig) -> str:
+    """The model's reply to ``context`` as ChatSession would give it (same rendering, same history cropping)."""
+    from .chat import ChatSession
+
+    system = context[0]["content"] if context and context[0]["role"] == "system" else None
+    session = ChatSession(bot, system=system, sampling=sampling)
+    session.history = [m for m in context[1 if system else 0:-1]]
+    return session.say(context[-1]["content"] or " ").strip()
+
+
+def dialogue_metrics(bot, data, split: str = "val", max_pairs: int = 200, seed: int = 0,
+                     settings: dict[str, SamplingConfig] | None = None, samples: int = 5,
+                     verbose: bool = False) -> dict[str, Any]:
+    """Generate a reply for each held-out pair under each decoding setting; score them."""
+    pairs = dialogue_pairs(data, split, max_pairs, seed)
+    if not pairs:
+        raise ZaizaiError(f"the {split} split has no user -> assistant exchanges to score")
+    settings = settings or {"greedy": GREEDY, "sampled": SAMPLED}
+    references = [p.reference for p in pairs]
+    results: dict[str, Any] = {"pairs": len(pairs), "pair_seed": seed, "repeat_n": REPEAT_N, "runs": {}}
+    iterator = pairs
+    for name, base in settings.items():
+        if verbose:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(pairs, desc=f"生成 generate ({name})", leave=False)
+        replies = []
+        for k, pair in enumerate(iterator):
+            # Seeded per pair: a reply does not depend on which pairs came before it.
+            sampling = base if base.temperature == 0 else replace(base, seed=seed * 1_000_003 + k)
+            replies.append(generate_reply(bot, pair.context, sampling))
+        bleu2, signature2 = bleu(replies, references, 2)
+        bleu4, signature4 = bleu(replies, references, 4)
+        results["runs"][name] = {
+            "decoding": {k: v for k, v in asdict(base).items() if k != "seed"},
+            "bleu2": bleu2,
+            "bleu4": bleu4,
+            "bleu_signature": {"bleu2": signature2, "bleu4": signature4},
+            "distinct1": distinct_n(replies, 1),
+            "distinct2": distinct_n(replies, 2),
+            "avg_reply_chars": float(np.mean([len(r) for r in replies])),
+            "repeated_ngram_share": float(np.mean([has_repeated_ngram(r) for r in replies])),
+            "samples": [{"context": pairs[k].context, "reference": references[k], "reply": replies[k]}
+                        for k in range(min(samples, len(pairs)))],
+        }
+    results["reference"] = {
+        "distinct1": distinct_n(references, 1),
+        "distinct2": distinct_n(references, 2),
+        "avg_reply_chars": float(np.mean([len(r) for r in references])),
+    }
+    return results
+
+
+# --- the whole evaluation -----------------------------------------------------------------------------------
+
+
+def resolve_data_dir(bot, data_dir: str | Path | None) -> Path:
+    """``data_dir``, or the data folder saved in the model's train config; a clear error if it is gone."""
+    if data_dir is None:
+        saved = bot.train_config.get("data_dir")
+        if not saved:
+            raise ZaizaiError(f"{bot.path.parent} does not say which data it was trained on; pass --data DATA_DIR")
+        data_dir = Path(saved)
+        if not data_dir.is_absolute() and not (data_dir / "meta.json").is_file():
+            # a relative path is relative to where training ran; try the folders around the model too
+            for base in Path(bot.path).resolve().parents:
+                if (base / data_dir / "meta.json").is_file():
+                    data_dir = base / data_dir
+                    break
+        if not (data_dir / "meta.json").is_file():
+            raise ZaizaiError(f"the model was trained on {data_dir}, which no longer holds prepared data; "
+                              "pass --data DATA_DIR (a folder made by `zaizai prepare` with its tokenizer)")
+    if not (Path(data_dir) / "meta.json").is_file():
+        raise ZaizaiError(f"{data_dir} is not a prepared data folder (no meta.json); run `zaizai prepare` first")
+    return Path(data_dir)
+
+
+def evaluate(out_dir: str | Path, data_dir: str | Path | None = None, *, which: str = "auto",
+             device: str = "auto", max_pairs: int = 200, seed: int = 0, dialogue: bool = True,
+             batch_size: int = 16, verbose: bool = True, save: bool = True) -> dict[str, Any]:
+    """Evaluate the model in ``out_dir`` on the validation split of its data; write ``eval.json``."""
+    from .data import TokenData
+    from .pipeline import load
+
+    bot = load(out_dir, which=which, device=device)
+    data = TokenData(resolve_data_dir(bot, data_dir))
+    say = print if verbose else (lambda *a, **k: None)
+    result: dict[str, Any] = {"checkpoint": str(bot.path), "data_dir": str(data.data_dir), "kind": data.kind,
+                              "step": bot.state.get("step")}
+    result["loss"] = split_loss(bot, data, "val", batch_size)
+    say(format_loss(result["loss"]))
+    if data.kind == "dialogue" and dialogue:
+        if not bot.is_chat_model:
+            say("注意 note: the model was trained on plain text; its replies are continuations")
+        result["dialogue"] = dialogue_metrics(bot, data, "val", max_pairs, seed, verbose=verbose)
+        say(format_dialogue(result["dialogue"]))
+    if save:
+        path = Path(out_dir) / EVAL_JSON
+        atomic_write_text(path, json.dumps(result, ensure_ascii=False, indent=2))
+        say(f"已写入 written: {path}")
+    return result
+
+
+def load_eval(out_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / EVAL_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+# --- printing -----------------------------------------------------------------------------------------------
+
+
+def format_loss(m: dict) -> str:
+    what = f" ({m['loss_on']} targets)" if m.get("loss_on") else ""
+    return (f"整个{'验证集' if m['split'] == 'val' else m['split']} whole {m['split']} split{what}: "
+            f"{m['tokens']:,} tokens · {m['chars']:,} chars · {m['bytes']:,} bytes\n"
+            f"  loss {m['loss']:.4f} nats/token · perplexity {m['perplexity']:.2f} · "
+            f"{m['bits_per_char']:.4f} bits/char · {m['bits_per_byte']:.4f} bits/byte")
+
+
+def format_dialogue(d: dict, max_chars: int = 40) -> str:
+    lines = [f"对话指标 dialogue metrics: {d['pairs']} held-out (context -> reply) pairs (chosen with seed "
+             f"{d['pair_seed']})",
+             "| decoding | BLEU-2 | BLEU-4 | distinct-1 | distinct-2 | avg chars | repeated "
+             f"{d['repeat_n']}-gram |", "|---|---|---|---|---|---|---|"]
+    for name, r in d["runs"].items():
+        lines.append(f"| {name} | {r['bleu2']:.2f} | {r['bleu4']:.2f} | {r['distinct1']:.3f} | "
+                     f"{r['distinct2']:.3f} | {r['avg_reply_chars']:.1f} | {r['repeated_ngram_share']:.1%} |")
+    ref = d["reference"]
+    lines.append(f"| (references) | | | {ref['distinct1']:.3f} | {ref['distinct2']:.3f} | "
+                 f"{ref['avg_reply_chars']:.1f} | |")
+    for name, r in d["runs"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in r["decoding"].items())
+        lines.append(f"{name}: {settings}")
+    first = next(iter(d["runs"].values()))
+    lines.append(f"sacrebleu signature: {first['bleu_signature']['bleu4']} (max_ngram_order 2 and 4)")
+    lines.append("")
+    lines.append(sample_table(d, max_chars))
+    return "\n".join(lines)
+
+
+def _short(text: str, n: int) -> str:
+    text = text.replace("\n", " ").replace("|", "｜")
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def sample_table(d: dict, max_chars: int = 40) -> str:
+    """A markdown table of sample exchanges: the last user message, the reference and each run's reply."""
+    names = list(d["runs"])
+    lines = ["| 用户 user | 参考 reference | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    first = d["runs"][names[0]]["samples"]
+    for k, s in enumerate(first):
+        replies = [_short(d["runs"][n]["samples"][k]["reply"], max_chars) for n in names]
+        lines.append(f"| {_short(s['context'][-1]['content'], max_chars)} | {_short(s['reference'], max_chars)} | "
+                     + " | ".join(replies) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""The report card: ``report.md`` in a training output folder, a model card a user can share.
+
+It gathers the run's config, data statistics, parameter count, training time and tokens seen, final
+losses, the evaluation metrics (``eval.json``, computed first when missing), sample outputs and the
+loss-curve picture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ZaizaiError
+from .fileio import atomic_write_text
+from .metrics import LOSS_PNG, plot_losses, read_metrics
+
+REPORT_MD = "report.md"
+SAMPLE_PROMPTS = ("", "春", "你好")
+
+
+def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, device: str = "auto",
+                 max_pairs: int = 200, reevaluate: bool = False, verbose: bool = True) -> Path:
+    """Write ``out_dir/report.md`` (running :func:`zaizai.evaluate.evaluate` if there is no ``eval.json``)."""
+    from .evaluate import evaluate, format_dialogue, load_eval
+    from .pipeline import load
+
+    out = Path(out_dir)
+    config_path = out / "config.json"
+    if not config_path.is_file():
+        raise ZaizaiError(f"{out} has no config.json; give a folder written by `zaizai train`")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    results = None if reevaluate else load_eval(out)
+    if results is None:
+        results = evaluate(out, data_dir, device=device, max_pairs=max_pairs, verbose=verbose)
+    bot = load(out, device=device)
+    records = read_metrics(out)
+    if records:
+        plot_losses(out, records)
+
+    mcfg, tcfg, meta, state = config["model"], config["train"], config.get("data", {}), bot.state
+    lines = [f"# 崽崽 zaizai 模型报告 model card: {out.resolve().name}", ""]
+    lines += ["## 模型 Model", "",
+              f"- {mcfg['model']} · **{bot.num_params():,}** 参数 parameters · {mcfg.get('n_layer')} layers · "
+              f"{mcfg.get('n_head')} heads · n_embd {mcfg.get('n_embd')} · block_size {mcfg.get('block_size')} · "
+              f"vocab {mcfg.get('vocab_size'):,}",
+              f"- checkpoint: `{Path(results.get('checkpoint', bot.path)).name}` at step {state.get('step')}", ""]
+    lines += ["## 数据 Data", "", f"- folder: `{results.get('data_dir', tcfg.get('data_dir'))}` · kind "
+              f"{meta.get('kind', 'plain')} · tokenizer {meta.get('tokenizer')} · vocab {meta.get('vocab_size'):,}", ""]
+    lines += ["| split | tokens | chars | documents / dialogues | unknown |", "|---|---|---|---|---|"]
+    for split, info in meta.get("splits", {}).items():
+        lines.append(f"| {split} | {info.get('tokens', 0):,} | {info.get('chars', 0):,} | "
+                     f"{info.get('documents', info.get('dialogues', 0)):,} | {info.get('unknown', 0):,} |")
+    lines += ["", "## 训练 Training", ""]
+    # the whole run (the evaluated checkpoint may be `best`, saved earlier)
+    run = records[-1] if records else {"step": state.get("step", 0), "tokens": state.get("tokens_seen", 0),
+                                       "elapsed": state.get("elapsed", 0.0)}
+    elapsed = run.get("elapsed", 0.0)
+    lines += [f"- {run['step']:,} steps · {run['tokens']:,} tokens seen · {elapsed:.0f} s ({elapsed / 60:.1f} min)"
+              + (f" · {run['tokens'] / elapsed:,.0f} tokens/s" if elapsed else ""),
+              f"- preset {tcfg.get('preset')} · batch {tcfg.get('batch_size')} x {tcfg.get('grad_accum')} · "
+              f"lr {tcfg.get('lr')} · warmup {tcfg.get('warmup_iters')} · weight decay {tcfg.get('weight_decay')} · "
+              f"dropout {mcfg.get('dropout')} · seed {tcfg.get('seed')}"]
+    if records:
+        last = records[-1]
+        best = min((r["val_loss"] for r in records if r.get("val_loss") is not None), default=None)
+        lines.append(f"- final losses (step {last['step']}): train {_num(last.get('train_loss'))} · val "
+                     f"{_num(last.get('val_loss'))} nats/token"
+                     + (f" · best val {best:.4f}" if best is not None else ""))
+    if (out / LOSS_PNG).is_file():
+        lines += ["", f"![loss curves]({LOSS_PNG})"]
+    lines += ["", "<details><summary>config.json</summary>", "", "```json",
+              json.dumps({"model": mcfg, "train": tcfg}, ensure_ascii=False, indent=2), "```", "", "</details>", ""]
+
+    loss = results["loss"]
+    lines += ["## 评估 Evaluation", "",
+              f"Whole validation split ({loss['tokens']:,} target tokens · {loss['chars']:,} chars · "
+              f"{loss['bytes']:,} UTF-8 bytes):", "",
+              "| loss (nats/token) | perplexity | bits/char | bits/byte |", "|---|---|---|---|",
+              f"| {loss['loss']:.4f} | {loss['perplexity']:.2f} | {loss['bits_per_char']:.4f} | "
+              f"{loss['bits_per_byte']:.4f} |", ""]
+    if "dialogue" in results:
+        lines += [format_dialogue(results["dialogue"]), ""]
+    lines += ["## 样例 Samples", ""]
+    lines += _samples(bot)
+    if (out / "attention.png").is_file():
+        lines += ["", "## 注意力 Attention", "", "![attention](attention.png)"]
+    lines += ["", f"_zaizai {config.get('zaizai_version', '')} · `zaizai report {out}`_", ""]
+    path = out / REPORT_MD
+    atomic_write_text(path, "\n".join(lines))
+    if verbose:
+        print(f"已写入 written: {path}")
+    return path
+
+
+def _num(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _samples(bot) -> list[str]:
+    from .chat import ChatSession
+    from .generate import SamplingConfig
+
+    lines = []
+    if bot.is_chat_model:
+        for k, message in enumerate(("你好", "你是谁？", "你喜欢什么？")):
+            session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=60, temperature=0.7, top_p=0.9,
+                                                               seed=k))
+            lines.append(f"- 你 you: {message} → 崽崽: {session.say(message).strip() or '(空 empty)'}")
+        lines.insert(0, "Chat replies (temperature 0.7, top-p 0.9, seeded):\n")
+    else:
+        lines.append("Continuations (temperature 0.8, seeded; the prompt in bold):\n")
+        for k, prompt in enumerate(SAMPLE_PROMPTS):
+            text = bot.generate(prompt, max_new_tokens=80, temperature=0.8, seed=k, stop_at_eot=True)
+            shown = f"**{prompt}**" if prompt else "(空提示 empty prompt) "
+            lines.append(f"- {shown}{text.strip()}".replace("\n", " / "))
+    return lines
