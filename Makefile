@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.zaizai-installed
 TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 
-.PHONY: setup test demo bench clean fonts
+.PHONY: setup test demo bench clean fonts browser
 
 setup: $(STAMP)
 
@@ -30,7 +30,17 @@ fonts:
 	  echo "note: could not install fonts-noto-cjk; attention pictures need a CJK font"; \
 	else echo "note: no CJK font found; install fonts-noto-cjk (or any Chinese font) for attention pictures"; fi
 
-test: setup fonts
+# Debian's chromium + chromedriver for the chat page test (tests/test_server.py): installed when missing, as root
+# with apt-get; elsewhere a note, and that test skips saying why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	   --no-install-recommends chromium chromium-driver >/dev/null 2>&1) || \
+	  echo "note: could not install chromium and chromium-driver; the browser test will skip"; \
+	else echo "note: no chromium/chromedriver; install Debian's chromium and chromium-driver for the browser test"; fi
+
+test: setup fonts browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) tests
 
 demo: setup

@@ -115,3 +115,11 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     values = [lr_at(s, s / 100, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert math.isclose(TrainConfig(lr=3.0).min_lr_value, 0.3)
+
+
+def test_extreme_but_valid_settings_still_sample():
+    """Found by schemathesis through the server: a top_p or temperature that underflows float32."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert int(sample_next(logits, SamplingConfig(temperature=1.0, top_p=1.6e-223), gen)) == 0
+    assert int(sample_next(logits, SamplingConfig(temperature=1e-300), gen)) == 0

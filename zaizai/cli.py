@@ -1,4 +1,4 @@
-"""Command line: ``zaizai prepare | train | sample | chat | demo | eval | report | attention | compare``. Thin: parse flags, call the library, print."""
+"""Command line: ``zaizai prepare | train | sample | chat | demo | eval | report | attention | compare | serve``. Thin: parse flags, call the library, print."""
 
 from __future__ import annotations
 
@@ -153,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--models", default="bigram,rnn,gpt", help="comma-separated (default bigram,rnn,gpt)")
     mp.add_argument("--threads", type=int, default=None, help="CPU threads (0 = PyTorch's choice)")
     mp.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
+
+    vp = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a chat page in the browser")
+    vp.add_argument("out_dir", help="folder written by `zaizai train`")
+    vp.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    vp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    vp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 calls "
+                    "(default: the ZAIZAI_API_KEY environment variable, else none)")
+    vp.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask (<= 4096)")
+    vp.add_argument("--max-active", type=int, default=4, help="generations run interleaved at once (default 4)")
+    vp.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429 (default 64)")
+    vp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+    vp.add_argument("--device", default="auto")
     return p
 
 
@@ -341,5 +353,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(args.out_dir, host=args.host, port=args.port, api_key=args.api_key, which=args.checkpoint,
+          device=args.device, max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting)
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "demo": cmd_demo,
-            "eval": cmd_eval, "report": cmd_report, "attention": cmd_attention, "compare": cmd_compare}
+            "eval": cmd_eval, "report": cmd_report, "attention": cmd_attention, "compare": cmd_compare,
+            "serve": cmd_serve}

@@ -120,9 +120,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens before it already reach top_p; the first token always stays
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # even when top_p is so small that it rounds to 0 in float32
         drop_unsorted = torch.zeros_like(drop).scatter(-1, order, drop)
         logits = logits.masked_fill(drop_unsorted, float("-inf"))
     return logits
+
+
+MIN_TEMPERATURE = 1e-5
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -131,7 +135,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     :func:`apply_repetition_penalty` and :class:`NGramBlocker`; :func:`generate_ids` applies them first.)"""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # no softmax: the largest logit is the most likely token
-    logits = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
+    # A temperature near 0 must not overflow the logits to inf (softmax would give nan): below MIN_TEMPERATURE
+    # the draw is, to float32 precision, the argmax anyway.
+    logits = filter_logits(logits.float() / max(cfg.temperature, MIN_TEMPERATURE), cfg.top_k, cfg.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 

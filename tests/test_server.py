@@ -1,0 +1,358 @@
+"""The HTTP server: the official openai client in both modes, bad input answered 4xx in OpenAI's shape,
+disconnects stop generation, a bounded queue, the chat page in a real headless Chromium, and schemathesis."""
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+import zaizai  # noqa: E402
+from zaizai.chat import ChatSession  # noqa: E402
+from zaizai.generate import SamplingConfig  # noqa: E402
+from zaizai.server import create_app  # noqa: E402
+from test_chat import write_jsonl  # noqa: E402
+from util import TINY  # noqa: E402
+
+TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+
+
+class LiveServer:
+    """A real uvicorn server on a free 127.0.0.1 port, in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    @property
+    def stats(self):
+        return self.app.state.scheduler.stats()
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def bot(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    corpus = write_jsonl(tmp / "chat.jsonl")
+    zaizai.prepare([corpus], tmp / "data", val_fraction=0.2, verbose=False)
+    zaizai.train(tmp / "data", tmp / "out", max_iters=60, verbose=False, **dict(TINY, block_size=32, lr=1e-2))
+    return zaizai.load(tmp / "out")
+
+
+@pytest.fixture(scope="module")
+def server(bot):
+    s = LiveServer(create_app(bot, max_tokens=2048))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def assert_openai_error(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+# --- the openai client --------------------------------------------------------------------------------------------
+
+
+def test_models_and_health(client, server):
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id.startswith("zaizai-")
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["chat_model"] is True and health["block_size"] == 32
+
+
+def test_streamed_text_equals_the_whole_reply_under_a_seed(client):
+    kwargs = dict(model="zaizai", messages=[{"role": "user", "content": "你好"}], temperature=0.9, top_p=0.95,
+                  max_tokens=12, seed=7)
+    whole = client.chat.completions.create(**kwargs)
+    text = whole.choices[0].message.content
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens > 0 and whole.usage.total_tokens == (whole.usage.prompt_tokens +
+                                                                             whole.usage.completion_tokens)
+
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text and len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+
+
+def test_the_reply_is_what_the_chat_session_says(client, bot):
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好，我是崽崽。"}]
+    reply = client.chat.completions.create(model="zaizai", messages=history + [{"role": "user", "content": "你会什么"}],
+                                           temperature=0, max_tokens=16)
+    session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=16, temperature=0))
+    session.history = history
+    assert reply.choices[0].message.content.strip() == session.say("你会什么")
+    assert reply.usage.prompt_tokens == len(session.prompt_ids("你会什么"))
+
+
+def test_max_tokens_stop_and_completions(client):
+    long = client.chat.completions.create(model="zaizai", messages=[{"role": "user", "content": "你好"}],
+                                          max_completion_tokens=40, seed=1, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+    text = long.choices[0].message.content
+    stop = text[5:7]
+    cut = client.chat.completions.create(model="zaizai", messages=[{"role": "user", "content": "你好"}],
+                                         max_tokens=40, seed=1, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:text.find(stop)]
+
+    done = client.completions.create(model="zaizai", prompt="早上", max_tokens=8, seed=3)
+    assert done.object == "text_completion" and done.usage.prompt_tokens == 3
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="zaizai", prompt="早上",
+                                                                             max_tokens=8, seed=3, stream=True))
+    assert streamed == done.choices[0].text
+
+
+def test_an_api_key_is_required_when_set(bot):
+    openai = pytest.importorskip("openai")
+    server = LiveServer(create_app(bot, api_key="s3cret"))
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.get(f"{server.url}/v1/models", headers=headers)
+            assert assert_openai_error(r, 401)["code"] == "invalid_api_key"
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model="m", messages=[{"role": "user", "content": "你好"}],
+                                            max_tokens=3).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        server.stop()
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+USER = [{"role": "user", "content": "你好"}]
+BAD = {
+    "malformed json": ("/v1/chat/completions", b'{"messages": [', 400),
+    "not an object": ("/v1/chat/completions", b'[1, 2]', 400),
+    "no messages": ("/v1/chat/completions", {"model": "m"}, 400),
+    "empty messages": ("/v1/chat/completions", {"messages": []}, 400),
+    "unknown role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    "content not text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
+    "oversized message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "好" * 100_001}]}, 400),
+    "oversized body": ("/v1/chat/completions", {"messages": USER, "pad": "x" * (1 << 20)}, 413),
+    "temperature": ("/v1/chat/completions", {"messages": USER, "temperature": 5}, 400),
+    "top_p": ("/v1/chat/completions", {"messages": USER, "top_p": 1.5}, 400),
+    "max_tokens over the cap": ("/v1/chat/completions", {"messages": USER, "max_tokens": 10**6}, 400),
+    "negative max_tokens": ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": -1}, 400),
+    "n": ("/v1/chat/completions", {"messages": USER, "n": 3}, 400),
+    "seed": ("/v1/chat/completions", {"messages": USER, "seed": -1}, 400),
+    "too many stops": ("/v1/chat/completions", {"messages": USER, "stop": list("abcde")}, 400),
+    "nan": ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "temperature": NaN}', 400),
+    "two prompts": ("/v1/completions", {"prompt": ["a", "b"]}, 400),
+    "no prompt": ("/v1/completions", {}, 400),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_requests_get_openai_shaped_4xx(server, name):
+    path, body, status = BAD[name]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert_openai_error(r, status)
+
+
+def test_unknown_routes_and_methods_are_openai_shaped(server):
+    assert_openai_error(httpx.get(f"{server.url}/v1/nothing"), 404)
+    assert_openai_error(httpx.get(f"{server.url}/v1/chat/completions"), 405)
+
+
+# --- disconnects and the queue ------------------------------------------------------------------------------------
+
+LONG = {"messages": USER, "max_tokens": 2048, "stream": True, "ignore_eos": True}
+
+
+class SlowBot:
+    """The model, 10 ms a token: a generation that lasts long enough to be interrupted, however fast the machine."""
+
+    def __init__(self, bot):
+        self.bot = bot
+
+    def __getattr__(self, name):
+        return getattr(self.bot, name)
+
+    def stream_ids(self, *args, **kwargs):
+        for token in self.bot.stream_ids(*args, **kwargs):
+            time.sleep(0.01)
+            yield token
+
+
+@pytest.fixture(scope="module")
+def slow_server(bot):
+    s = LiveServer(create_app(SlowBot(bot), max_active=1, max_waiting=0))
+    yield s
+    s.stop()
+
+
+def wait_for(condition, timeout=10):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(slow_server):
+    with httpx.stream("POST", f"{slow_server.url}/v1/chat/completions", json=LONG, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert slow_server.stats["active"] == 1
+    wait_for(lambda: slow_server.stats["active"] == 0)  # long before its 2048 tokens (20 s)
+    assert slow_server.stats["cancelled"] >= 1
+
+
+def test_a_full_queue_answers_429_and_concurrent_requests_all_complete(slow_server, server):
+    with httpx.stream("POST", f"{slow_server.url}/v1/chat/completions", json=LONG, timeout=30) as r:
+        lines = r.iter_lines()  # (kept: a dropped line iterator closes the connection when collected)
+        next(lines)
+        assert slow_server.stats["active"] == 1
+        busy = httpx.post(f"{slow_server.url}/v1/chat/completions", json={"messages": USER}, timeout=30)
+        assert assert_openai_error(busy, 429)["type"] == "rate_limit_error"
+    wait_for(lambda: slow_server.stats["active"] == 0)
+
+    def ask(i):
+        return httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                          json={"messages": USER, "max_tokens": 20, "seed": i, "stream": i % 2 == 0})
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(ask, range(12)))
+    assert [r.status_code for r in responses] == [200] * 12
+    wait_for(lambda: server.stats["active"] == 0 and server.stats["waiting"] == 0)
+
+
+# --- the chat page ------------------------------------------------------------------------------------------------
+
+
+def test_the_page_is_self_contained(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and "charset=utf-8" in r.headers["content-type"]
+    assert "崽崽" in r.text
+    for outside in ('src="http', "src='http", 'href="http', "href='http", "@import", "url("):
+        assert outside not in r.text
+    assert httpx.get(server.url + "/docs").status_code == 200
+    assert "/v1/chat/completions" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def test_chat_in_a_real_headless_chromium(server):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver (make test installs them as root)")
+    profile = tempfile.mkdtemp(prefix="zaizai-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=900,700",
+                 "--lang=zh-CN"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 20)
+        wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))
+        # a long reply (the page's own max-tokens setting), so that the stream is seen while it grows
+        driver.execute_script("document.getElementById('max_tokens').value = 16;"
+                              "document.getElementById('temperature').value = 0;")
+        # record every text the reply bubble shows, to see it streamed piece by piece rather than at once
+        driver.execute_script("""window.shown = []; new MutationObserver((records) => {
+              for (const r of records) for (const n of r.addedNodes)
+                if (n.nodeType === Node.TEXT_NODE && r.target.classList.contains('assistant')) shown.push(n.data);
+            }).observe(document.getElementById('log'), {subtree: true, childList: true});""")
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("你好")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.user"))
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "你好"
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant:not(.streaming)"))
+        reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant").text
+        assert reply and reply != "(…)" and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        assert driver.find_element(By.ID, "send").is_enabled()
+        shown = driver.execute_script("return window.shown")
+        assert len(shown) > 1 and shown[-1] == reply, shown
+        assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(shown, shown[1:])), shown
+        TEST_OUTPUT.mkdir(exist_ok=True)
+        driver.save_screenshot(str(TEST_OUTPUT / "chat-page.png"))
+        # new chat clears the conversation
+        driver.find_element(By.ID, "new-chat").click()
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
+        external = driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(u => !u.startsWith(location.origin))")
+        assert external == []
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# --- schemathesis -------------------------------------------------------------------------------------------------
+
+
+
+def test_schemathesis_finds_no_server_error(bot):
+    """Every operation of the OpenAPI schema, with generated valid and invalid requests (bounded examples)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    # its own server with a small max_tokens cap, so that every generated request is quick
+    server = LiveServer(create_app(bot, max_tokens=16))
+    try:
+        schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+        for operation in operations:
+            @given(case=operation.as_strategy())
+            @settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def no_server_error(case):
+                case.call_and_validate(checks=[not_a_server_error], timeout=30)
+
+            no_server_error()
+    finally:
+        server.stop()
+
+
+SCHEMATHESIS_EXAMPLES = 100
