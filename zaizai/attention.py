@@ -34,11 +34,21 @@ def find_cjk_font() -> str:
     for f in font_manager.fontManager.ttflist:  # any other family that says it is CJK
         if any(key in f.name for key in ("CJK", "Han Sans", "WenQuanYi", "Hei", "Song", "Ming")):
             return f.name
-    # matplotlib caches its font list: a font installed since then is found after a rebuild
-    font_manager.fontManager = font_manager.FontManager()
+    # matplotlib caches its font list, so a font installed after that cache was built is unknown to it:
+    # scan the system's font files and add CJK ones to the live font manager (the one drawing uses).
+    hints = ("cjk", "wqy", "wenquanyi", "sourcehan", "simhei", "simsun", "msyh", "yahei", "pingfang", "heiti")
+    for path in sorted(font_manager.findSystemFonts()):
+        if any(h in Path(path).name.lower().replace("-", "").replace("_", "") for h in hints):
+            try:
+                font_manager.fontManager.addfont(path)
+            except (OSError, RuntimeError, ValueError):
+                continue
     installed = {f.name for f in font_manager.fontManager.ttflist}
     for name in CJK_FONTS:
         if name in installed:
+            return name
+    for name in installed:
+        if any(key in name for key in ("CJK", "Han Sans", "WenQuanYi", "Hei")):
             return name
     raise ZaizaiError(FONT_HINT)
 
