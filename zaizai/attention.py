@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZaizaiError
-from .fileio import atomic_path
+from .metrics import save_png
 
 # Families that cover Chinese, most likely first (Linux, then macOS / Windows names).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Serif CJK SC", "Source Han Sans SC", "Source Han Sans CN",
@@ -113,12 +113,7 @@ def plot_attention(weights: torch.Tensor, labels: list[str], path: str | Path, t
     fig.suptitle(title, fontfamily=font)
     fig.tight_layout()
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _label(tokenizer, i: int) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ZaizaiError
-from .fileio import atomic_path, atomic_write_text
-from .metrics import read_metrics
+from .fileio import atomic_write_text
+from .metrics import save_png, read_metrics
 
 # Settings that suit each model (a bigram table is one lookup per token and needs a far larger lr).
 MODEL_SETTINGS: dict[str, dict[str, Any]] = {
@@ -104,9 +104,4 @@ def plot_compare(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -64,9 +64,16 @@ def plot_losses(out_dir: Path, records: list[dict] | None = None, path: Path | N
     fig.suptitle(f"{Path(out_dir).resolve().name}: loss")
     fig.tight_layout()
     path = Path(path) if path else Path(out_dir) / LOSS_PNG
+    return save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> Path:
+    """Write a matplotlib figure to ``path`` as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
