@@ -27,7 +27,7 @@ class TrainConfig:
     data_dir: str = ""
     out_dir: str = "out"
     preset: str = "cpu"               # named defaults; see PRESETS
-    batch_size: int = 32              # sequences per micro-step
+    batch_size: int = 32              # sequences per micro-step (per process under torchrun)
     grad_accum: int = 1               # micro-steps per optimizer step
     max_iters: int = 0                # optimizer steps; 0 = no step limit (then --max-time is required)
     max_time: float = 0.0             # wall-clock budget in seconds; 0 = none. The lr schedule fits the budget.
@@ -43,7 +43,7 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16 (autocast)
     compile: bool = False             # torch.compile the model (slow start, faster steps)
-    threads: int = 0                  # CPU threads for torch; 0 = PyTorch's choice
+    threads: int = 0                  # CPU threads for torch; 0 = PyTorch's choice (torchrun: cores / processes)
     seed: int = 1337
     resume: bool = False              # continue the run saved in out_dir
     overwrite: bool = False           # start over even if out_dir already holds a checkpoint

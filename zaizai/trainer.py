@@ -7,6 +7,7 @@ Every random draw of a step is seeded from (seed, step), so a run that is stoppe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -25,7 +26,8 @@ from .checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, save_check
 from .config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, resolve_config
 from .tokenizer import load_tokenizer
 from .data import TokenData
-from .device import autocast, autocast_dtype, resolve_device, tune_glibc_malloc
+from .device import (Distributed, autocast, autocast_dtype, available_cpus, distributed_device,
+                     distributed_from_env, enable_tf32, resolve_device, tune_glibc_malloc)
 from .errors import ZaizaiError
 from .fileio import atomic_write_text
 from .metrics import LOSS_PNG, METRICS, append_metrics, plot_losses, truncate_metrics
@@ -49,6 +51,7 @@ class TrainResult:
     full_val_loss: float | None     # over the whole validation split, at the end
     full_val_bpc: float | None
     stopped_by: str                 # max_iters | max_time | interrupt
+    replica_max_diff: float | None = None  # under torchrun: largest parameter difference between ranks (0)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -72,9 +75,10 @@ def _progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
     return max(parts)
 
 
-def _step_seed(seed: int, step: int) -> int:
+def _step_seed(seed: int, step: int, rank: int = 0) -> int:
     # Distinct, reproducible torch seed per step (dropout); independent of how the run was split up.
-    return (seed * 1_000_003 + step) % (2**63 - 1)
+    # Under torchrun each rank drops out differently (rank 0 as a single process does).
+    return (seed * 1_000_003 + step + rank * 7_919_000_003) % (2**63 - 1)
 
 
 class Batches:
@@ -257,19 +261,45 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         raise ZaizaiError(f"the training split has only {data.num_tokens('train')} tokens, fewer than "
                           f"block_size + 1 = {mcfg.block_size + 1}; use a smaller --block-size or more text")
 
-    out = Path(cfg.out_dir)
-    _prepare_out_dir(out, cfg, resuming=ckpt is not None)
-    say = print if verbose else (lambda *a, **k: None)
-
+    dist_env = distributed_from_env()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    elif dist_env.enabled:
+        # torchrun sets OMP_NUM_THREADS=1; share the node's cores among its processes instead.
+        torch.set_num_threads(max(1, available_cpus() // dist_env.local_world_size))
+    device = distributed_device(cfg.device, dist_env) if dist_env.enabled else resolve_device(cfg.device)
+    owns_group = False
+    if dist_env.enabled and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.distributed.init_process_group(backend="nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group(backend="gloo")
+        owns_group = True
+    try:
+        return _train(mcfg, cfg, ckpt, init, data, dist_env, device, verbose, on_step)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(mcfg: ModelConfig, cfg: TrainConfig, ckpt, init, data: TokenData, dist_env: Distributed,
+           device: torch.device, verbose: bool, on_step) -> TrainResult:
+    """The run itself, once configs, data and (under torchrun) the process group are ready.
+
+    Under torchrun every rank runs this; rank 0 alone writes files and prints, the others wait for it where
+    it does (``_on_main``). Each rank trains on its slice of a global batch that depends only on
+    (seed, step, micro), so N ranks with ``batch_size`` B follow one process with ``batch_size`` N * B.
+    """
+    out = Path(cfg.out_dir)
+    main = dist_env.is_main
+    _on_main(dist_env, lambda: _prepare_out_dir(out, cfg, resuming=ckpt is not None))
+    say = print if verbose and main else (lambda *a, **k: None)
+
     amp_dtype = autocast_dtype(device, cfg.dtype)
     if device.type == "cpu":
         tune_glibc_malloc()
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
@@ -283,27 +313,49 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         if ckpt.optimizer_state is not None:
             optimizer.load_state_dict(ckpt.optimizer_state)
         state.update(ckpt.state)
-        truncate_metrics(out, state["step"])
+        if main:
+            truncate_metrics(out, state["step"])
     step_model = torch.compile(model) if cfg.compile else model
+    if dist_env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    data.tokenizer.save(out / "tokenizer.json")
-    run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(), "data": data.meta, "zaizai_version": __version__}
-    atomic_write_text(out / "config.json", json.dumps(run_config, ensure_ascii=False, indent=2))
+        # `model` stays the plain module: checkpoints, evaluation and clipping use it.
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             gradient_as_bucket_view=True)
+
+    if main:
+        data.tokenizer.save(out / "tokenizer.json")
+        run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(), "data": data.meta,
+                      "zaizai_version": __version__, "world_size": dist_env.world_size}
+        atomic_write_text(out / "config.json", json.dumps(run_config, ensure_ascii=False, indent=2))
 
     n_params = sum(p.numel() for p in model.parameters())
     precision = {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}[amp_dtype]
     say(f"模型 model: {mcfg.model} · {n_params / 1e6:.2f}M 参数 parameters · {mcfg.n_layer} layers · "
         f"n_embd {mcfg.n_embd} · block {mcfg.block_size} · vocab {mcfg.vocab_size}")
     say(f"设备 device: {device} · {precision} · {torch.get_num_threads()} threads · preset {cfg.preset}"
+        + (f" · {dist_env.world_size} processes (DDP, {torch.distributed.get_backend()}), batch "
+           f"{cfg.batch_size} per process" if dist_env.enabled else "")
         + (f" · resuming at step {state['step']}" if ckpt is not None else ""))
 
     def save(kind: str, with_optimizer: bool) -> None:
         save_checkpoint(out / kind, model, model_config=mcfg.to_dict(), train_config=cfg.to_dict(),
                         state=dict(state), optimizer=optimizer if with_optimizer else None)
 
+    def evaluate_and_save(lr: float, tokens_per_second: float) -> dict:
+        def on_main():
+            record = _evaluate_and_save(model, batches, cfg, device, amp_dtype, state, out, save, lr,
+                                        tokens_per_second, bar)
+            return record, state["best_val_loss"]
+
+        record, state["best_val_loss"] = _on_main(dist_env, on_main)
+        return record
+
     batches = Batches(data, model, mcfg.block_size, cfg.loss_on)
-    tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum
-    bar = _ProgressBar(cfg, state, enabled=verbose)
+    world, rank, per_rank = dist_env.world_size, dist_env.rank, cfg.batch_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    tokens_per_step = per_rank * world * mcfg.block_size * cfg.grad_accum
+    bar = _ProgressBar(cfg, state, enabled=verbose and main)
     last_eval: dict = {}
     train_time_since_eval, tokens_since_eval = 0.0, 0
     stopped_by = "max_iters"
@@ -313,6 +365,9 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         t_start = time.perf_counter() - state["elapsed"]
         while True:
             elapsed = time.perf_counter() - t_start
+            if dist_env.enabled:
+                # Every rank must take the same decisions: stop together, one lr schedule.
+                elapsed, stop.requested = _agree(elapsed, stop.requested, device)
             if cfg.max_iters and state["step"] >= cfg.max_iters:
                 stopped_by = "max_iters"
                 break
@@ -327,17 +382,27 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            torch.manual_seed(_step_seed(cfg.seed, step))
-            loss_sum = 0.0
+            torch.manual_seed(_step_seed(cfg.seed, step, rank))
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             for micro in range(cfg.grad_accum):
-                x, y, seg = batches.get("train", cfg.batch_size, np.random.default_rng([cfg.seed, step, micro]))
+                # The global batch of this micro-step depends on (seed, step, micro) only; rank r trains on
+                # rows r*B .. (r+1)*B - 1 of it.
+                x, y, seg = batches.get("train", per_rank * world, np.random.default_rng([cfg.seed, step, micro]))
+                if world > 1:
+                    x, y, seg = x[rows], y[rows], None if seg is None else seg[rows]
                 x, y = _to_device(x, device), _to_device(y, device)
                 seg = None if seg is None else _to_device(seg, device)
-                with autocast(device, amp_dtype):
-                    _, loss = forward(step_model, x, y, seg)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-            train_loss = loss_sum / cfg.grad_accum
+                # DDP all-reduces gradients in the backward pass; only the last micro-step's needs to.
+                last_micro = micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if last_micro or world == 1 else step_model.no_sync()):
+                    with autocast(device, amp_dtype):
+                        _, loss = forward(step_model, x, y, seg)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)  # a nan on any rank reaches all of them: they stop together
+                loss_sum /= world
+            train_loss = loss_sum.item() / cfg.grad_accum
             if not math.isfinite(train_loss):
                 bar.close()
                 raise ZaizaiError(
@@ -358,23 +423,32 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
                 stop.requested = True
 
             if state["step"] % cfg.eval_interval == 0:
-                last_eval = _evaluate_and_save(model, batches, cfg, device, amp_dtype, state, out, save, lr,
-                                               tokens_since_eval / max(train_time_since_eval, 1e-9), bar)
+                last_eval = evaluate_and_save(lr, tokens_since_eval / max(train_time_since_eval, 1e-9))
                 train_time_since_eval, tokens_since_eval = 0.0, 0
 
+        replica_diff = None
+        if world > 1:
+            replica_diff = _replica_max_diff(model)
+            state["replica_max_diff"] = replica_diff
         if last_eval.get("step") != state["step"] and state["step"] > 0:
-            last_eval = _evaluate_and_save(model, batches, cfg, device, amp_dtype, state, out, save,
-                                           lr_at(state["step"], 1.0, cfg),
-                                           tokens_since_eval / max(train_time_since_eval, 1e-9), bar)
+            last_eval = evaluate_and_save(lr_at(state["step"], 1.0, cfg),
+                                          tokens_since_eval / max(train_time_since_eval, 1e-9))
         bar.close()
 
     full_val = full_bpc = None
     if 1 < data.num_tokens("val") <= FULL_EVAL_MAX_TOKENS and state["step"] > 0:
-        full_val = evaluate_split(model, batches, "val", max(cfg.batch_size, 16), device, amp_dtype)
-        full_bpc = data.bits_per_char("val", full_val, loss_on=cfg.loss_on)
-        state["full_val_loss"] = full_val
-        save(LAST, with_optimizer=True)
+        def full_eval():
+            loss = evaluate_split(model, batches, "val", max(cfg.batch_size, 16), device, amp_dtype)
+            bpc = data.bits_per_char("val", loss, loss_on=cfg.loss_on)
+            state["full_val_loss"] = loss
+            save(LAST, with_optimizer=True)
+            return loss, bpc
+
+        full_val, full_bpc = _on_main(dist_env, full_eval)
         say(f"整个验证集 whole val split: {full_val:.4f} nats/token · {full_bpc:.4f} bits/char")
+    if replica_diff is not None:
+        say(f"{world} 个进程参数一致 replicas agree: max |Δparam| = {replica_diff:g}" if replica_diff == 0 else
+            f"警告 warning: the {world} processes' parameters differ by up to {replica_diff:g}")
     if stopped_by == "interrupt":
         say(f"已停止 stopped at step {state['step']}; continue with: zaizai train --out {out} --resume")
     say(f"完成 done: step {state['step']} · {state['tokens_seen']:,} tokens · {state['elapsed']:.0f}s · "
@@ -382,7 +456,43 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
     return TrainResult(out_dir=out, step=state["step"], tokens_seen=state["tokens_seen"], elapsed=state["elapsed"],
                        train_loss=last_eval.get("train_loss"), val_loss=last_eval.get("val_loss"),
                        best_val_loss=state.get("best_val_loss"), full_val_loss=full_val, full_val_bpc=full_bpc,
-                       stopped_by=stopped_by)
+                       stopped_by=stopped_by, replica_max_diff=replica_diff)
+
+
+def _on_main(dist_env: Distributed, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only (it writes files); the other ranks wait and get its result, or its error."""
+    if not dist_env.enabled:
+        return fn()
+    box: list[Any] = [None]
+    if dist_env.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except ZaizaiError as e:
+            box[0] = ("error", str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ZaizaiError(value)
+    return value
+
+
+def _agree(elapsed: float, stop_requested: bool, device: torch.device) -> tuple[float, bool]:
+    """The largest elapsed time of all ranks, and whether any rank was asked to stop."""
+    t = torch.tensor([elapsed, float(stop_requested)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t[0]), bool(t[1] > 0)
+
+
+@torch.no_grad()
+def _replica_max_diff(model: torch.nn.Module) -> float:
+    """Largest |p - p on rank 0| over all parameters and ranks: 0 when DDP kept every replica identical."""
+    worst = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    for p in model.parameters():
+        reference = p.detach().clone()
+        torch.distributed.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (p.detach().float() - reference.float()).abs().max())
+    torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+    return float(worst)
 
 
 def _evaluate_and_save(model, batches, cfg, device, amp_dtype, state, out, save, lr, tokens_per_second, bar):
