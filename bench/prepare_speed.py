@@ -7,7 +7,13 @@ zaizai and reads the text, which every other row includes too.
 
 Figures are MB/s of UTF-8 input (the file's size in bytes / seconds, best of a few runs).
 
+``--size-mb N`` measures instead the streamed ``prepare`` on a corpus of N MB (the Tang file
+repeated, written under ``--tmp``), once per tokenizer kind, reporting MB/s and peak RSS of the
+preparing process and, separately, of its largest worker process (fork children share most
+pages with the parent, so the two do not simply add up).
+
     python bench/prepare_speed.py
+    python bench/prepare_speed.py --size-mb 1024 --kinds char,bpe
 """
 
 from __future__ import annotations
@@ -77,18 +83,59 @@ def measure(method: str, path: Path) -> dict:
     return {"seconds": best, "peak_rss_mb": peak_rss_mb()}
 
 
+def measure_large(kind: str, path: Path) -> dict:
+    """The streamed prepare of ``path`` with a new ``kind`` tokenizer, once (in this process)."""
+    from zaizai.data import prepare
+
+    start = time.perf_counter()
+    meta = prepare([path], path.parent / f"prepared-{kind}", tokenizer=kind, verbose=False)
+    seconds = time.perf_counter() - start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    children_mb = children / 2**20 if sys.platform == "darwin" else children / 2**10
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": children_mb,
+            "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]}
+
+
+def large(size_mb: int, kinds: list[str], tmp: str | None) -> int:
+    with tempfile.TemporaryDirectory(prefix="zaizai-bench-", dir=tmp) as folder:
+        path = Path(folder) / "big.txt"
+        unit = lzma.decompress(CORPUS.read_bytes()).rstrip(b"\n") + b"\n\n"
+        with open(path, "wb") as f:
+            f.writelines(unit for _ in range(max(1, size_mb * 2**20 // len(unit))))
+        n_bytes = path.stat().st_size
+        print(f"corpus: {CORPUS.name} repeated, {n_bytes / 2**20:,.0f} MiB UTF-8")
+        print(f"{'prepare --tokenizer':<22} {'seconds':>8} {'MB/s':>8} {'peak RSS':>10} {'worker RSS':>11} {'tokens':>14}")
+        for kind in kinds:
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", f"large:{kind}", str(path)],
+                capture_output=True, text=True, check=True,
+            )
+            f = json.loads(child.stdout.strip().splitlines()[-1])
+            print(f"{kind:<22} {f['seconds']:>8.1f} {n_bytes / f['seconds'] / 1e6:>8.1f} "
+                  f"{f['peak_rss_mb']:>7.0f} MB {f['worker_peak_rss_mb']:>8.0f} MB {f['tokens']:>14,}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--size-mb", type=int, default=0, help="measure the streamed prepare on N MB instead")
+    parser.add_argument("--kinds", default="char,bpe", help="tokenizers for --size-mb (default char,bpe)")
+    parser.add_argument("--tmp", default=None, help="folder for the --size-mb corpus (default: system temp)")
     args = parser.parse_args()
     if args.child:
         method, path = args.child
-        print(json.dumps(measure(method, Path(path))))
+        if method.startswith("large:"):
+            print(json.dumps(measure_large(method.split(":", 1)[1], Path(path))))
+        else:
+            print(json.dumps(measure(method, Path(path))))
         return 0
 
     if not CORPUS.exists():
         print(f"skipped: {CORPUS} is absent (the shared corpora folder next to the repository)")
         return 0
+    if args.size_mb:
+        return large(args.size_mb, args.kinds.split(","), args.tmp)
 
     with tempfile.TemporaryDirectory(prefix="zaizai-bench-") as tmp:
         path = Path(tmp) / "tang.txt"

@@ -378,7 +378,7 @@ def test_a_single_dialogue_cannot_be_split(tmp_path):
 
 def test_dialogue_folder_layout_and_meta(dialogue_dir, capsys):
     assert sorted(p.name for p in dialogue_dir.iterdir()) == sorted([
-        "meta.json", "tokenizer.json", "train.bin", "val.bin", "train_roles.bin", "val_roles.bin",
+        "meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "train_roles.bin", "val_roles.bin",
         "train_dialogues.npy", "val_dialogues.npy", "train_turns.npy", "val_turns.npy"])
     meta = load_meta(dialogue_dir)
     assert meta["kind"] == "dialogue" and meta["format"] == "jsonl" and meta["split_by"] == "dialogues"
@@ -457,7 +457,7 @@ def test_reused_tokenizer_keeps_ids_identical(tmp_path, tiny_corpus, capsys):
 
 def test_preparing_plain_text_over_dialogue_data_removes_the_dialogue_files(dialogue_dir, tiny_corpus):
     prepare([tiny_corpus], dialogue_dir, verbose=False)
-    assert sorted(p.name for p in dialogue_dir.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in dialogue_dir.iterdir()) == ["meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
     assert TokenData(dialogue_dir).kind == "plain"
 
 

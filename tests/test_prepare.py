@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DOCUMENTS
 
 import zaizai.tokenizer
-from conftest import TINY_DOCUMENTS
 from zaizai.data import IGNORE_INDEX, TokenData, load_meta, prepare
 from zaizai.errors import ZaizaiError
 from zaizai.tokenizer import EOT_ID, UNK_ID, CharTokenizer, load_tokenizer
@@ -53,7 +53,7 @@ def _write_docs(path: Path, documents: list[str]) -> Path:
 def test_prepare_writes_bins_tokenizer_and_meta(tmp_path, tiny_corpus):
     out = tmp_path / "data"
     meta = prepare([tiny_corpus], out, val_fraction=0.2, seed=7, verbose=False)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
     assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
 
     tok = load_tokenizer(out / "tokenizer.json")
@@ -279,15 +279,30 @@ def test_a_crash_while_writing_leaves_no_half_file_and_no_meta(tmp_path, tiny_co
     out = tmp_path / "data"
     prepare([tiny_corpus], out, seed=1, verbose=False)
     old_train = (out / "train.bin").read_bytes()
+    old_meta = load_meta(out)
+    files = ["meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
 
     def crash(fd):
         raise OSError(28, "No space left on device")
 
+    # A crash while the streamed bins are written (to partial files) leaves the old folder whole.
     monkeypatch.setattr(zaizai.tokenizer.os, "fsync", crash)
     with pytest.raises(ZaizaiError, match="cannot write there \\(No space left on device\\)"):
         prepare([tiny_corpus], out, seed=2, verbose=False)
     assert (out / "train.bin").read_bytes() == old_train  # the old file, whole
-    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == files  # no partial file left
+    assert load_meta(out) == old_meta
+
+    # A crash after the old meta.json is gone (writing the tokenizer) leaves no meta.json.
+    monkeypatch.undo()
+
+    def crash_saving(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zaizai.data.CharTokenizer, "save", crash_saving)
+    with pytest.raises(ZaizaiError, match="cannot write there \\(No space left on device\\)"):
+        prepare([tiny_corpus], out, seed=2, verbose=False)
+    assert sorted(p.name for p in out.iterdir()) == files[1:]  # no partial file, no meta.json
     with pytest.raises(ZaizaiError, match="not a prepared data folder"):
         load_meta(out)
 
@@ -450,3 +465,37 @@ def test_missing_tokenizer_to_reuse_is_refused(tmp_path, tiny_corpus):
     with pytest.raises(ZaizaiError, match="--tokenizer .*nope: no such file or folder"):
         prepare([tiny_corpus], tmp_path / "data", tokenizer=tmp_path / "nope", verbose=False)
     assert not (tmp_path / "data").exists()
+
+
+def test_cli_tokenizer_flag_builds_char_or_bpe_or_reuses_a_path(tmp_path, tiny_corpus):
+    from zaizai.cli import main
+
+    assert main(["prepare", str(tiny_corpus), "--out", str(tmp_path / "b"), "--tokenizer", "bpe",
+                 "--vocab-size", "300"]) == 0
+    assert load_meta(tmp_path / "b")["tokenizer"] == "bpe"
+    assert load_meta(tmp_path / "b")["vocab_size"] <= 300
+    assert main(["prepare", str(tiny_corpus), "--out", str(tmp_path / "c")]) == 0
+    assert load_meta(tmp_path / "c")["tokenizer"] == "char"
+    assert main(["prepare", str(tiny_corpus), "--out", str(tmp_path / "r"), "--tokenizer", str(tmp_path / "b")]) == 0
+    reused = load_meta(tmp_path / "r")
+    assert reused["tokenizer"] == "bpe" and reused["tokenizer_from"] == (tmp_path / "b" / "tokenizer.json").as_posix()
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_streaming_in_small_pieces_with_workers_gives_the_same_folder(tmp_path, monkeypatch, kind):
+    from util import write_corpus
+
+    import zaizai.data
+
+    first = write_corpus(tmp_path / "a.txt", n_docs=80, seed=1)
+    second = tmp_path / "b.txt"  # CRLF line endings and a BOM, cut between pieces too
+    second.write_bytes(b"\xef\xbb\xbf" + write_corpus(tmp_path / "c.txt", n_docs=40, seed=2)
+                       .read_bytes().replace(b"\n", b"\r\n"))
+    whole = prepare([first, second], tmp_path / "whole", tokenizer=kind, vocab_size=300, verbose=False)
+    monkeypatch.setattr(zaizai.data, "PIECE_BYTES", 100)  # many pieces, two worker processes
+    pieces = prepare([first, second], tmp_path / "pieces", tokenizer=kind, vocab_size=300, workers=2,
+                     verbose=False)
+    assert pieces["splits"] == whole["splits"] and pieces["sources"] == whole["sources"]
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert not list((tmp_path / "pieces").glob(".*partial"))

@@ -152,12 +152,13 @@ def test_saved_file_is_readable_json(tmp_path, tok):
     tok.save(path)
     raw = path.read_text(encoding="utf-8")
     assert "明" in raw  # ensure_ascii=False: Chinese stays readable
-    assert json.loads(raw) == {
-        "type": "char",
-        "version": 1,
-        "special_tokens": list(SPECIAL_TOKENS),
-        "chars": list(tok.chars),
-    }
+    # A Hugging Face tokenizer.json: a BPE without merges, the specials then the characters
+    data = json.loads(raw)
+    assert data["model"]["type"] == "BPE" and data["model"]["merges"] == []
+    assert data["model"]["unk_token"] == "<|unk|>"
+    assert list(data["model"]["vocab"]) == [*SPECIAL_TOKENS, *tok.chars]
+    assert list(data["model"]["vocab"].values()) == list(range(tok.vocab_size))
+    assert [t["content"] for t in data["added_tokens"] if t["special"]] == list(SPECIAL_TOKENS)
     assert load_tokenizer(path) == tok
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left
 

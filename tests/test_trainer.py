@@ -32,6 +32,7 @@ def test_each_model_trains_resumes_and_samples(tmp_path, data_dir, model):
     for key in ("tokens", "lr", "tokens_per_second", "elapsed", "train_bpc"):
         assert key in records[-1]
     assert (out / LAST).is_file() and (out / BEST).is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "tokenizer_config.json").is_file()   # transformers' AutoTokenizer loads OUT_DIR as is
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert first.full_val_loss is not None and math.isfinite(first.full_val_loss)
 

@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--format", default="auto", choices=["auto", "plain", "text", "jsonl", "lccc"],
                     help="plain text, or dialogues: text (one turn per line, a blank line between dialogues), "
                          "jsonl (OpenAI messages), lccc (JSON lists of utterances); auto: by file extension")
-    pp.add_argument("--tokenizer", default=None,
-                    help="reuse this tokenizer.json (or a trained model's folder), e.g. to fine-tune that model")
+    pp.add_argument("--tokenizer", default="char", metavar="char|bpe|PATH",
+                    help="char (default: one token per character), bpe (byte-level BPE of --vocab-size tokens, "
+                         "plain text), or a tokenizer.json / data or model folder to reuse, e.g. to fine-tune "
+                         "that model (an existing file or folder wins over the names)")
+    pp.add_argument("--vocab-size", type=int, default=8000, help="tokens of a new bpe tokenizer (default 8000)")
     pp.add_argument("--skip-bad", action="store_true", help="skip malformed dialogues (and count them)")
 
     tp = sub.add_parser("train", help="train a model on a prepared data folder")
@@ -190,7 +193,8 @@ def cmd_prepare(args) -> int:
     from .data import prepare
 
     prepare(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, encoding=args.encoding,
-            format=args.format, tokenizer=args.tokenizer, skip_bad=args.skip_bad)
+            format=args.format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            skip_bad=args.skip_bad)
     return 0
 
 

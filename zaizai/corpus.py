@@ -158,6 +158,60 @@ def read_file_bytes(path: Path) -> bytes:
         raise ZaizaiError(f"{path}: cannot read it ({err.strerror or err})") from None
 
 
+# Encodings where the bytes b"\n\n" always are two line feeds (never part of a multi-byte
+# character), so a file can be cut there into pieces that decode on their own.
+_CUTTABLE_ENCODINGS = {
+    "utf-8", "utf-8-sig", "ascii", "latin-1", "iso8859-1", "cp1252", "gbk", "gb2312", "gb18030",
+    "big5", "big5hkscs", "cp936", "cp950", "shift_jis", "cp932", "euc_jp", "euc_kr", "cp949",
+}
+_PIECE_CUTS = (b"\r\n\r\n", b"\n\n")  # an empty line: always a document border
+
+
+def iter_file_pieces(path: Path, encoding: str = "utf-8", piece_bytes: int = 16 << 20):
+    """Read a file as ``(offset, raw bytes)`` pieces of about ``piece_bytes`` that each end at an
+    empty line (or at the end of the file), so that whole documents never span two pieces.
+
+    Each piece decodes on its own (:func:`decode_piece`). A piece grows past ``piece_bytes`` when
+    no empty line follows (one huge document); files in encodings that cannot be cut safely
+    (UTF-16/32, or a UTF-16 byte-order mark) come as one piece.
+    """
+    try:
+        with open(path, "rb") as f:
+            first = f.read(piece_bytes)
+            cuttable = codecs.lookup(encoding).name in _CUTTABLE_ENCODINGS and not first.startswith(_UTF16_BOMS)
+            if not cuttable:
+                yield 0, first + f.read()
+                return
+            offset, pending, chunk = 0, b"", first
+            while chunk:
+                pending += chunk
+                cut = _last_cut(pending)
+                if cut:
+                    yield offset, pending[:cut]
+                    offset, pending = offset + cut, pending[cut:]
+                chunk = f.read(piece_bytes)
+            if pending:
+                yield offset, pending
+    except OSError as err:
+        raise ZaizaiError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def _last_cut(data: bytes) -> int:
+    """Position just after the last empty line in ``data``, or 0 if there is none."""
+    return max((i + len(cut) for cut in _PIECE_CUTS if (i := data.rfind(cut)) >= 0), default=0)
+
+
+def decode_piece(raw: bytes, encoding: str, name: PathLike, offset: int) -> str:
+    """Decode a piece of :func:`iter_file_pieces` as :func:`decode_text` decodes a whole file."""
+    if offset == 0:
+        return decode_text(raw, encoding, name=name)
+    enc = "utf-8" if _is_utf8(check_encoding(encoding)) else encoding
+    text = _decode_or_explain(raw, enc, name, offset=offset)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
 def read_texts(
     paths: PathLike | Iterable[PathLike], encoding: str = "utf-8"
 ) -> list[tuple[Path, str]]:

@@ -8,7 +8,8 @@ are held out for validation, the character tokenizer is built from the training 
     out_dir/
       train.bin       doc EOT doc EOT ...  raw little-endian uint16 (uint32 for > 65,535 tokens)
       val.bin         the same for the validation documents
-      tokenizer.json  the CharTokenizer
+      tokenizer.json  the tokenizer (char or bpe), a Hugging Face tokenizer.json
+      tokenizer_config.json  settings for transformers' AutoTokenizer
       meta.json       sizes, dtype, split settings and sources (written last: its presence
                       means the folder is complete)
 
@@ -37,7 +38,9 @@ import io
 import json
 import math
 import numbers
+import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +55,39 @@ from .corpus import (
     Problems,
     check_encoding,
     check_format,
+    decode_piece,
     decode_text,
+    iter_file_pieces,
     list_text_files,
     parse_dialogues,
     read_file_bytes,
     resolve_format,
     split_documents,
 )
-from .dialogue import ASSISTANT, ASSISTANT_TARGET, PROMPT, Dialogues, loss_mask, render_dialogues
+from .dialogue import (
+    ASSISTANT,
+    ASSISTANT_TARGET,
+    PROMPT,
+    Dialogues,
+    loss_mask,
+    render_dialogues,
+)
 from .errors import ZaizaiError
-from .tokenizer import EOT_ID, UNK_ID, CharTokenizer, load_tokenizer, write_atomic
+from .tokenizer import (
+    EOT_ID,
+    UNK_ID,
+    BPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    hf_tokenizer_config,
+    load_tokenizer,
+    write_atomic,
+)
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+NEW_TOKENIZERS = ("char", "bpe")  # what --tokenizer builds when it does not name a file or folder
 SPLITS = ("train", "val")
 KINDS = ("plain", "dialogue")
 META_VERSION = 1
@@ -86,7 +109,7 @@ def _output_names(kind: str) -> list[str]:
     names = [_bin_file(split) for split in SPLITS]
     if kind == "dialogue":
         names += [name for split in SPLITS for name in _dialogue_files(split)]
-    return [*names, TOKENIZER_FILE, META_FILE]
+    return [*names, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, META_FILE]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,11 +123,13 @@ def prepare(
     *,
     format: str = "auto",
     tokenizer: PathLike | None = None,
+    vocab_size: int = 8000,
     skip_bad: bool = False,
     val_fraction: float = 0.1,
     seed: int = 1337,
     encoding: str = "utf-8",
     verbose: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Turn text files (or folders of them) into token bins in ``out_dir``; return the meta.
 
@@ -116,9 +141,21 @@ def prepare(
     A folder stands for its files of the format (``.txt`` for plain and text, ``.jsonl``,
     ``.json``); under auto for its ``.txt`` files, or if it has none its ``.jsonl``, else ``.json``.
 
-    ``tokenizer``: a ``tokenizer.json`` (or a folder holding one: a data folder or a trained
-    model's) to reuse instead of building one from the training split, so a pretrained model can
-    be fine-tuned on the new data. Characters it lacks become ``<|unk|>`` (counted).
+    ``tokenizer``: ``"char"`` (the default: one token per character) or ``"bpe"`` (a byte-level
+    BPE of ``vocab_size`` tokens, plain text only for now) builds a new tokenizer from the
+    training split. Anything else names a ``tokenizer.json`` (or a folder holding one: a data
+    folder or a trained model's) to reuse, so a pretrained model can be fine-tuned on the new
+    data; an existing file or folder wins over the names. Characters a reused char tokenizer
+    lacks become ``<|unk|>`` (counted).
+
+    Plain text is streamed, so a corpus of any size prepares in bounded memory: each file is
+    read in pieces of about 16 MB cut at empty lines (documents never span pieces), decoded,
+    split and encoded by ``workers`` processes (default: up to 4 CPU cores; one for a corpus of
+    a single piece), and the ids are appended to the bins. The files are read three times:
+    to count documents (which fixes the split), to build the tokenizer from the training
+    documents (a BPE from an even sample of them of about ``BPE_SAMPLE_CHARS`` characters, as
+    its trainer's memory grows with the text), and to encode. Dialogues are still read into
+    memory.
 
     ``skip_bad``: skip malformed dialogues (counted) instead of stopping at the first with
     ``file:line: what is wrong``.
@@ -146,17 +183,34 @@ def prepare(
     out_dir = Path(out_dir)
     outputs = [out_dir / name for name in _output_names(kind)]
     _refuse_overwriting_inputs(files, outputs)
-    reused, reused_from = _reused_tokenizer(tokenizer) if tokenizer is not None else (None, None)
+    new_kind = "char" if tokenizer is None else None
+    if tokenizer is not None and str(tokenizer) in NEW_TOKENIZERS and not Path(tokenizer).exists():
+        new_kind = str(tokenizer)
+    reused, reused_from = _reused_tokenizer(tokenizer) if new_kind is None else (None, None)
+    if kind == "dialogue" and "bpe" in (new_kind, getattr(reused, "type", None)):
+        raise ZaizaiError(
+            "the bpe tokenizer works on plain text for now; prepare dialogues with --tokenizer char"
+        )
+
+    def build_tokenizer(training_texts: Iterable[str]) -> Tokenizer:
+        if reused is not None:
+            return reused
+        if new_kind == "bpe":
+            return BPETokenizer.train(training_texts, vocab_size, verbose=verbose)
+        return CharTokenizer.from_text(training_texts)
 
     notes: list[str] = []
     if format == "auto" and resolved == "plain" and any(p.suffix.lower() == ".txt" for p in files):
         notes.append(TXT_HINT)
     sources: list[dict[str, Any]] = []
-    texts = _read_files(files, encoding, sources, verbose)
     if kind == "plain":
-        built = _build_plain(texts, files, val_fraction, seed, reused, notes)
+        built = _build_plain_streaming(
+            files, encoding, out_dir, val_fraction, seed, build_tokenizer, new_kind, notes, sources,
+            verbose, workers,
+        )
     else:
-        built = _build_dialogues(texts, files, resolved, skip_bad, val_fraction, seed, reused, notes)
+        texts = _read_files(files, encoding, sources, verbose)
+        built = _build_dialogues(texts, files, resolved, skip_bad, val_fraction, seed, build_tokenizer, notes)
     tok, arrays, split_by, split_info, summary = built
 
     meta: dict[str, Any] = {
@@ -185,7 +239,7 @@ def prepare(
     return meta
 
 
-def _reused_tokenizer(path: PathLike) -> tuple[CharTokenizer, str]:
+def _reused_tokenizer(path: PathLike) -> tuple[Tokenizer, str]:
     """Load the tokenizer to reuse: a tokenizer.json, or a folder holding one."""
     path = Path(path)
     if path.is_dir():
@@ -196,7 +250,10 @@ def _reused_tokenizer(path: PathLike) -> tuple[CharTokenizer, str]:
             )
         path = path / TOKENIZER_FILE
     elif not path.is_file():
-        raise ZaizaiError(f"--tokenizer {path}: no such file or folder; check the path")
+        raise ZaizaiError(
+            f"--tokenizer {path}: no such file or folder; check the path, or build a new tokenizer "
+            f"with --tokenizer {' or '.join(NEW_TOKENIZERS)}"
+        )
     return load_tokenizer(path), path.as_posix()
 
 
@@ -215,6 +272,251 @@ def _read_files(
         yield path, decode_text(raw, encoding, name=path)
 
 
+# -- plain text, streamed ------------------------------------------------------------------------
+
+PIECE_BYTES = 16 << 20  # bytes read at a time (cut at an empty line): bounds prepare's memory
+# The BPE trainer's memory grows with the distinct pieces it sees (~0.3 KB per character of
+# them), so it learns from an even sample of the training documents of about this many characters.
+BPE_SAMPLE_CHARS = 2_000_000
+
+
+def _file_pieces(files: list[Path], encoding: str, piece_bytes: int, progress=None):
+    """Every piece of every file, in order: ``(path, offset, raw bytes)``."""
+    for path in files:
+        for offset, raw in iter_file_pieces(path, encoding, piece_bytes):
+            yield path, offset, raw
+            if progress is not None:
+                progress.update(len(raw))
+
+
+def _piece_documents(path: Path, offset: int, raw: bytes, encoding: str) -> list[str]:
+    return split_documents(decode_piece(raw, encoding, path, offset))
+
+
+# The functions below run in worker processes (or inline); the tokenizer reaches them through
+# this global, set by the pool's initializer (inherited with fork, never pickled per task).
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _scan_piece(task) -> tuple[int, int, str]:
+    """Pass 1: (documents, characters, first 100 characters) of a piece."""
+    path, offset, raw, encoding = task
+    text = decode_piece(raw, encoding, path, offset)
+    return len(split_documents(text)), len(text), text[:100]
+
+
+def _piece_split(task) -> tuple[list[str], list[str]]:
+    path, offset, raw, encoding, is_val = task
+    documents = _piece_documents(path, offset, raw, encoding)
+    assert len(documents) == len(is_val), "a piece splits the same way on every pass"
+    train = [doc for doc, v in zip(documents, is_val) if not v]
+    val = [doc for doc, v in zip(documents, is_val) if v]
+    return train, val
+
+
+def _piece_code_points(task) -> np.ndarray:
+    """Pass 2 (char): the distinct code points of a piece's training documents."""
+    train, _ = _piece_split(task)
+    return np.unique(_code_points_of("".join(train)))
+
+
+def _piece_train_documents(task) -> list[str]:
+    """Pass 2 (bpe): a piece's training documents, for the trainer."""
+    return _piece_split(task)[0]
+
+
+def _piece_encoded(task) -> dict[str, tuple[bytes, int, int, int]]:
+    """Pass 3: per split, (ids as little-endian bytes, characters, documents, unknown ids)."""
+    out = {}
+    for name, docs in zip(SPLITS, _piece_split(task)):
+        ids = _encode_documents(_worker_tokenizer, docs)
+        little_endian = ids.astype(ids.dtype.newbyteorder("<"), copy=False)
+        out[name] = (
+            little_endian.tobytes(),
+            sum(map(len, docs)) + len(docs),
+            len(docs),
+            int(np.count_nonzero(ids == UNK_ID)),
+        )
+    return out
+
+
+def _code_points_of(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+
+class _Workers:
+    """``map`` over tasks in worker processes (fork) or inline, in order, with only a few tasks
+    in flight so that reading never runs ahead of the workers (memory stays bounded)."""
+
+    def __init__(self, n: int, tokenizer: Tokenizer | None = None):
+        import multiprocessing
+        import os
+
+        self.pool = None
+        if n > 1 and "fork" in multiprocessing.get_all_start_methods():
+            # tokenizers warns (and turns its threads off) in a child forked after it used them
+            saved = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self.pool = multiprocessing.get_context("fork").Pool(n, _init_worker, (tokenizer,))
+            finally:
+                if saved is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = saved
+            self.window = 2 * n
+        else:
+            _init_worker(tokenizer)
+
+    def map(self, fn, tasks):
+        if self.pool is None:
+            yield from map(fn, tasks)
+            return
+        pending = []
+        for task in tasks:
+            pending.append(self.pool.apply_async(fn, (task,)))
+            if len(pending) >= self.window:
+                yield pending.pop(0).get()
+        for result in pending:
+            yield result.get()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _build_plain_streaming(
+    files, encoding, out_dir, val_fraction, seed, build_tokenizer, new_kind, notes, sources, verbose, workers
+):
+    """Plain text in three streamed passes (see :func:`prepare`); bins are written to partial
+    files in ``out_dir`` that :func:`_write_folder` renames into place. Returns as _build_plain
+    does, with paths instead of arrays."""
+    import os
+
+    total_bytes = 0
+    for path in files:
+        try:
+            total_bytes += path.stat().st_size
+        except OSError as err:
+            raise ZaizaiError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 4)
+    if total_bytes <= PIECE_BYTES:
+        workers = 1  # one piece: processes would only cost their start-up
+
+    def bar(desc: str):
+        return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not verbose or total_bytes < PIECE_BYTES)
+
+    # Pass 1: count documents and characters; checksums for meta.json.
+    hashes = {path: hashlib.sha256() for path in files}
+    sizes = dict.fromkeys(files, 0)
+    piece_docs: list[int] = []
+    n_chars, head = 0, ""
+
+    def scan_tasks(progress):
+        for path, offset, raw in _file_pieces(files, encoding, PIECE_BYTES, progress):
+            hashes[path].update(raw)
+            sizes[path] += len(raw)
+            yield path, offset, raw, encoding
+
+    with bar("扫描 scanning") as progress, _Workers(workers) as pool:
+        for n_docs, chars, first in pool.map(_scan_piece, scan_tasks(progress)):
+            piece_docs.append(n_docs)
+            n_chars += chars
+            head += first[: 100 - len(head)]
+    sources.extend(
+        {"path": path.as_posix(), "bytes": sizes[path], "sha256": hashes[path].hexdigest()} for path in files
+    )
+    n_documents = sum(piece_docs)
+    if n_documents < 2:  # nothing to stream: hold out lines or characters, in memory
+        sources.clear()
+        return _build_plain(_read_files(files, encoding, sources, verbose), files, val_fraction, seed,
+                            build_tokenizer, notes)
+
+    is_val = _validation_mask(n_documents, val_fraction, seed)
+    starts = np.concatenate([[0], np.cumsum(piece_docs)])
+
+    def split_tasks(progress):
+        for i, (path, offset, raw) in enumerate(_file_pieces(files, encoding, PIECE_BYTES, progress)):
+            yield path, offset, raw, encoding, is_val[starts[i] : starts[i + 1]]
+
+    # Pass 2: the tokenizer, from the training documents only.
+    if new_kind == "char":
+        seen = np.zeros(0x110000, dtype=bool)
+        with bar("词表 vocabulary") as progress, _Workers(workers) as pool:
+            for code_points in pool.map(_piece_code_points, split_tasks(progress)):
+                seen[code_points] = True
+        tok = CharTokenizer(chr(cp) for cp in np.flatnonzero(seen))
+    elif new_kind == "bpe":
+        with _Workers(workers) as pool:
+
+            stride = max(1, math.ceil(n_chars * (1 - val_fraction) / BPE_SAMPLE_CHARS))
+
+            def training_documents():
+                k = 0
+                for documents in pool.map(_piece_train_documents, split_tasks(None)):
+                    for document in documents:
+                        if k % stride == 0:
+                            yield document
+                        k += 1
+
+            tok = build_tokenizer(training_documents())
+    else:
+        tok = build_tokenizer(())  # the reused one
+
+    # Pass 3: encode and append to partial bins.
+    counts = {name: {"tokens": 0, "chars": 0, "documents": 0, "unknown": 0} for name in SPLITS}
+    partial = {name: out_dir / f".{_bin_file(name)}.partial" for name in SPLITS}
+    try:
+        with _output_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            handles = {name: open(partial[name], "wb") for name in SPLITS}  # noqa: SIM115 - closed below
+            try:
+                with bar("编码 encoding") as progress, _Workers(workers, tok) as pool:
+                    for result in pool.map(_piece_encoded, split_tasks(progress)):
+                        for name, (data, chars, docs, unknown) in result.items():
+                            handles[name].write(data)
+                            info = counts[name]
+                            info["tokens"] += len(data) // tok.dtype.itemsize
+                            info["chars"] += chars
+                            info["documents"] += docs
+                            info["unknown"] += unknown
+                for handle in handles.values():
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            finally:
+                for handle in handles.values():
+                    handle.close()
+    except BaseException:
+        for path in partial.values():
+            if path.is_file():
+                path.unlink()
+        raise
+
+    def summary(meta: dict[str, Any]) -> None:
+        """What the articles print: character count, vocabulary, the first characters, split sizes."""
+        train, val = meta["splits"]["train"], meta["splits"]["val"]
+        print(f"字符数 characters: {n_chars:,}")
+        print(f"词表大小 vocab size: {meta['vocab_size']:,}" + _reused_note(meta))
+        print("前 100 个字符 first 100 characters:")
+        print(head)
+        print(f"训练集 train: {train['tokens']:,} tokens ({train['documents']:,} documents)")
+        print(f"验证集 val: {val['tokens']:,} tokens ({val['documents']:,} documents)")
+        _print_unknown(meta)
+
+    split_info = {name: {k: counts[name][k] for k in ("tokens", "chars", "documents", "unknown")} for name in SPLITS}
+    return tok, {_bin_file(name): partial[name] for name in SPLITS}, "documents", split_info, summary
+
+
 def _where(files: list[Path]) -> str:
     return str(files[0]) if len(files) == 1 else f"{len(files)} files"
 
@@ -222,7 +524,7 @@ def _where(files: list[Path]) -> str:
 # -- plain text ---------------------------------------------------------------------------------
 
 
-def _build_plain(texts, files, val_fraction, seed, reused, notes):
+def _build_plain(texts, files, val_fraction, seed, build_tokenizer, notes):
     """Documents -> split -> tokenizer -> bins. Returns (tokenizer, arrays by file name, split_by,
     split sizes, a function printing the summary)."""
     # Read every file: documents never span two files.
@@ -239,7 +541,7 @@ def _build_plain(texts, files, val_fraction, seed, reused, notes):
     train_docs, val_docs, split_by, note = _hold_out(documents, val_fraction, seed)
     if note:
         notes.append(note)
-    tok = reused if reused is not None else CharTokenizer.from_text(train_docs)
+    tok = build_tokenizer(train_docs)
     ids = {"train": _encode_documents(tok, train_docs), "val": _encode_documents(tok, val_docs)}
     split_info = {
         name: {
@@ -327,12 +629,22 @@ def _hold_out(
     raise ZaizaiError("the corpus is a single character; it needs more text to train on")
 
 
-def _encode_documents(tokenizer: CharTokenizer, documents: list[str]) -> np.ndarray:
+def _encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
     """Encode documents into one array ``doc0 EOT doc1 EOT ...``.
 
-    One vectorised pass over the documents joined by a newline, then the separators' positions
-    (known from the documents' lengths) are overwritten with EOT.
+    Char: one vectorised pass over the documents joined by a newline, then the separators'
+    positions (known from the documents' lengths) are overwritten with EOT. BPE: each document
+    on its own (a merge must not cross a document border), a batch at a time.
     """
+    if not documents:
+        return np.zeros(0, dtype=tokenizer.dtype)
+    if isinstance(tokenizer, BPETokenizer):
+        eot = np.array([EOT_ID], dtype=tokenizer.dtype)
+        pieces: list[np.ndarray] = []
+        for start in range(0, len(documents), 1024):
+            for ids in tokenizer.encode_batch(documents[start : start + 1024]):
+                pieces += [ids, eot]
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=tokenizer.dtype)
     ids = tokenizer.encode_array("\n".join(documents) + "\n")
     lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
     ids[np.cumsum(lengths + 1) - 1] = EOT_ID
@@ -342,7 +654,7 @@ def _encode_documents(tokenizer: CharTokenizer, documents: list[str]) -> np.ndar
 # -- dialogues ----------------------------------------------------------------------------------
 
 
-def _build_dialogues(texts, files, format, skip_bad, val_fraction, seed, reused, notes):
+def _build_dialogues(texts, files, format, skip_bad, val_fraction, seed, build_tokenizer, notes):
     """Dialogues -> split -> tokenizer -> rendered bins and tables. Returns as _build_plain does."""
     problems = Problems(skip_bad)
     pool = Dialogues()
@@ -381,7 +693,7 @@ def _build_dialogues(texts, files, format, skip_bad, val_fraction, seed, reused,
             f"only one dialogue in {_where(files)}; at least two are needed (one is held out for validation)"
         )
 
-    tok = reused if reused is not None else CharTokenizer.from_text(train.contents)
+    tok = build_tokenizer(train.contents)
     arrays: dict[str, np.ndarray] = {}
     split_info: dict[str, dict[str, int]] = {}
     for name, dialogues in (("train", train), ("val", val)):
@@ -434,33 +746,59 @@ def _dialogue_counts(dialogues: Dialogues, rendered) -> dict[str, int]:
 
 
 def _write_folder(
-    out_dir: Path, kind: str, tokenizer: CharTokenizer, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+    out_dir: Path, kind: str, tokenizer: Tokenizer, arrays: dict[str, np.ndarray], meta: dict[str, Any]
 ) -> None:
-    """Write the bins (and dialogue tables), the tokenizer and then meta.json, each atomically."""
+    """Write the bins (and dialogue tables), the tokenizer and then meta.json, each atomically.
+
+    An ``arrays`` value may be the path of a finished partial bin (streamed prepare): it is
+    renamed into place, or removed if writing fails."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # meta.json marks a complete folder: remove the old one first, so a crash part way
-        # through leaves "not prepared" rather than new bins described by old metadata.
-        (out_dir / META_FILE).unlink(missing_ok=True)
-        if kind == "plain":  # leftovers of dialogue data prepared here before
-            for name in set(_output_names("dialogue")) - set(_output_names("plain")):
-                (out_dir / name).unlink(missing_ok=True)
-        little_endian = tokenizer.dtype.newbyteorder("<")
-        for name, array in arrays.items():  # train.bin first: its name is in every folder
-            if name.endswith(".npy"):
-                data: Any = _npy_bytes(array.astype("<i8", copy=False))
-            elif name.endswith("_roles.bin"):
-                data = np.ascontiguousarray(array, dtype=np.uint8)
-            else:
-                data = array.astype(little_endian, copy=False)
-            write_atomic(out_dir / name, data)
-        tokenizer.save(out_dir / TOKENIZER_FILE)
-        meta_json = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
-        write_atomic(out_dir / META_FILE, meta_json.encode("utf-8"))
+        with _output_errors(out_dir):
+            _write_files(out_dir, kind, tokenizer, arrays, meta)
+    finally:
+        for array in arrays.values():
+            if isinstance(array, Path) and array.is_file():
+                array.unlink()
+
+
+@contextmanager
+def _output_errors(out_dir: Path):
+    """Turn OS errors while writing into ``out_dir`` into a ZaizaiError the user can act on."""
+    try:
+        yield
     except (FileExistsError, NotADirectoryError):
         raise ZaizaiError(f"{out_dir}: exists and is not a folder; choose another output folder") from None
     except OSError as err:
         raise ZaizaiError(f"{out_dir}: cannot write there ({err.strerror or err})") from None
+
+
+def _write_files(
+    out_dir: Path, kind: str, tokenizer: Tokenizer, arrays: dict[str, Any], meta: dict[str, Any]
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # meta.json marks a complete folder: remove the old one first, so a crash part way
+    # through leaves "not prepared" rather than new bins described by old metadata.
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    if kind == "plain":  # leftovers of dialogue data prepared here before
+        for name in set(_output_names("dialogue")) - set(_output_names("plain")):
+            (out_dir / name).unlink(missing_ok=True)
+    little_endian = tokenizer.dtype.newbyteorder("<")
+    for name, array in arrays.items():  # train.bin first: its name is in every folder
+        if isinstance(array, Path):  # a finished partial file of the streamed prepare
+            os.replace(array, out_dir / name)
+            continue
+        if name.endswith(".npy"):
+            data: Any = _npy_bytes(array.astype("<i8", copy=False))
+        elif name.endswith("_roles.bin"):
+            data = np.ascontiguousarray(array, dtype=np.uint8)
+        else:
+            data = array.astype(little_endian, copy=False)
+        write_atomic(out_dir / name, data)
+    tokenizer.save(out_dir / TOKENIZER_FILE)
+    config = json.dumps(hf_tokenizer_config(), ensure_ascii=False, indent=2) + "\n"
+    write_atomic(out_dir / TOKENIZER_CONFIG_FILE, config.encode("utf-8"))
+    meta_json = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
+    write_atomic(out_dir / META_FILE, meta_json.encode("utf-8"))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -544,7 +882,7 @@ class TokenData:
     def __init__(self, data_dir: PathLike):
         self.data_dir = Path(data_dir)
         self.meta = load_meta(self.data_dir)
-        self._tokenizer: CharTokenizer | None = None
+        self._tokenizer: Tokenizer | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._chunks: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._with_targets: dict[tuple[str, int, str], np.ndarray] = {}
@@ -566,7 +904,7 @@ class TokenData:
         return self.meta["kind"]
 
     @property
-    def tokenizer(self) -> CharTokenizer:
+    def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.data_dir / self.meta["tokenizer_file"])
             if self._tokenizer.vocab_size != self.meta["vocab_size"]:

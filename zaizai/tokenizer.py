@@ -1,4 +1,4 @@
-"""The character tokenizer: one token per character, plus a few special tokens.
+"""Tokenizers: the character tokenizer (one token per character) and a byte-level BPE.
 
 Ids are laid out as::
 
@@ -11,7 +11,26 @@ The dialogue markers are reserved now so that dialogue training later never has 
 embedding table. Special tokens never come out of ``encode``: text that merely looks like a
 marker (a user typing "<|user|>") is encoded character by character, so users cannot forge turns.
 
-Saved as JSON: ``{"type": "char", "version": 1, "special_tokens": [...], "chars": [...]}``.
+Both share those six special tokens (ids 0..5) and are saved as a Hugging Face ``tokenizer.json``
+that ``tokenizers.Tokenizer.from_file`` and transformers' ``AutoTokenizer`` load and that gives
+the same ids as zaizai (for text without marker look-alikes; see below):
+
+* char: a BPE model with no merges and ``<|unk|>`` as unknown token, no pre-tokenizer and a
+  ``Fuse`` decoder. Every character is its own word piece, found in the vocabulary or unknown,
+  exactly as ``CharTokenizer`` maps it. zaizai itself keeps its vectorised lookup table.
+* bpe: a byte-level BPE (``ByteLevel`` pre-tokenizer and decoder, all 256 bytes in the
+  vocabulary, so any Unicode string round-trips). Before the byte mapping, text is split into
+  short pieces (runs of at most 8 Han characters, 16 other letters or digits or spaces, 4
+  punctuation marks): Chinese has no spaces, and whole lines as pre-tokens would make training
+  memory grow with the corpus.
+
+Hugging Face matches special tokens in the text by default; zaizai never does (it sets
+``encode_special_tokens``), and ``tokenizer_config.json`` written next to a prepared folder's
+tokenizer asks transformers for the same (``split_special_tokens``).
+
+The type is read from the file's structure, since ``Tokenizer.from_file`` refuses extra keys.
+Older zaizai files ``{"type": "char", "version": 1, "special_tokens": [...], "chars": [...]}``
+still load.
 """
 
 from __future__ import annotations
@@ -37,7 +56,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 EOT_ID, UNK_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = range(len(SPECIAL_TOKENS))
 
-TOKENIZER_TYPES = ("char",)  # what load_tokenizer knows; BPE comes later
+TOKENIZER_TYPES = ("char", "bpe")  # what load_tokenizer knows
 _FORMAT_VERSION = 1
 
 
@@ -171,14 +190,52 @@ class CharTokenizer:
         except ValueError as err:
             raise ZaizaiError(f"{source} is damaged ({err}); {fix}") from None
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The Hugging Face ``tokenizer.json`` content: a BPE without merges (see the module doc)."""
+        vocab = {token: i for i, token in enumerate(self._itos)}
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": _hf_added_tokens(),
+            "normalizer": None,
+            "pre_tokenizer": None,
+            "post_processor": None,
+            "decoder": {"type": "Fuse"},
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": SPECIAL_TOKENS[UNK_ID],
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": False,
+                "vocab": vocab,
+                "merges": [],
+            },
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], *, source: str = "tokenizer") -> CharTokenizer:
+        """Rebuild from ``to_hf_dict()`` output (a ``tokenizer.json`` zaizai wrote)."""
+        itos = _hf_vocab_in_id_order(data, source)
+        try:
+            return cls(itos[len(SPECIAL_TOKENS):])
+        except ValueError as err:
+            raise ZaizaiError(f"{source} is damaged ({err}); run `zaizai prepare` again") from None
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the tokenizer as UTF-8 JSON, atomically (a crash never leaves half a file)."""
-        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
+        """Write the tokenizer as a Hugging Face ``tokenizer.json``, atomically."""
+        text = json.dumps(self.to_hf_dict(), ensure_ascii=False, indent=1) + "\n"
         write_atomic(Path(path), text.encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
-        return cls.from_dict(_read_json(Path(path)), source=str(path))
+        tok = load_tokenizer(path)
+        if not isinstance(tok, cls):
+            raise ZaizaiError(f"{path} is a {tok.type} tokenizer, not a character tokenizer")
+        return tok
 
     # -- conveniences --------------------------------------------------------------------------
 
@@ -192,19 +249,212 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> CharTokenizer:
-    """Load a saved tokenizer of any known type (only ``"char"`` for now)."""
+# Pieces the BPE sees before its byte mapping (module doc). Together the alternatives match any
+# character; ``isolated`` keeps whatever they do not match too, so no text is ever dropped.
+BPE_SPLIT_PATTERN = r"\p{Han}{1,8}|[^\p{Han}\s\p{P}\p{S}]{1,16}|\s{1,16}|[\p{P}\p{S}]{1,4}"
+MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and every byte
+
+
+class BPETokenizer:
+    """A byte-level BPE trained with Hugging Face ``tokenizers``; lossless for any Unicode text.
+
+    Ids 0..5 are the special tokens (as for :class:`CharTokenizer`), then the 256 bytes, then
+    the merges. Special tokens never come out of ``encode``: a user typing "<|user|>" gets the
+    tokens of that text. There is no ``<|unk|>`` in practice: every byte has a token.
+    """
+
+    type = "bpe"
+
+    def __init__(self, hf_tokenizer: Any):
+        """``hf_tokenizer``: a ``tokenizers.Tokenizer`` laid out as :meth:`train` makes one."""
+        self.hf = hf_tokenizer
+        self.hf.encode_special_tokens = True  # marker look-alikes in text stay text
+        self.special_ids: dict[str, int] = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
+        for name, i in self.special_ids.items():
+            if self.hf.token_to_id(name) != i:
+                raise ValueError(f"special token {name} does not have id {i}")
+        self.dtype: np.dtype = storage_dtype(self.vocab_size)
+
+    @staticmethod
+    def _empty() -> Any:
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        hf = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(BPE_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        return hf
+
+    @classmethod
+    def train(
+        cls, texts: str | Iterable[str], vocab_size: int = 8000, *, min_frequency: int = 2,
+        verbose: bool = False,
+    ) -> BPETokenizer:
+        """Learn merges from ``texts`` (a string or an iterable of documents) up to ``vocab_size``."""
+        from tokenizers import pre_tokenizers, trainers
+
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+            MIN_BPE_VOCAB <= vocab_size <= 2**32 - 1
+        ):
+            raise ZaizaiError(
+                f"--vocab-size must be a whole number of at least {MIN_BPE_VOCAB} (the {len(SPECIAL_TOKENS)} "
+                f"special tokens and 256 bytes), got {vocab_size!r}; 8000 is a good start for Chinese"
+            )
+        if isinstance(texts, str):
+            texts = [texts]
+        hf = cls._empty()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=verbose,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=self.dtype)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode several texts at once (in parallel threads inside ``tokenizers``)."""
+        encodings = self.hf.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
+
+    def decode(self, ids: Any) -> str:
+        """Ids back to text; special ids decode to their marker. An incomplete UTF-8 sequence
+        (a prefix of a character's bytes) decodes to U+FFFD."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ZaizaiError(
+                f"token id {bad} is outside the vocabulary (size {self.vocab_size}); "
+                "the model and the tokenizer do not belong together"
+            )
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a special token name, or of a token in its byte-level spelling."""
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise ZaizaiError(f"{token!r} is not a token of this vocabulary")
+        return i
+
+    def id_to_token(self, token_id: int) -> str:
+        """One id's text (a special marker, or the bytes it stands for; U+FFFD for part of a
+        character)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ZaizaiError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return self.decode([token_id])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the Hugging Face ``tokenizer.json``, atomically."""
+        write_atomic(Path(path), (self.hf.to_str(pretty=True) + "\n").encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
+        tok = load_tokenizer(path)
+        if not isinstance(tok, cls):
+            raise ZaizaiError(f"{path} is a {tok.type} tokenizer, not a BPE tokenizer")
+        return tok
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BPETokenizer) and self.hf.to_str() == other.hf.to_str()
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+Tokenizer = CharTokenizer | BPETokenizer
+
+
+def hf_tokenizer_config() -> dict[str, Any]:
+    """``tokenizer_config.json`` for transformers: no marker matching in text, no space cleanup."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": SPECIAL_TOKENS[EOT_ID],
+        "unk_token": SPECIAL_TOKENS[UNK_ID],
+        "additional_special_tokens": list(SPECIAL_TOKENS[SYSTEM_ID:]),
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
+
+
+def tokenizer_type(data: Any) -> str | None:
+    """"char" or "bpe" for a parsed tokenizer file zaizai can read, else None."""
+    if not isinstance(data, dict):
+        return None
+    if data.get("type") == "char":  # zaizai's own format before the Hugging Face one
+        return "char"
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        return None
+    if data.get("pre_tokenizer") is None and not model.get("merges"):
+        return "char"
+    if isinstance(data.get("decoder"), dict) and data["decoder"].get("type") == "ByteLevel":
+        return "bpe"
+    return None
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a saved tokenizer of any known type (char or bpe; see the module doc)."""
     path = Path(path)
     data = _read_json(path)
-    kind = data.get("type") if isinstance(data, dict) else None
+    kind = tokenizer_type(data)
     if kind == "char":
-        return CharTokenizer.from_dict(data, source=str(path))
-    if kind is None:
-        raise ZaizaiError(f"{path} is not a zaizai tokenizer file; run `zaizai prepare` to make one")
-    raise ZaizaiError(
-        f"{path}: unknown tokenizer type {kind!r}; this zaizai knows {', '.join(TOKENIZER_TYPES)} "
-        "(upgrade zaizai, or run `zaizai prepare` again)"
-    )
+        if "type" in data:
+            return CharTokenizer.from_dict(data, source=str(path))
+        return CharTokenizer.from_hf_dict(data, source=str(path))
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return BPETokenizer(HFTokenizer.from_str(json.dumps(data)))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
+            raise ZaizaiError(f"{path} is damaged ({err}); run `zaizai prepare` again") from None
+    old = data.get("type") if isinstance(data, dict) else None
+    if old is not None:
+        raise ZaizaiError(
+            f"{path}: unknown tokenizer type {old!r}; this zaizai knows {', '.join(TOKENIZER_TYPES)} "
+            "(upgrade zaizai, or run `zaizai prepare` again)"
+        )
+    raise ZaizaiError(f"{path} is not a zaizai tokenizer file; run `zaizai prepare` to make one")
+
+
+def _hf_added_tokens() -> list[dict[str, Any]]:
+    return [
+        {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, name in enumerate(SPECIAL_TOKENS)
+    ]
+
+
+def _hf_vocab_in_id_order(data: dict[str, Any], source: str) -> list[str]:
+    fix = "run `zaizai prepare` again to rebuild it"
+    vocab = data["model"].get("vocab")
+    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))):
+        raise ZaizaiError(f"{source} is damaged (its vocabulary ids are not 0..n-1); {fix}")
+    itos = sorted(vocab, key=vocab.__getitem__)
+    if itos[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+        raise ZaizaiError(f"{source} has different special tokens than this zaizai; {fix}")
+    return itos
 
 
 def _read_json(path: Path) -> Any:

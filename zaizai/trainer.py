@@ -325,6 +325,9 @@ def _train(mcfg: ModelConfig, cfg: TrainConfig, ckpt, init, data: TokenData, dis
 
     if main:
         data.tokenizer.save(out / "tokenizer.json")
+        hf_config = Path(cfg.data_dir) / "tokenizer_config.json"  # lets transformers' AutoTokenizer load out/
+        if hf_config.is_file():
+            atomic_write_text(out / "tokenizer_config.json", hf_config.read_text(encoding="utf-8"))
         run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(), "data": data.meta,
                       "zaizai_version": __version__, "world_size": dist_env.world_size}
         atomic_write_text(out / "config.json", json.dumps(run_config, ensure_ascii=False, indent=2))
