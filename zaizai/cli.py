@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("demo", help="train a small chat model on the built-in corpus and show it")
     dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
-    dp.add_argument("--max-time", type=float, default=90.0, help="training budget in seconds (default 90)")
+    dp.add_argument("--max-time", type=float, default=60.0, help="training budget in seconds (default 60)")
     dp.add_argument("--retrain", action="store_true", help="train again even if the demo model exists")
     ep = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on the whole val split (+ dialogue metrics)")
     ep.add_argument("out_dir", help="folder written by `zaizai train`")

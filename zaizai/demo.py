@@ -58,7 +58,7 @@ def build_demo_corpus(path: Path) -> Path:
     return path
 
 
-def run_demo(out: str | Path = "demo", max_time: float = 90.0, retrain: bool = False) -> int:
+def run_demo(out: str | Path = "demo", max_time: float = 60.0, retrain: bool = False) -> int:
     from .chat import ChatSession
     from .data import prepare
     from .generate import SamplingConfig
