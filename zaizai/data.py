@@ -32,6 +32,7 @@ whole dialogues packed together with loss masks (:meth:`TokenData.get_dialogue_b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -502,16 +503,7 @@ def _build_plain_streaming(
                 path.unlink()
         raise
 
-    def summary(meta: dict[str, Any]) -> None:
-        """What the articles print: character count, vocabulary, the first characters, split sizes."""
-        train, val = meta["splits"]["train"], meta["splits"]["val"]
-        print(f"字符数 characters: {n_chars:,}")
-        print(f"词表大小 vocab size: {meta['vocab_size']:,}" + _reused_note(meta))
-        print("前 100 个字符 first 100 characters:")
-        print(head)
-        print(f"训练集 train: {train['tokens']:,} tokens ({train['documents']:,} documents)")
-        print(f"验证集 val: {val['tokens']:,} tokens ({val['documents']:,} documents)")
-        _print_unknown(meta)
+    summary = functools.partial(_print_plain_summary, n_chars=n_chars, head=head)
 
     split_info = {name: {k: counts[name][k] for k in ("tokens", "chars", "documents", "unknown")} for name in SPLITS}
     return tok, {_bin_file(name): partial[name] for name in SPLITS}, "documents", split_info, summary
@@ -555,22 +547,25 @@ def _build_plain(texts, files, val_fraction, seed, build_tokenizer, notes):
         for name, docs in (("train", train_docs), ("val", val_docs))
     }
 
-    def summary(meta: dict[str, Any]) -> None:
-        """What the articles print: character count, vocabulary, the first characters, split sizes."""
-        train, val = meta["splits"]["train"], meta["splits"]["val"]
-        print(f"字符数 characters: {n_chars:,}")
-        print(f"词表大小 vocab size: {meta['vocab_size']:,}" + _reused_note(meta))
-        print("前 100 个字符 first 100 characters:")
-        print(head)
-        print(f"训练集 train: {train['tokens']:,} tokens ({train['documents']:,} documents)")
-        print(f"验证集 val: {val['tokens']:,} tokens ({val['documents']:,} documents)")
-        _print_unknown(meta)
+    summary = functools.partial(_print_plain_summary, n_chars=n_chars, head=head)
 
     return tok, {_bin_file(name): ids[name] for name in SPLITS}, split_by, split_info, summary
 
 
 def _reused_note(meta: dict[str, Any]) -> str:
     return f" (reused {meta['tokenizer_from']})" if meta["tokenizer_from"] else ""
+
+
+def _print_plain_summary(meta: dict[str, Any], *, n_chars: int, head: str) -> None:
+    """What the articles print: character count, vocabulary, the first characters, split sizes."""
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"字符数 characters: {n_chars:,}")
+    print(f"词表大小 vocab size: {meta['vocab_size']:,}" + _reused_note(meta))
+    print("前 100 个字符 first 100 characters:")
+    print(head)
+    print(f"训练集 train: {train['tokens']:,} tokens ({train['documents']:,} documents)")
+    print(f"验证集 val: {val['tokens']:,} tokens ({val['documents']:,} documents)")
+    _print_unknown(meta)
 
 
 def _print_unknown(meta: dict[str, Any]) -> None:
