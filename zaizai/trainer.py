@@ -8,6 +8,7 @@ Every random draw of a step is seeded from (seed, step), so a run that is stoppe
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import signal
@@ -276,7 +277,13 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
             torch.distributed.init_process_group(backend="gloo")
         owns_group = True
     try:
-        return _train(mcfg, cfg, ckpt, init, data, dist_env, device, verbose, on_step)
+        result = _train(mcfg, cfg, ckpt, init, data, dist_env, device, verbose, on_step)
+        if owns_group:
+            # every rank done with the group (and its DDP reducer freed) before any rank tears it down;
+            # without this a fast rank's teardown can abort a slower one's exit ("terminate called ...")
+            gc.collect()
+            torch.distributed.barrier()
+        return result
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
