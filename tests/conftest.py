@@ -35,3 +35,15 @@ def tiny_data_dir(tmp_path: Path, tiny_corpus: Path) -> Path:
 
     prepare([tiny_corpus], tmp_path / "data", val_fraction=0.2, verbose=False)
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: with two threads per test worker, cores shared with other work make OpenMP threads
+    wait on each other (a 0.1 s test took 15 s under load); one thread keeps such files at a few seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,12 +18,7 @@ from zaizai.tokenizer import END_ID, EOT_ID, CharTokenizer
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, **overrides):

@@ -17,14 +17,7 @@ from zaizai.optim import configure_optimizer, fused_adamw_supported
 VOCAB = 67
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with two threads per test worker, cores shared with other work make OpenMP
-    wait on each other (a 0.1 s test took 15 s under load); one thread keeps the file at a few seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, **overrides):

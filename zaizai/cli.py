@@ -66,6 +66,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                    help=f"{FIELD_HELP.get(f.name, '')} (default {default!r})")
 
 
+def _add_sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float, top_p: float,
+                        repetition_penalty: float) -> None:
+    """The decoding flags `sample` and `chat` share (with their own defaults), plus checkpoint and device."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=top_p, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=repetition_penalty, help="1 = off")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    parser.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+    parser.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zaizai", description="崽崽 zaizai: train a GPT-2-style model on your own "
                                 "Chinese text, then talk to it.")
@@ -97,31 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", help="generate text from a trained model, streamed")
     sp.add_argument("out_dir", help="folder written by `zaizai train`")
     sp.add_argument("--prompt", default="", help="text to continue")
-    sp.add_argument("--max-new-tokens", type=int, default=200)
-    sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    sp.add_argument("--top-k", type=int, default=0, help="0 = off")
-    sp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    sp.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    sp.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
+    _add_sampling_flags(sp, max_new_tokens=200, temperature=0.8, top_p=1.0, repetition_penalty=1.0)
     sp.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
-    sp.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    sp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
-    sp.add_argument("--device", default="auto")
 
     cp = sub.add_parser("chat", help="talk with a trained model in the terminal (or answer --message / stdin)")
     cp.add_argument("out_dir", help="folder written by `zaizai train`")
     cp.add_argument("--message", "-m", action="append", default=None,
                     help="say this and print the reply (repeat for several turns); no interactive prompt")
     cp.add_argument("--system", default=None, help="a system message that starts the conversation")
-    cp.add_argument("--max-new-tokens", type=int, default=100)
-    cp.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    cp.add_argument("--top-k", type=int, default=0, help="0 = off")
-    cp.add_argument("--top-p", type=float, default=0.9, help="1 = off")
-    cp.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
-    cp.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
-    cp.add_argument("--seed", type=int, default=None)
-    cp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
-    cp.add_argument("--device", default="auto")
+    _add_sampling_flags(cp, max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 
     dp = sub.add_parser("demo", help="train a small chat model on the built-in corpus and show it")
     dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
