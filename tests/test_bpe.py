@@ -122,11 +122,40 @@ def test_tokenizer_names_and_paths(tmp_path):
     assert meta["tokenizer"] == "bpe" and meta["tokenizer_from"].endswith("a/tokenizer.json")
     with pytest.raises(ZaizaiError, match="--tokenizer char or bpe"):
         prepare([corpus], tmp_path / "c", tokenizer="bpee", verbose=False)
-    dialogues = tmp_path / "d.jsonl"
-    dialogues.write_text(json.dumps({"messages": [{"role": "user", "content": "你好"},
-                                                  {"role": "assistant", "content": "好"}]}) + "\n", "utf-8")
-    with pytest.raises(ZaizaiError, match="plain text for now"):
-        prepare([dialogues], tmp_path / "e", tokenizer="bpe", verbose=False)
+
+
+def test_bpe_dialogues_render_each_message_on_its_own(tmp_path):
+    """Dialogues with a subword tokenizer: every message is encoded alone (no token spans two
+    messages), the bins equal render_conversation of each dialogue, and bits/char counts characters."""
+    from zaizai.data import TokenData
+    from zaizai.dialogue import render_conversation
+    from zaizai.evaluate import split_messages, split_sizes
+
+    pairs = [("你好", "你好，我是崽崽。"), ("今天天气怎么样？", "晴天，适合出去走走。"), ("晚安", "晚安，做个好梦。"),
+             ("你会写诗吗？", "床前明月光，疑是地上霜。"), ("谢谢", "不客气。")] * 6
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}, ensure_ascii=False)
+                            + "\n" for q, a in pairs), "utf-8")
+    meta = prepare([path], tmp_path / "data", tokenizer="bpe", vocab_size=300, verbose=False)
+    assert meta["tokenizer"] == "bpe" and meta["kind"] == "dialogue"
+    data = TokenData(tmp_path / "data")
+    tok = data.tokenizer
+    ids, roles = data.split("train"), data.roles("train")
+    for start, length in data.dialogues("train").tolist():
+        body = tok.decode(ids[start:start + length])
+        q, a = body.removeprefix("<|endoftext|><|user|>").removesuffix("<|end|>").split("<|end|><|assistant|>")
+        expected_ids, expected_roles = render_conversation(tok, [{"role": "user", "content": q},
+                                                                 {"role": "assistant", "content": a}])
+        assert ids[start:start + length].tolist() == expected_ids
+        assert roles[start:start + length].tolist() == expected_roles
+        assert expected_ids == [0, 3, *tok.encode(q), 5, 4, *tok.encode(a), 5]
+    # the characters behind the counted targets: the replies plus one per <|end|>
+    replies = [m["content"] for c in split_messages(data, "val") for m in c if m["role"] == "assistant"]
+    sizes = split_sizes(data, "val")
+    assert sizes["chars"] == data.meta["splits"]["val"]["assistant_chars"] == sum(len(r) + 1 for r in replies)
+    assert sizes["bytes"] == sum(len(r.encode("utf-8")) + 1 for r in replies)
+    assert set(replies) <= {a for _, a in pairs}
 
 
 def test_bpe_folder_trains_samples_and_round_trips(tmp_path):

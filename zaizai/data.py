@@ -188,10 +188,6 @@ def prepare(
     if tokenizer is not None and str(tokenizer) in NEW_TOKENIZERS and not Path(tokenizer).exists():
         new_kind = str(tokenizer)
     reused, reused_from = _reused_tokenizer(tokenizer) if new_kind is None else (None, None)
-    if kind == "dialogue" and "bpe" in (new_kind, getattr(reused, "type", None)):
-        raise ZaizaiError(
-            "the bpe tokenizer works on plain text for now; prepare dialogues with --tokenizer char"
-        )
 
     def build_tokenizer(training_texts: Iterable[str]) -> Tokenizer:
         if reused is not None:
@@ -633,7 +629,7 @@ def _encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
     """
     if not documents:
         return np.zeros(0, dtype=tokenizer.dtype)
-    if isinstance(tokenizer, BPETokenizer):
+    if tokenizer.type != "char":
         eot = np.array([EOT_ID], dtype=tokenizer.dtype)
         pieces: list[np.ndarray] = []
         for start in range(0, len(documents), 1024):

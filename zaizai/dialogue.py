@@ -7,11 +7,11 @@ it, so what a model sees when chatting is exactly what it was trained on. The la
 
     <|endoftext|> <|user|> 你 好 <|end|> <|assistant|> 你 好 ！ <|end|> <|user|> ... <|end|>
 
-one ``<|endoftext|>`` opening the conversation, then per message its role marker, its text one
-character per token, and ``<|end|>``. Before the model answers, chat appends ``<|assistant|>`` (the
+one ``<|endoftext|>`` opening the conversation, then per message its role marker, its text's
+tokens (one per character with the char tokenizer), and ``<|end|>``. Before the model answers, chat appends ``<|assistant|>`` (the
 generation prompt) and stops at the ``<|end|>`` the model writes. Markers are only ever added here:
-the text of a message is encoded character by character, so a user who types "<|assistant|>" sends
-those thirteen characters, never a turn marker.
+the text of a message is encoded as text, so a user who types "<|assistant|>" sends those thirteen
+characters, never a turn marker.
 
 ``roles[i]`` says what the *target* ``ids[i]`` (predicted from ``ids[:i]``) is, which is what the
 loss mask needs:
@@ -186,17 +186,14 @@ class Rendered:
 def render_dialogues(tokenizer, dialogues: Dialogues, *, add_generation_prompt: bool = False) -> Rendered:
     """Render every conversation of ``dialogues`` (the layout of :func:`render_conversation`).
 
-    Vectorised for a whole corpus: the messages' texts are encoded in one pass, then each token is
-    put in place by position arithmetic. (This relies on the char tokenizer's one token per
-    character; a subword tokenizer would encode each message on its own.)
+    Vectorised for a whole corpus: the messages' texts are encoded (the char tokenizer in one pass
+    over all of them, a subword tokenizer message by message, so no token spans two messages), then
+    each token is put in place by position arithmetic.
     """
     n_dialogues = len(dialogues)
     sizes = np.asarray(dialogues.sizes, dtype=np.int64)
     codes = np.frombuffer(bytes(dialogues.roles), dtype=np.uint8).astype(np.int64)
-    text_lengths = np.fromiter(map(len, dialogues.contents), dtype=np.int64, count=dialogues.n_messages)
-    content_ids = tokenizer.encode_array("".join(dialogues.contents))
-    if len(content_ids) != int(text_lengths.sum()):
-        raise ValueError("render_dialogues needs a tokenizer with one token per character")
+    content_ids, text_lengths = _encode_messages(tokenizer, dialogues.contents)
 
     extra = 2 if add_generation_prompt else 1  # opening EOT (+ the generation prompt) per dialogue
     message_tokens = text_lengths + 2  # marker, text, END
@@ -256,6 +253,17 @@ def render_conversation(
     dialogues.add(messages)
     rendered = render_dialogues(tokenizer, dialogues, add_generation_prompt=add_generation_prompt)
     return rendered.ids.tolist(), rendered.roles.tolist()
+
+
+def _encode_messages(tokenizer, contents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All messages' token ids laid end to end, and each message's token count (int64)."""
+    if tokenizer.type == "char":  # one token per character
+        lengths = np.fromiter(map(len, contents), dtype=np.int64, count=len(contents))
+        return tokenizer.encode_array("".join(contents)), lengths
+    pieces = [ids for start in range(0, len(contents), 4096)
+              for ids in tokenizer.encode_batch(contents[start:start + 4096])]
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=tokenizer.dtype)), lengths
 
 
 def _exclusive_cumsum(values: np.ndarray) -> np.ndarray:

@@ -77,20 +77,27 @@ def split_sizes(data, split: str, loss_on: str = "assistant") -> dict[str, int]:
     from .tokenizer import END_ID, EOT_ID, UNK_ID
 
     tok = data.tokenizer
-    ids = np.asarray(data.split(split))
+    ids = np.asarray(data.split(split)).astype(np.int64)
     if data.kind == "dialogue":
         ids = ids[loss_mask(np.asarray(data.roles(split)), loss_on)]
-    byte_len = np.zeros(tok.vocab_size, dtype=np.int64)
-    char_len = np.zeros(tok.vocab_size, dtype=np.int64)
-    for i in range(tok.vocab_size):
-        if i in tok.special_ids.values():
-            continue
-        byte_len[i] = len(tok.decode([i]).encode("utf-8"))
-        char_len[i] = len(tok.decode([i]))
-    byte_len[[EOT_ID, END_ID]] = char_len[[EOT_ID, END_ID]] = 1
-    byte_len[UNK_ID], char_len[UNK_ID] = UNK_BYTES, 1
-    counts = np.bincount(ids.astype(np.int64), minlength=tok.vocab_size)
-    return {"tokens": int(ids.size), "chars": int(counts @ char_len), "bytes": int(counts @ byte_len)}
+    counts = np.bincount(ids, minlength=tok.vocab_size)
+    chars = bytes_ = int(counts[EOT_ID] + counts[END_ID])
+    chars, bytes_ = chars + int(counts[UNK_ID]), bytes_ + UNK_BYTES * int(counts[UNK_ID])
+    special = np.asarray(sorted(tok.special_ids.values()), dtype=np.int64)
+    if tok.type == "char":  # one character per id: a table of lengths
+        byte_len = np.zeros(tok.vocab_size, dtype=np.int64)
+        for i in range(len(special), tok.vocab_size):
+            byte_len[i] = len(tok.decode([i]).encode("utf-8"))
+        text = counts.copy()
+        text[special] = 0
+        chars, bytes_ = chars + int(text.sum()), bytes_ + int(counts @ byte_len)
+    else:  # a subword's characters depend on its neighbours: decode the text between special tokens
+        for piece in np.split(ids, np.flatnonzero(np.isin(ids, special))):
+            piece = piece[1:] if piece.size and piece[0] in special else piece
+            if piece.size:
+                text = tok.decode(piece)
+                chars, bytes_ = chars + len(text), bytes_ + len(text.encode("utf-8"))
+    return {"tokens": int(ids.size), "chars": chars, "bytes": bytes_}
 
 
 def split_loss(bot, data, split: str = "val", batch_size: int = 16) -> dict[str, Any]:
@@ -142,7 +149,8 @@ def split_messages(data, split: str) -> list[list[dict]]:
         for j, marker in enumerate(inside):
             end = inside[j + 1] if j + 1 < len(inside) else start + length
             body = ids[marker + 1:end - 1].tolist()  # text between the role marker and <|end|>
-            text = "".join("\ufffd" if i == UNK_ID else data.tokenizer.decode([i]) for i in body)
+            pieces = np.split(np.asarray(body, dtype=np.int64), np.flatnonzero(np.asarray(body) == UNK_ID))
+            text = "\ufffd".join(data.tokenizer.decode(p[1:] if k else p) for k, p in enumerate(pieces))
             messages.append({"role": role_of[int(ids[marker])], "content": text})
         conversations.append(messages)
     return conversations

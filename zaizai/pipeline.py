@@ -13,7 +13,7 @@ from .device import resolve_device
 from .errors import ZaizaiError
 from .generate import SamplingConfig, generate_ids
 from .models import ModelConfig, build_model
-from .tokenizer import EOT_ID, UNK_ID, load_tokenizer
+from .tokenizer import EOT_ID, load_tokenizer
 
 
 class Zaizai:
@@ -39,7 +39,7 @@ class Zaizai:
 
     def unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the tokenizer does not know (they become the unknown token)."""
-        return sorted({ch for ch, i in zip(text, self.tokenizer.encode(text)) if i == UNK_ID})
+        return self.tokenizer.unknown_chars(text)
 
     @property
     def is_chat_model(self) -> bool:

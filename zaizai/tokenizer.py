@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 EOT_ID, UNK_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = range(len(SPECIAL_TOKENS))
 
-TOKENIZER_TYPES = ("char", "bpe")  # what load_tokenizer knows
+TOKENIZER_TYPES = ("char", "bpe", "hf")  # what load_tokenizer knows
 _FORMAT_VERSION = 1
 
 
@@ -126,6 +127,10 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         """Encode ``text`` into a list of ids, one per character; unknown characters -> UNK_ID."""
         return self.encode_array(text).tolist()
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """The characters of ``text`` outside the vocabulary (they encode to ``<|unk|>``)."""
+        return sorted({ch for ch, i in zip(text, self.encode_array(text).tolist()) if i == UNK_ID})
 
     def decode(self, ids: Any) -> str:
         """Turn ids back into text. Special ids decode to their marker string.
@@ -249,31 +254,137 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
+class HFTokenizer:
+    """Any Hugging Face ``tokenizers.Tokenizer`` whose ids 0..5 are special tokens in zaizai's roles.
+
+    This is what zaizai runs a subword vocabulary with: its own byte-level BPE (:class:`BPETokenizer`,
+    which adds training) and vocabularies imported with a Hugging Face model (``zaizai import-hf``:
+    a GPT-2 byte-level BPE, a BERT-style WordPiece as the Chinese GPT-2 checkpoints use, ...). Those
+    are laid out on import so that ids 0..5 play the roles of ``SPECIAL_TOKENS`` (document separator,
+    unknown, system, user, assistant, end of turn), whatever their text is (``[CLS]`` may be id 0).
+
+    Special tokens never come out of ``encode``: text that looks like a marker stays text. Other
+    special tokens of an imported vocabulary (``[SEP]``, ``[PAD]``) are in ``special_ids`` too, so
+    streaming shows them as nothing.
+    """
+
+    def __init__(self, hf_tokenizer: Any):
+        """``hf_tokenizer``: a ``tokenizers.Tokenizer`` whose ids 0..5 are special added tokens."""
+        self.hf = hf_tokenizer
+        self.hf.encode_special_tokens = True  # marker look-alikes in text stay text
+        added = self.hf.get_added_tokens_decoder()
+        for i, name in enumerate(SPECIAL_TOKENS):
+            if i not in added or not added[i].special:
+                raise ValueError(f"id {i} ({name}'s role) is not a special token")
+        self.special_ids: dict[str, int] = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
+        for i, token in added.items():
+            if token.special and i >= len(SPECIAL_TOKENS):
+                self.special_ids.setdefault(token.content, i)
+        decoder = json.loads(self.hf.to_str()).get("decoder") or {}
+        self._decoder_type = decoder.get("type")
+        self.type = "bpe" if self._decoder_type == "ByteLevel" else "hf"
+        self.dtype: np.dtype = storage_dtype(self.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=self.dtype)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode several texts at once (in parallel threads inside ``tokenizers``)."""
+        encodings = self.hf.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """The characters of ``text`` that encode to the unknown token (none for a byte-level BPE)."""
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return sorted({ch for i, (a, b) in zip(enc.ids, enc.offsets) if i == UNK_ID for ch in text[a:b]})
+
+    def decode(self, ids: Any) -> str:
+        """Ids back to text; special ids decode to their token text. An incomplete UTF-8 sequence
+        (a prefix of a character's bytes) decodes to U+FFFD. A WordPiece vocabulary puts spaces
+        between all pieces; the ones next to a CJK character are dropped (Chinese has none)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ZaizaiError(
+                f"token id {bad} is outside the vocabulary (size {self.vocab_size}); "
+                "the model and the tokenizer do not belong together"
+            )
+        text = self.hf.decode(ids, skip_special_tokens=False)
+        if self._decoder_type == "WordPiece":
+            text = _CJK_SPACE.sub("", text)
+        return text
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a special token name (zaizai's, like ``<|user|>``, or the vocabulary's own), or
+        of a token as the vocabulary spells it."""
+        i = self.special_ids.get(token)
+        if i is None:
+            i = self.hf.token_to_id(token)
+        if i is None:
+            raise ZaizaiError(f"{token!r} is not a token of this vocabulary")
+        return i
+
+    def id_to_token(self, token_id: int) -> str:
+        """One id's text (a special marker, or the text it stands for; U+FFFD for part of a
+        character)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ZaizaiError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return self.decode([token_id])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the Hugging Face ``tokenizer.json``, atomically."""
+        write_atomic(Path(path), (self.hf.to_str(pretty=True) + "\n").encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> HFTokenizer:
+        tok = load_tokenizer(path)
+        if not isinstance(tok, cls):
+            raise ZaizaiError(f"{path} is a {tok.type} tokenizer, not a {cls.__name__}")
+        return tok
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFTokenizer) and self.hf.to_str() == other.hf.to_str()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(type={self.type!r}, vocab_size={self.vocab_size})"
+
+
+# A space that WordPiece decoding puts next to a CJK character or full-width punctuation.
+_CJK = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+_CJK_SPACE = re.compile(f"(?<=[{_CJK}]) (?=\\S)|(?<=\\S) (?=[{_CJK}])")
+
+
 # Pieces the BPE sees before its byte mapping (module doc). Together the alternatives match any
 # character; ``isolated`` keeps whatever they do not match too, so no text is ever dropped.
 BPE_SPLIT_PATTERN = r"\p{Han}{1,8}|[^\p{Han}\s\p{P}\p{S}]{1,16}|\s{1,16}|[\p{P}\p{S}]{1,4}"
 MIN_BPE_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and every byte
 
 
-class BPETokenizer:
-    """A byte-level BPE trained with Hugging Face ``tokenizers``; lossless for any Unicode text.
+class BPETokenizer(HFTokenizer):
+    """zaizai's byte-level BPE, trained with Hugging Face ``tokenizers``; lossless for any Unicode text.
 
     Ids 0..5 are the special tokens (as for :class:`CharTokenizer`), then the 256 bytes, then
-    the merges. Special tokens never come out of ``encode``: a user typing "<|user|>" gets the
-    tokens of that text. There is no ``<|unk|>`` in practice: every byte has a token.
+    the merges. There is no ``<|unk|>`` in practice: every byte has a token.
     """
 
-    type = "bpe"
-
     def __init__(self, hf_tokenizer: Any):
-        """``hf_tokenizer``: a ``tokenizers.Tokenizer`` laid out as :meth:`train` makes one."""
-        self.hf = hf_tokenizer
-        self.hf.encode_special_tokens = True  # marker look-alikes in text stay text
-        self.special_ids: dict[str, int] = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
-        for name, i in self.special_ids.items():
-            if self.hf.token_to_id(name) != i:
-                raise ValueError(f"special token {name} does not have id {i}")
-        self.dtype: np.dtype = storage_dtype(self.vocab_size)
+        super().__init__(hf_tokenizer)
+        if self.type != "bpe":
+            raise ValueError("not a byte-level BPE")
 
     @staticmethod
     def _empty() -> Any:
@@ -315,73 +426,8 @@ class BPETokenizer:
         hf.train_from_iterator(texts, trainer=trainer)
         return cls(hf)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=self.dtype)
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Encode several texts at once (in parallel threads inside ``tokenizers``)."""
-        encodings = self.hf.encode_batch(texts, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
-
-    def decode(self, ids: Any) -> str:
-        """Ids back to text; special ids decode to their marker. An incomplete UTF-8 sequence
-        (a prefix of a character's bytes) decodes to U+FFFD."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            ids = [ids]
-        ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ZaizaiError(
-                f"token id {bad} is outside the vocabulary (size {self.vocab_size}); "
-                "the model and the tokenizer do not belong together"
-            )
-        return self.hf.decode(ids, skip_special_tokens=False)
-
-    def token_to_id(self, token: str) -> int:
-        """The id of a special token name, or of a token in its byte-level spelling."""
-        i = self.hf.token_to_id(token)
-        if i is None:
-            raise ZaizaiError(f"{token!r} is not a token of this vocabulary")
-        return i
-
-    def id_to_token(self, token_id: int) -> str:
-        """One id's text (a special marker, or the bytes it stands for; U+FFFD for part of a
-        character)."""
-        if not 0 <= token_id < self.vocab_size:
-            raise ZaizaiError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
-        return self.decode([token_id])
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the Hugging Face ``tokenizer.json``, atomically."""
-        write_atomic(Path(path), (self.hf.to_str(pretty=True) + "\n").encode("utf-8"))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
-        tok = load_tokenizer(path)
-        if not isinstance(tok, cls):
-            raise ZaizaiError(f"{path} is a {tok.type} tokenizer, not a BPE tokenizer")
-        return tok
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BPETokenizer) and self.hf.to_str() == other.hf.to_str()
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size})"
-
-
-Tokenizer = CharTokenizer | BPETokenizer
+Tokenizer = CharTokenizer | HFTokenizer
 
 
 def hf_tokenizer_config() -> dict[str, Any]:
@@ -398,23 +444,27 @@ def hf_tokenizer_config() -> dict[str, Any]:
 
 
 def tokenizer_type(data: Any) -> str | None:
-    """"char" or "bpe" for a parsed tokenizer file zaizai can read, else None."""
+    """"char", "bpe" or "hf" for a parsed tokenizer file zaizai can read, else None.
+
+    "char": zaizai's character vocabulary; "bpe": a byte-level BPE; "hf": another Hugging Face
+    tokenizer (imported with a model, e.g. a WordPiece), run through :class:`HFTokenizer`.
+    """
     if not isinstance(data, dict):
         return None
     if data.get("type") == "char":  # zaizai's own format before the Hugging Face one
         return "char"
     model = data.get("model")
-    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), (dict, list)):
         return None
-    if data.get("pre_tokenizer") is None and not model.get("merges"):
+    if model.get("type") == "BPE" and data.get("pre_tokenizer") is None and not model.get("merges"):
         return "char"
-    if isinstance(data.get("decoder"), dict) and data["decoder"].get("type") == "ByteLevel":
+    if model.get("type") == "BPE" and (data.get("decoder") or {}).get("type") == "ByteLevel":
         return "bpe"
-    return None
+    return "hf" if isinstance(data.get("added_tokens"), list) else None
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a saved tokenizer of any known type (char or bpe; see the module doc)."""
+    """Load a saved tokenizer of any known type (char, bpe or hf; see the module doc)."""
     path = Path(path)
     data = _read_json(path)
     kind = tokenizer_type(data)
@@ -422,13 +472,20 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         if "type" in data:
             return CharTokenizer.from_dict(data, source=str(path))
         return CharTokenizer.from_hf_dict(data, source=str(path))
-    if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
+    if kind in ("bpe", "hf"):
+        from tokenizers import Tokenizer as RawTokenizer
 
         try:
-            return BPETokenizer(HFTokenizer.from_str(json.dumps(data)))
+            raw = RawTokenizer.from_str(json.dumps(data))
         except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
             raise ZaizaiError(f"{path} is damaged ({err}); run `zaizai prepare` again") from None
+        try:
+            return BPETokenizer(raw) if kind == "bpe" else HFTokenizer(raw)
+        except ValueError as err:
+            raise ZaizaiError(
+                f"{path} is not laid out for zaizai ({err}); make it with `zaizai prepare` or "
+                "bring a Hugging Face model in with `zaizai import-hf`"
+            ) from None
     old = data.get("type") if isinstance(data, dict) else None
     if old is not None:
         raise ZaizaiError(
