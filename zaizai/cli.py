@@ -155,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--threads", type=int, default=None, help="CPU threads (0 = PyTorch's choice)")
     mp.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
 
+    xp = sub.add_parser("export", help="write a gpt for other tools: a Hugging Face folder or a GGUF file (llama.cpp)")
+    xp.add_argument("out_dir", help="folder written by `zaizai train` (or `zaizai import-hf`)")
+    xp.add_argument("--format", required=True, choices=["hf", "gguf"],
+                    help="hf: a transformers GPT2LMHeadModel folder; gguf: one file for llama.cpp / ollama")
+    xp.add_argument("--to", required=True, help="folder (hf) or file (gguf) to write")
+    xp.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="gguf weights (default f16)")
+    xp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --to folder (hf)")
+
+    ip = sub.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a zaizai model folder")
+    ip.add_argument("hf_dir", help="folder with config.json, model.safetensors and the tokenizer files")
+    ip.add_argument("--out", required=True, help="zaizai model folder to write")
+    ip.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+
     vp = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a chat page in the browser")
     vp.add_argument("out_dir", help="folder written by `zaizai train`")
     vp.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -355,6 +368,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    if args.format == "hf":
+        from .interop.hf import export_hf
+
+        export_hf(args.out_dir, args.to, overwrite=args.overwrite)
+    else:
+        from .interop.gguf import export_gguf
+
+        export_gguf(args.out_dir, args.to, dtype=args.dtype)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from .interop.hf import import_hf
+
+    import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .server import serve
 
@@ -365,4 +397,4 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "demo": cmd_demo,
             "eval": cmd_eval, "report": cmd_report, "attention": cmd_attention, "compare": cmd_compare,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "export": cmd_export, "import-hf": cmd_import_hf}

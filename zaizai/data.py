@@ -786,7 +786,7 @@ def _write_files(
             data = array.astype(little_endian, copy=False)
         write_atomic(out_dir / name, data)
     tokenizer.save(out_dir / TOKENIZER_FILE)
-    config = json.dumps(hf_tokenizer_config(), ensure_ascii=False, indent=2) + "\n"
+    config = json.dumps(hf_tokenizer_config(tokenizer), ensure_ascii=False, indent=2) + "\n"
     write_atomic(out_dir / TOKENIZER_CONFIG_FILE, config.encode("utf-8"))
     meta_json = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
     write_atomic(out_dir / META_FILE, meta_json.encode("utf-8"))

@@ -430,17 +430,27 @@ class BPETokenizer(HFTokenizer):
 Tokenizer = CharTokenizer | HFTokenizer
 
 
-def hf_tokenizer_config() -> dict[str, Any]:
-    """``tokenizer_config.json`` for transformers: no marker matching in text, no space cleanup."""
+def hf_tokenizer_config(tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """``tokenizer_config.json`` for transformers: no marker matching in text, no space cleanup.
+    The special tokens' texts are ``tokenizer``'s (an imported vocabulary may call id 0 ``[CLS]``)."""
+    names = list(SPECIAL_TOKENS) if tokenizer is None else special_token_texts(tokenizer)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": SPECIAL_TOKENS[EOT_ID],
-        "unk_token": SPECIAL_TOKENS[UNK_ID],
-        "additional_special_tokens": list(SPECIAL_TOKENS[SYSTEM_ID:]),
+        "eos_token": names[EOT_ID],
+        "unk_token": names[UNK_ID],
+        "additional_special_tokens": names[SYSTEM_ID:],
         "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
     }
+
+
+def special_token_texts(tokenizer: Tokenizer) -> list[str]:
+    """The texts of ids 0..5 in ``tokenizer``'s vocabulary (zaizai's markers, or an imported
+    vocabulary's own tokens in those roles, such as ``[CLS]`` and ``[UNK]``)."""
+    if isinstance(tokenizer, HFTokenizer):
+        return [tokenizer.hf.id_to_token(i) for i in range(len(SPECIAL_TOKENS))]
+    return list(SPECIAL_TOKENS)
 
 
 def tokenizer_type(data: Any) -> str | None:
