@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.zaizai-installed
 TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 
-.PHONY: setup test demo bench clean fonts browser
+.PHONY: setup test demo bench clean fonts browser llama
 
 setup: $(STAMP)
 
@@ -40,7 +40,22 @@ browser:
 	  echo "note: could not install chromium and chromium-driver; the browser test will skip"; \
 	else echo "note: no chromium/chromedriver; install Debian's chromium and chromium-driver for the browser test"; fi
 
-test: setup fonts browser
+# llama.cpp's Python binding, the peer the GGUF export test runs against (tests/test_gguf.py). PyPI has it as
+# source only: it compiles llama.cpp, about 4-5 minutes on 2 cores, once per .venv. Portable build (no -march=native).
+# If it cannot be built here, a note, and that test skips saying why (delete $(LLAMA_STAMP) to try again).
+LLAMA_STAMP := $(VENV)/.llama-tried
+LLAMA       ?= llama-cpp-python==0.3.36
+
+llama: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	@echo "building $(LLAMA) (compiles llama.cpp, a few minutes, once) ..."
+	@CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install --quiet "$(LLAMA)" >$(VENV)/llama-build.log 2>&1 \
+	  || echo "note: could not build $(LLAMA) (see $(VENV)/llama-build.log); the llama.cpp test will skip"
+	@touch $(LLAMA_STAMP)
+
+test: setup fonts browser llama
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) tests
 
 demo: setup

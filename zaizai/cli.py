@@ -258,8 +258,8 @@ def cmd_chat(args) -> int:
     bot = load(args.out_dir, which=args.checkpoint, device=args.device)
     session = ChatSession(bot, system=args.system, sampling=sampling)
     if not session.is_chat_model:
-        print("注意 note: this model was trained on plain text, not dialogues: it continues what you type "
-              "(completion mode)", file=sys.stderr)
+        print("注意 note: this model was not trained on dialogues: it continues what you type (completion mode); "
+              "fine-tune it on dialogues with `zaizai train DATA --init-from MODEL`", file=sys.stderr)
     if args.message:
         for message in args.message:
             print(session.say(message), flush=True)
