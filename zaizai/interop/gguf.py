@@ -202,7 +202,7 @@ def _vocab(tokenizer, *, chat: bool) -> dict[str, Any]:
     else:
         what = "imported Hugging Face" if kind == "hf" else str(kind)
         raise ZaizaiError(f"llama.cpp has no tokenizer that works like this model's {what} tokenizer; GGUF export "
-                          "supports the char tokenizer and byte-level BPEs")
+                          "supports the char tokenizer and byte-level BPEs (use --format hf for this one)")
     tokens = vocab["tokens"]
     if len(set(tokens)) != len(tokens):  # llama.cpp aborts on a repeated token text
         raise ZaizaiError("the tokenizer has two tokens with the same text; llama.cpp cannot load that")
