@@ -137,18 +137,7 @@ class CharTokenizer:
 
         ``ids``: a list of ints, a 1-D numpy array or a 1-D torch tensor (on any device).
         """
-        if hasattr(ids, "tolist"):  # numpy array or torch tensor
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            ids = [ids]
-        ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ZaizaiError(
-                f"token id {bad} is outside the vocabulary (size {self.vocab_size}); "
-                "the model and the tokenizer do not belong together"
-            )
-        return "".join([self._itos[i] for i in ids])
+        return "".join([self._itos[i] for i in _id_list(ids, self.vocab_size)])
 
     def token_to_id(self, token: str) -> int:
         """The id of a special token name (``"<|user|>"``) or of a single known character."""
@@ -309,18 +298,7 @@ class HFTokenizer:
         """Ids back to text; special ids decode to their token text. An incomplete UTF-8 sequence
         (a prefix of a character's bytes) decodes to U+FFFD. A WordPiece vocabulary puts spaces
         between all pieces; the ones next to a CJK character are dropped (Chinese has none)."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            ids = [ids]
-        ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ZaizaiError(
-                f"token id {bad} is outside the vocabulary (size {self.vocab_size}); "
-                "the model and the tokenizer do not belong together"
-            )
-        text = self.hf.decode(ids, skip_special_tokens=False)
+        text = self.hf.decode(_id_list(ids, self.vocab_size), skip_special_tokens=False)
         if self._decoder_type == "WordPiece":
             text = _CJK_SPACE.sub("", text)
         return text
@@ -503,6 +481,21 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             "(upgrade zaizai, or run `zaizai prepare` again)"
         )
     raise ZaizaiError(f"{path} is not a zaizai tokenizer file; run `zaizai prepare` to make one")
+
+
+def _id_list(ids: Any, vocab_size: int) -> list[int]:
+    """``ids`` (an int, a list, a 1-D numpy array or torch tensor on any device) as a list of ints,
+    checked to lie in the vocabulary."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ZaizaiError(
+            f"token id {bad} is outside the vocabulary (size {vocab_size}); "
+            "the model and the tokenizer do not belong together"
+        )
+    return ids
 
 
 def _hf_added_tokens() -> list[dict[str, Any]]:
