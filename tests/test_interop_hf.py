@@ -33,10 +33,12 @@ def _write_dialogues(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, one_thread):
-    """Three small trained gpts: a char chat model, a plain BPE model, and a plain char model without biases."""
+    """Small trained models: char and BPE chat gpts, a plain BPE gpt, a plain char gpt without biases, an rnn."""
     tmp = tmp_path_factory.mktemp("hf")
     zaizai.prepare([_write_dialogues(tmp / "d.jsonl")], tmp / "chat_data", verbose=False)
     zaizai.train(tmp / "chat_data", tmp / "chat", max_iters=60, verbose=False, **{**TINY, "block_size": 32})
+    zaizai.prepare([tmp / "d.jsonl"], tmp / "bpechat_data", tokenizer="bpe", vocab_size=300, verbose=False)
+    zaizai.train(tmp / "bpechat_data", tmp / "bpechat", max_iters=10, verbose=False, **{**TINY, "block_size": 64})
     corpus = write_corpus(tmp / "corpus.txt")
     zaizai.prepare([corpus], tmp / "bpe_data", tokenizer="bpe", vocab_size=300, verbose=False)
     zaizai.train(tmp / "bpe_data", tmp / "bpe", max_iters=30, verbose=False, **TINY)
@@ -81,9 +83,10 @@ def test_exported_model_equals_zaizai_in_transformers(models, name, tmp_path):
         assert tok.decode(out) == "你好，我是崽崽。" == bot.tokenizer.decode(ours)
 
 
-def test_chat_template_renders_as_zaizai(models, tmp_path):
-    bot = zaizai.load(models / "chat")
-    export_hf(models / "chat", tmp_path / "hf", verbose=False)
+@pytest.mark.parametrize("name", ["chat", "bpechat"])
+def test_chat_template_renders_as_zaizai(models, tmp_path, name):
+    bot = zaizai.load(models / name)
+    export_hf(models / name, tmp_path / "hf", verbose=False)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     conversations = [
         [{"role": "user", "content": "你好"}],
