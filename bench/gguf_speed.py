@@ -1,0 +1,139 @@
+"""Generation speed after `zaizai export --format gguf`: llama.cpp (through llama-cpp-python) next to zaizai itself.
+
+    .venv/bin/python bench/gguf_speed.py                 # three sizes, 2 threads
+    .venv/bin/python bench/gguf_speed.py --threads 1
+
+For GPTs of 4 layers/128 wide, 6/384 and 12/768 (GPT-2 small's body) with random weights, block_size 1024 and
+the Tang corpus's character vocabulary (9,706 tokens; 8,000 made-up characters when the corpus is absent):
+each model is saved as a zaizai folder, exported with :func:`zaizai.interop.gguf.export_gguf` as F32 and F16,
+and both run greedy generation of ``--new-tokens`` (500) at batch 1 after a ``--prompt-tokens`` (200) history.
+
+- zaizai: :func:`zaizai.generate.generate_ids` (KV cache, fp32, temperature 0).
+- llama.cpp: ``Llama.generate(prompt_ids, temp=0)`` (its greedy sampler; KV cache in F16, its default).
+
+tokens/s counts the new tokens over the whole call, prompt processing included. Rounds alternate the order; the
+median round is reported. "same" is the share of generated tokens equal to zaizai's (F16 weights, and llama.cpp's
+F16 KV cache, may flip near-ties on random weights, after which the texts part ways).
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zaizai.checkpoint import BEST, save_checkpoint
+from zaizai.config import TrainConfig
+from zaizai.generate import SamplingConfig, generate_ids
+from zaizai.interop.gguf import export_gguf
+from zaizai.models import ModelConfig, build_model
+from zaizai.tokenizer import CharTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TANG = REPO.parent / "shared" / "corpora" / "tang.txt.xz"
+SIZES = [(4, 4, 128), (6, 6, 384), (12, 12, 768)]  # (n_layer, n_head, n_embd)
+
+
+def tokenizer() -> tuple[CharTokenizer, str]:
+    if TANG.exists():
+        with lzma.open(TANG, "rt", encoding="utf-8") as f:
+            return CharTokenizer.from_text(f.read()), "Tang"
+    return CharTokenizer(chr(0x4E00 + i) for i in range(8000 - 6)), "made-up"
+
+
+def model_folder(folder: Path, tok: CharTokenizer, n_layer: int, n_head: int, n_embd: int, block_size: int):
+    cfg = ModelConfig(model="gpt", vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                      n_embd=n_embd, dropout=0.0, bias=True)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    folder.mkdir(parents=True)
+    tok.save(folder / "tokenizer.json")
+    save_checkpoint(folder / BEST, model, model_config=cfg.to_dict(), train_config=TrainConfig().to_dict(),
+                    state={"step": 0})
+    return model
+
+
+def run_zaizai(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = list(generate_ids(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=n)))
+    return time.perf_counter() - start, out
+
+
+def run_llama(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    llm.reset()
+    out: list[int] = []
+    start = time.perf_counter()
+    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if len(out) == n:
+            break
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--new-tokens", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    from llama_cpp import Llama
+
+    torch.set_num_threads(args.threads)
+    tok, source = tokenizer()
+    block = 1024
+    g = torch.Generator().manual_seed(1)
+    prompt = [0] + torch.randint(6, tok.vocab_size, (args.prompt_tokens - 1,), generator=g).tolist()
+    print(f"vocab {tok.vocab_size} ({source}) · prompt {args.prompt_tokens} · new {args.new_tokens} · "
+          f"threads {args.threads} · median of {args.rounds} rounds")
+    print(f"{'model':>10} | {'zaizai tok/s':>12} | {'llama.cpp F32':>13} | {'F32 same':>8} | "
+          f"{'llama.cpp F16':>13} | {'F16 same':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_layer, n_head, n_embd in SIZES:
+            folder = Path(tmp) / f"{n_layer}x{n_embd}"
+            model = model_folder(folder, tok, n_layer, n_head, n_embd, block)
+            llms = {}
+            for dtype in ("f32", "f16"):
+                path = Path(tmp) / f"{n_layer}x{n_embd}-{dtype}.gguf"
+                export_gguf(folder, path, dtype=dtype, verbose=False)
+                llms[dtype] = Llama(model_path=str(path), n_ctx=block, n_batch=512, n_threads=args.threads,
+                                    n_threads_batch=args.threads, verbose=False)
+            times: dict[str, list[float]] = {"zaizai": [], "f32": [], "f16": []}
+            outs: dict[str, list[int]] = {}
+            run_zaizai(model, prompt, 8)  # warm up
+            for llm in llms.values():
+                run_llama(llm, prompt, 8)
+            for r in range(args.rounds):
+                order = ["zaizai", "f32", "f16"] if r % 2 == 0 else ["f16", "f32", "zaizai"]
+                for name in order:
+                    if name == "zaizai":
+                        t, out = run_zaizai(model, prompt, args.new_tokens)
+                    else:
+                        t, out = run_llama(llms[name], prompt, args.new_tokens)
+                    times[name].append(t)
+                    outs[name] = out
+            speed = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
+
+            def same(name: str) -> str:
+                agree = 0
+                for a, b in zip(outs[name], outs["zaizai"]):
+                    if a != b:
+                        break
+                    agree += 1
+                return f"{agree / args.new_tokens:.0%}"
+
+            print(f"{n_layer:>2}L/{n_embd:<4}d | {speed['zaizai']:>12,.0f} | {speed['f32']:>8,.0f} {speed['f32'] / speed['zaizai']:>3.1f}x |"
+                  f" {same('f32'):>8} | {speed['f16']:>8,.0f} {speed['f16'] / speed['zaizai']:>3.1f}x | {same('f16'):>8}",
+                  flush=True)
+            for llm in llms.values():
+                llm.close()
+
+
+if __name__ == "__main__":
+    main()
