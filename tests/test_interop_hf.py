@@ -128,7 +128,7 @@ def test_export_refuses_rnn_and_keeps_existing_folders(models, tmp_path):
 
 BERT_VOCAB = (["[PAD]", "[unused1]", "[unused2]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
               + list("，。！？的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你会生天好明月光床前")
-              + ["hello", "world", "##s", "zai", "##zai"])
+              + ["hello", "world", "##s", "zai", "##zai", "好"])  # a repeated line, as some vocab.txt files have
 
 
 def _random_gpt2(folder: Path, vocab_size: int, seed: int = 0):
@@ -171,7 +171,7 @@ def test_import_bert_vocabulary_gpt2_computes_the_same(bert_gpt2, tmp_path):
         ours = bot.model(torch.tensor([new_ids]))[0][0]
         theirs = hf(torch.tensor([[hf_tok.cls_token_id] + old_ids])).logits[0]
     known = [i for i in range(tok.vocab_size) if tok.hf.id_to_token(i) in hf_tok.get_vocab()]
-    assert len(known) == len(BERT_VOCAB)  # 4 new markers, 3 padding rows dropped
+    assert len(known) == len(set(BERT_VOCAB))  # 4 new markers; 3 padding rows and the repeat's first row dropped
     diff = (ours[:, known] - theirs[:, [old_of_new[i] for i in known]]).abs().max().item()
     assert diff < 1e-4
 

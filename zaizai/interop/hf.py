@@ -342,9 +342,7 @@ def _read_tokenizer(src: Path) -> tuple[Any, dict[str, Any]]:
             raise ZaizaiError(f"{src}/tokenizer.json cannot be read ({e})") from None
     if (src / "vocab.txt").is_file():  # BERT-style WordPiece, as the Chinese GPT-2 checkpoints have
         lines = (src / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        vocab = {}
-        for i, token in enumerate(lines):
-            vocab.setdefault(token, i)
+        vocab = {token: i for i, token in enumerate(lines)}  # a repeated line: the last id wins, as in transformers
         unk = roles.get("unk_token", "[UNK]")
         if unk not in vocab:
             raise ZaizaiError(f"{src}/vocab.txt has no {unk} token; is it a BERT vocabulary?")
@@ -377,11 +375,9 @@ def _zaizai_layout(raw: Any, roles: dict[str, Any]) -> tuple[Tokenizer, list[int
     from tokenizers import Tokenizer as RawTokenizer
 
     data = json.loads(raw.to_str())
-    size = raw.get_vocab_size(with_added_tokens=True)
-    old_tokens = [raw.id_to_token(i) for i in range(size)]
-    if any(t is None for t in old_tokens):
-        raise ZaizaiError("the tokenizer's ids are not 0..n-1 without gaps; zaizai cannot lay it out")
-    old_id = {t: i for i, t in enumerate(old_tokens)}
+    size = max(raw.get_vocab(with_added_tokens=True).values()) + 1
+    old_tokens = [raw.id_to_token(i) for i in range(size)]  # None where no token has the id (never produced)
+    old_id = {t: i for i, t in enumerate(old_tokens) if t is not None}
 
     def first(*candidates) -> int | None:
         for c in candidates:
@@ -399,7 +395,7 @@ def _zaizai_layout(raw: Any, roles: dict[str, Any]) -> tuple[Tokenizer, list[int
     for i in wanted:
         slots.append(i if i is not None and i not in slots else -1)
     taken = set(slots)
-    order = slots + [i for i in range(size) if i not in taken]
+    order = slots + [i for i in range(size) if i not in taken and old_tokens[i] is not None]
     new_id = {old: new for new, old in enumerate(order) if old >= 0}
     slot_text = [old_tokens[o] if o >= 0 else SPECIAL_TOKENS[k] for k, o in enumerate(slots)]
     if len(set(slot_text)) < len(slot_text) or any(o < 0 and t in old_id for o, t in zip(slots, slot_text)):
