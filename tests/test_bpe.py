@@ -11,7 +11,7 @@ from conftest import TINY_DOCUMENTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
-from util import TINY, write_corpus
+from util import TINY, write_corpus, write_pairs
 
 from zaizai.data import TokenData, prepare
 from zaizai.errors import ZaizaiError
@@ -133,10 +133,7 @@ def test_bpe_dialogues_render_each_message_on_its_own(tmp_path):
 
     pairs = [("你好", "你好，我是崽崽。"), ("今天天气怎么样？", "晴天，适合出去走走。"), ("晚安", "晚安，做个好梦。"),
              ("你会写诗吗？", "床前明月光，疑是地上霜。"), ("谢谢", "不客气。")] * 6
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}, ensure_ascii=False)
-                            + "\n" for q, a in pairs), "utf-8")
+    path = write_pairs(tmp_path / "d.jsonl", pairs)
     meta = prepare([path], tmp_path / "data", tokenizer="bpe", vocab_size=300, verbose=False)
     assert meta["tokenizer"] == "bpe" and meta["kind"] == "dialogue"
     data = TokenData(tmp_path / "data")

@@ -1,6 +1,5 @@
 """Chat: the prompt is the training rendering, history fits the budget, the CLI answers through stdin."""
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +10,7 @@ from zaizai.dialogue import render_conversation
 from zaizai.errors import ZaizaiError
 from zaizai.generate import SamplingConfig
 from zaizai.tokenizer import ASSISTANT_ID, USER_ID, CharTokenizer
-from util import TINY, run_cli
+from util import TINY, run_cli, write_dialogues
 
 DIALOGUES = [
     [("你好", "你好，我是崽崽。"), ("你会什么", "我会聊天。")],
@@ -22,15 +21,7 @@ DIALOGUES = [
 
 
 def write_jsonl(path, copies=10):
-    lines = []
-    for _ in range(copies):
-        for turns in DIALOGUES:
-            messages = []
-            for user, bot in turns:
-                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": bot}]
-            lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_dialogues(path, DIALOGUES * copies)
 
 
 def fake_bot(block_size=40):
@@ -85,13 +76,16 @@ def test_set_changes_sampling_and_refuses_nonsense():
         session.set("top_p", "2")
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("chat")
-    corpus = write_jsonl(tmp / "chat.jsonl")
-    zaizai.prepare([corpus], tmp / "data", val_fraction=0.2, verbose=False)
+def train_chat_model(tmp):
+    """A tiny chat model trained on DIALOGUES until it knows them; returns its folder."""
+    zaizai.prepare([write_jsonl(tmp / "chat.jsonl")], tmp / "data", val_fraction=0.2, verbose=False)
     zaizai.train(tmp / "data", tmp / "out", max_iters=60, verbose=False, **dict(TINY, block_size=32, lr=1e-2))
     return tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return train_chat_model(tmp_path_factory.mktemp("chat"))
 
 
 def test_chat_cli_answers_lines_on_stdin(chat_model):

@@ -7,10 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
-from util import LINES, TINY, write_corpus
+from util import LINES, TINY, run_cli, write_corpus, write_pairs
 
 import zaizai
 from zaizai.dialogue import render_conversation
@@ -27,7 +28,6 @@ from zaizai.tokenizer import (
     CharTokenizer,
 )
 
-gguf = pytest.importorskip("gguf")
 
 MODEL = dict(TINY, block_size=32, n_layer=2, n_head=2, n_embd=32)
 CONVERSATION = [{"role": "system", "content": "你是崽崽"}, {"role": "user", "content": "你好"},
@@ -49,10 +49,7 @@ def models(tmp_path_factory, one_thread):
     spaced = tmp / "spaced.txt"
     spaced.write_text(write_corpus(tmp / "plain.txt").read_text(encoding="utf-8").replace("明月", "明 月"),
                       encoding="utf-8")
-    chat = tmp / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
-                                       ensure_ascii=False) + "\n" for q, a in zip(LINES[::2], LINES[1::2])) * 10,
-                    encoding="utf-8")
+    chat = write_pairs(tmp / "chat.jsonl", list(zip(LINES[::2], LINES[1::2])) * 10)
     return {
         "char": _train(tmp, "char", corpus=spaced),
         "bpe": _train(tmp, "bpe", tokenizer="bpe"),
@@ -112,6 +109,16 @@ def test_metadata_and_every_tensor_read_back(models, tmp_path, dtype):
         else:
             assert t.tensor_type == gguf.GGMLQuantizationType.F16, name
             np.testing.assert_array_equal(np.asarray(t.data), want.astype(np.float16), err_msg=name)
+
+
+def test_cli_export_with_dtype(models, tmp_path):
+    for dtype, file_type in (("f32", 0), (None, 1)):  # f16 by default
+        path = tmp_path / f"{dtype}.gguf"
+        r = run_cli("export", models["char"], "--format", "gguf", "--to", path, *(["--dtype", dtype] if dtype else []))
+        assert r.returncode == 0, r.stderr
+        assert _fields(path)[0]["general.file_type"] == file_type
+    r = run_cli("export", models["rnn"], "--format", "gguf", "--to", tmp_path / "rnn.gguf")
+    assert r.returncode == 2 and "rnn model" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_char_tokenizer_is_a_t5_vocabulary_of_single_characters(models, tmp_path):

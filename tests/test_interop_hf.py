@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import zaizai
 from zaizai.dialogue import render_conversation
@@ -15,27 +16,19 @@ from zaizai.errors import ZaizaiError
 from zaizai.generate import SamplingConfig
 from zaizai.interop.hf import export_hf, import_hf
 from zaizai.tokenizer import END_ID, EOT_ID
-from util import TINY, run_cli, write_corpus
+from util import TINY, run_cli, write_corpus, write_pairs
 
-transformers = pytest.importorskip("transformers")
 
 PAIRS = [("你好", "你好，我是崽崽。"), ("今天天气怎么样？", "晴天，适合出去走走。"), ("晚安", "晚安，做个好梦。"),
          ("谢谢", "不客气。"), ("你是谁", "我是崽崽，一个小模型。")] * 8
 TEXTS = ["你好", "床前明月光，疑是地上霜。", "Hello, zaizai! 123", "未见过的字：鑫🙂", "<|user|>不是标记", ""]
 
 
-def _write_dialogues(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}, ensure_ascii=False)
-                            + "\n" for q, a in PAIRS), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, one_thread):
     """Small trained models: char and BPE chat gpts, a plain BPE gpt, a plain char gpt without biases, an rnn."""
     tmp = tmp_path_factory.mktemp("hf")
-    zaizai.prepare([_write_dialogues(tmp / "d.jsonl")], tmp / "chat_data", verbose=False)
+    zaizai.prepare([write_pairs(tmp / "d.jsonl", PAIRS)], tmp / "chat_data", verbose=False)
     zaizai.train(tmp / "chat_data", tmp / "chat", max_iters=60, verbose=False, **{**TINY, "block_size": 32})
     zaizai.prepare([tmp / "d.jsonl"], tmp / "bpechat_data", tokenizer="bpe", vocab_size=300, verbose=False)
     zaizai.train(tmp / "bpechat_data", tmp / "bpechat", max_iters=10, verbose=False, **{**TINY, "block_size": 64})
@@ -182,10 +175,30 @@ def test_import_bert_vocabulary_gpt2_computes_the_same(bert_gpt2, tmp_path):
     assert "completion" in r.stderr
 
 
+def test_import_reads_sharded_weights_and_replaces_only_with_overwrite(bert_gpt2, tmp_path):
+    folder, hf, _ = bert_gpt2
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="50KB")  # model-0000k-of-0000n.safetensors + index
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            (sharded / name).write_bytes((folder / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    import_hf(folder, tmp_path / "one", verbose=False)
+    r = run_cli("import-hf", sharded, "--out", tmp_path / "one")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    r = run_cli("import-hf", sharded, "--out", tmp_path / "one", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    a = zaizai.load(tmp_path / "one")
+    assert a.state["imported_from"] == str(sharded.resolve())  # replaced by the sharded import
+    import_hf(folder, tmp_path / "two", verbose=False)
+    b = zaizai.load(tmp_path / "two")
+    assert all(torch.equal(t, b.model.state_dict()[k]) for k, t in a.model.state_dict().items())
+
+
 def test_imported_model_fine_tunes_on_dialogues_and_chats(bert_gpt2, tmp_path):
     folder, _, _ = bert_gpt2
     import_hf(folder, tmp_path / "base", verbose=False)
-    zaizai.prepare([_write_dialogues(tmp_path / "d.jsonl")], tmp_path / "sft", tokenizer=tmp_path / "base",
+    zaizai.prepare([write_pairs(tmp_path / "d.jsonl", PAIRS)], tmp_path / "sft", tokenizer=tmp_path / "base",
                    verbose=False)
     result = zaizai.train(tmp_path / "sft", tmp_path / "chat", init_from=str(tmp_path / "base"), max_iters=40,
                           lr=3e-3, batch_size=8, eval_interval=20, eval_iters=2, warmup_iters=2, threads=1,

@@ -23,8 +23,7 @@ import zaizai  # noqa: E402
 from zaizai.chat import ChatSession  # noqa: E402
 from zaizai.generate import SamplingConfig  # noqa: E402
 from zaizai.server import create_app  # noqa: E402
-from test_chat import write_jsonl  # noqa: E402
-from util import TINY  # noqa: E402
+from test_chat import train_chat_model  # noqa: E402
 
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
@@ -57,11 +56,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def bot(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    corpus = write_jsonl(tmp / "chat.jsonl")
-    zaizai.prepare([corpus], tmp / "data", val_fraction=0.2, verbose=False)
-    zaizai.train(tmp / "data", tmp / "out", max_iters=60, verbose=False, **dict(TINY, block_size=32, lr=1e-2))
-    return zaizai.load(tmp / "out")
+    return zaizai.load(train_chat_model(tmp_path_factory.mktemp("serve")))
 
 
 @pytest.fixture(scope="module")

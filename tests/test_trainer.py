@@ -10,7 +10,7 @@ import torch
 import zaizai
 from zaizai.checkpoint import BEST, LAST, load_checkpoint
 from zaizai.errors import ZaizaiError
-from util import TINY, prepared
+from util import TINY, prepared, write_pairs
 
 
 @pytest.fixture
@@ -149,18 +149,11 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path, data_dir)
 
 
 def test_pretrain_then_fine_tune_on_dialogues_keeps_the_tokenizer(tmp_path, data_dir):
-    import json as _json
-
     from zaizai.tokenizer import load_tokenizer
 
     base = tmp_path / "base"
     zaizai.train(data_dir, base, max_iters=10, verbose=False, **TINY)
-    dialogues = tmp_path / "chat.jsonl"
-    dialogues.write_text("\n".join(_json.dumps({"messages": [{"role": "user", "content": u},
-                                                             {"role": "assistant", "content": a}]},
-                                               ensure_ascii=False)
-                                   for u, a in [("床前", "明月光"), ("举头", "望明月"), ("低头", "思故乡")] * 5) + "\n",
-                         encoding="utf-8")
+    dialogues = write_pairs(tmp_path / "chat.jsonl", [("床前", "明月光"), ("举头", "望明月"), ("低头", "思故乡")] * 5)
     zaizai.prepare([dialogues], tmp_path / "sft", tokenizer=base, verbose=False)
     assert load_tokenizer(tmp_path / "sft" / "tokenizer.json") == load_tokenizer(base / "tokenizer.json")
     # a vanishing learning rate: the fine-tuned weights must be the pretrained ones

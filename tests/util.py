@@ -39,3 +39,22 @@ def run_cli(*args, input: str | None = None, timeout: float = 300, **popen) -> s
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "zaizai", *map(str, args)], input=input, capture_output=True,
                           text=True, encoding="utf-8", timeout=timeout, env=env, **popen)
+
+
+def write_dialogues(path: Path, dialogues) -> Path:
+    """A JSONL file of OpenAI-style conversations; ``dialogues``: lists of (user, assistant) exchanges."""
+    import json
+
+    lines = []
+    for exchanges in dialogues:
+        messages = []
+        for user, assistant in exchanges:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_pairs(path: Path, pairs) -> Path:
+    """A JSONL file of one-exchange conversations, one per (user, assistant) pair."""
+    return write_dialogues(path, [[pair] for pair in pairs])

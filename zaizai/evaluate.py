@@ -148,8 +148,8 @@ def split_messages(data, split: str) -> list[list[dict]]:
         messages = []
         for j, marker in enumerate(inside):
             end = inside[j + 1] if j + 1 < len(inside) else start + length
-            body = ids[marker + 1:end - 1].tolist()  # text between the role marker and <|end|>
-            pieces = np.split(np.asarray(body, dtype=np.int64), np.flatnonzero(np.asarray(body) == UNK_ID))
+            body = np.asarray(ids[marker + 1:end - 1], dtype=np.int64)  # text between the role marker and <|end|>
+            pieces = np.split(body, np.flatnonzero(body == UNK_ID))
             text = "\ufffd".join(data.tokenizer.decode(p[1:] if k else p) for k, p in enumerate(pieces))
             messages.append({"role": role_of[int(ids[marker])], "content": text})
         conversations.append(messages)

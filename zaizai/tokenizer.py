@@ -269,8 +269,7 @@ class HFTokenizer:
         for i, token in added.items():
             if token.special and i >= len(SPECIAL_TOKENS):
                 self.special_ids.setdefault(token.content, i)
-        decoder = json.loads(self.hf.to_str()).get("decoder") or {}
-        self._decoder_type = decoder.get("type")
+        self._decoder_type = type(self.hf.decoder).__name__ if self.hf.decoder is not None else None
         self.type = "bpe" if self._decoder_type == "ByteLevel" else "hf"
         self.dtype: np.dtype = storage_dtype(self.vocab_size)
 

@@ -59,10 +59,10 @@ import numpy as np
 from ..errors import ZaizaiError
 from ..fileio import atomic_path
 from ..tokenizer import BPE_SPLIT_PATTERN, END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID
+from .hf import LAYER_NORM_EPS, chat_template
 
 DTYPES = ("f16", "f32")
 ARCH = "gpt2"
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which zaizai's GPT uses
 
 # llama.cpp's pre-tokenizer for zaizai's byte-level BPE. zaizai cuts text into runs of at most 8 Han
 # characters, 16 other letters/digits, 16 whitespace characters or 4 punctuation marks/symbols
@@ -192,7 +192,6 @@ def _vocab(tokenizer, *, chat: bool) -> dict[str, Any]:
     import gguf
 
     from ..tokenizer import special_token_texts
-    from .hf import chat_template
 
     kind = getattr(tokenizer, "type", None)
     if kind == "char":

@@ -184,7 +184,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     from .. import __version__
     from ..checkpoint import BEST, save_checkpoint
     from ..config import TrainConfig
-    from ..models import ModelConfig, build_model
+    from ..models import build_model
 
     src = Path(src)
     if not src.is_dir():
@@ -255,7 +255,10 @@ def _model_config(config: dict[str, Any], src: Path):
     if config.get("model_type") != "gpt2":
         raise ZaizaiError(f"{src} holds a {config.get('model_type')!r} model; import-hf reads GPT-2 "
                           "(model_type \"gpt2\", GPT2LMHeadModel) checkpoints")
-    get = lambda *keys, default=None: next((config[k] for k in keys if config.get(k) is not None), default)  # noqa: E731
+
+    def get(*keys: str, default: Any = None) -> Any:  # the first of these keys config.json sets
+        return next((config[k] for k in keys if config.get(k) is not None), default)
+
     n_embd, n_layer, n_head = get("n_embd", "hidden_size"), get("n_layer", "num_hidden_layers"), get("n_head")
     n_positions = get("n_positions", "n_ctx")
     if not all(isinstance(v, int) and v > 0 for v in (n_embd, n_layer, n_head, n_positions, config.get("vocab_size"))):
