@@ -9,7 +9,7 @@ and the Tang-poetry corpus's vocabulary (its distinct characters + 6 special tok
 corpus is absent): greedy generation of ``--new-tokens`` tokens (500) at batch 1 after a
 ``--prompt-tokens`` (200) token history, a char tokenizer's 200 characters.
 
-- zaizai: :func:`zaizai.generate.generate_ids` (KV cache, temperature 0).
+- zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, temperature 0).
 - transformers: ``GPT2LMHeadModel.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`` with its
   own KV cache, SDPA attention, on a copy of the same weights (the four Conv1D weights transposed).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from zaizai.generate import SamplingConfig, generate_ids
+from zaizai.inference.generate import SamplingConfig, generate_ids
 from zaizai.models import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ the Tang corpus's character vocabulary (9,706 tokens; 8,000 made-up characters w
 each model is saved as a zaizai folder, exported with :func:`zaizai.interop.gguf.export_gguf` as F32 and F16,
 and both run greedy generation of ``--new-tokens`` (500) at batch 1 after a ``--prompt-tokens`` (200) history.
 
-- zaizai: :func:`zaizai.generate.generate_ids` (KV cache, fp32, temperature 0).
+- zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, fp32, temperature 0).
 - llama.cpp: ``Llama.generate(prompt_ids, temp=0)`` (its greedy sampler; KV cache in F16, its default).
 
 tokens/s counts the new tokens over the whole call, prompt processing included. Rounds alternate the order; the
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from zaizai.checkpoint import BEST, save_checkpoint
-from zaizai.config import TrainConfig
-from zaizai.generate import SamplingConfig, generate_ids
+from zaizai.training.checkpoint import BEST, save_checkpoint
+from zaizai.training.config import TrainConfig
+from zaizai.inference.generate import SamplingConfig, generate_ids
 from zaizai.interop.gguf import export_gguf
 from zaizai.models import ModelConfig, build_model
-from zaizai.tokenizer import CharTokenizer
+from zaizai.data.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TANG = REPO.parent / "shared" / "corpora" / "tang.txt.xz"

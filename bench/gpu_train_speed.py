@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from zaizai.config import PRESETS
-from zaizai.device import enable_tf32
+from zaizai.training.config import PRESETS
+from zaizai.common.device import enable_tf32
 from zaizai.models import ModelConfig, build_model
-from zaizai.optim import configure_optimizer
+from zaizai.training.optim import configure_optimizer
 
 # Peak dense bf16 tensor-core FLOPs, from NVIDIA's data sheets (the "with sparsity" figures halved).
 PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),

@@ -46,8 +46,8 @@ def peak_rss_mb() -> float:
 
 def measure(method: str, path: Path) -> dict:
     """Run one method on the text file at ``path`` (in this process); return its figures."""
-    from zaizai.data import prepare
-    from zaizai.tokenizer import CharTokenizer
+    from zaizai.data.preparation import prepare
+    from zaizai.data.tokenizer import CharTokenizer
 
     text = path.read_text(encoding="utf-8")
     if method == "naive":
@@ -85,7 +85,7 @@ def measure(method: str, path: Path) -> dict:
 
 def measure_large(kind: str, path: Path) -> dict:
     """The streamed prepare of ``path`` with a new ``kind`` tokenizer, once (in this process)."""
-    from zaizai.data import prepare
+    from zaizai.data.preparation import prepare
 
     start = time.perf_counter()
     meta = prepare([path], path.parent / f"prepared-{kind}", tokenizer=kind, verbose=False)

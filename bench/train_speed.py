@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 import zaizai.models.gpt as gpt_module
-from zaizai.device import autocast, cpu_has_fast_bf16, tune_glibc_malloc
+from zaizai.common.device import autocast, cpu_has_fast_bf16, tune_glibc_malloc
 from zaizai.models import ModelConfig, build_model
-from zaizai.optim import configure_optimizer
+from zaizai.training.optim import configure_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 TANG = REPO.parent / "shared" / "corpora" / "tang.txt.xz"

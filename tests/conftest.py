@@ -31,7 +31,7 @@ def tiny_corpus(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_data_dir(tmp_path: Path, tiny_corpus: Path) -> Path:
     """``tiny_corpus`` prepared (seed 1337, 20% validation) into ``tmp_path/data``."""
-    from zaizai.data import prepare
+    from zaizai.data.preparation import prepare
 
     prepare([tiny_corpus], tmp_path / "data", val_fraction=0.2, verbose=False)
     return tmp_path / "data"

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from util import TINY, write_corpus, write_pairs
 
-from zaizai.data import TokenData, prepare
-from zaizai.errors import ZaizaiError
-from zaizai.pipeline import IncrementalDecoder
-from zaizai.tokenizer import (
+from zaizai.data.preparation import TokenData, prepare
+from zaizai.common.errors import ZaizaiError
+from zaizai.inference.loaded import IncrementalDecoder
+from zaizai.data.tokenizer import (
     MIN_BPE_VOCAB,
     SPECIAL_TOKENS,
     BPETokenizer,
@@ -127,9 +127,9 @@ def test_tokenizer_names_and_paths(tmp_path):
 def test_bpe_dialogues_render_each_message_on_its_own(tmp_path):
     """Dialogues with a subword tokenizer: every message is encoded alone (no token spans two
     messages), the bins equal render_conversation of each dialogue, and bits/char counts characters."""
-    from zaizai.data import TokenData
-    from zaizai.dialogue import render_conversation
-    from zaizai.evaluate import split_messages, split_sizes
+    from zaizai.data.preparation import TokenData
+    from zaizai.data.dialogue import render_conversation
+    from zaizai.evals.evaluation import split_messages, split_sizes
 
     pairs = [("你好", "你好，我是崽崽。"), ("今天天气怎么样？", "晴天，适合出去走走。"), ("晚安", "晚安，做个好梦。"),
              ("你会写诗吗？", "床前明月光，疑是地上霜。"), ("谢谢", "不客气。")] * 6

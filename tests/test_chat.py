@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 
 import zaizai
-from zaizai.chat import ChatSession
-from zaizai.dialogue import render_conversation
-from zaizai.errors import ZaizaiError
-from zaizai.generate import SamplingConfig
-from zaizai.tokenizer import ASSISTANT_ID, USER_ID, CharTokenizer
+from zaizai.inference.chat import ChatSession
+from zaizai.data.dialogue import render_conversation
+from zaizai.common.errors import ZaizaiError
+from zaizai.inference.generate import SamplingConfig
+from zaizai.data.tokenizer import ASSISTANT_ID, USER_ID, CharTokenizer
 from util import TINY, run_cli, write_dialogues
 
 DIALOGUES = [

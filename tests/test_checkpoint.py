@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from zaizai.checkpoint import LAST, load_checkpoint, save_checkpoint
-from zaizai.fileio import atomic_write_text
+from zaizai.training.checkpoint import LAST, load_checkpoint, save_checkpoint
+from zaizai.common.fileio import atomic_write_text
 from zaizai.models import ModelConfig, build_model
-from zaizai.optim import configure_optimizer
+from zaizai.training.optim import configure_optimizer
 from util import TINY, prepared
 
 
@@ -50,7 +50,7 @@ def test_round_trip_model_optimizer_and_state(tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    import zaizai.checkpoint as ck
+    import zaizai.training.checkpoint as ck
 
     model, opt = small_model_and_optimizer()
     path = tmp_path / LAST

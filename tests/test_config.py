@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from zaizai.config import PRESETS, TrainConfig, resolve_config
-from zaizai.errors import ZaizaiError
+from zaizai.training.config import PRESETS, TrainConfig, resolve_config
+from zaizai.common.errors import ZaizaiError
 
 
 def test_defaults_come_from_the_cpu_preset():

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zaizai.corpus import list_text_files, read_texts, split_documents
-from zaizai.errors import ZaizaiError
+from zaizai.data.corpus import list_text_files, read_texts, split_documents
+from zaizai.common.errors import ZaizaiError
 
 
 def _read_one(path: Path, encoding: str = "utf-8") -> str:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import zaizai
-from zaizai.device import autocast, enable_tf32
+from zaizai.common.device import autocast, enable_tf32
 from zaizai.models import ModelConfig, build_model
-from zaizai.optim import configure_optimizer
+from zaizai.training.optim import configure_optimizer
 from util import TINY, prepared
 
 pytestmark = [pytest.mark.gpu,

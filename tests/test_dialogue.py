@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from zaizai.corpus import TXT_HINT, Problems, parse_jsonl, parse_lccc, parse_text_layout
-from zaizai.data import IGNORE_INDEX, TokenData, load_meta, prepare
-from zaizai.dialogue import (
+from zaizai.data.corpus import TXT_HINT, Problems, parse_jsonl, parse_lccc, parse_text_layout
+from zaizai.data.preparation import IGNORE_INDEX, TokenData, load_meta, prepare
+from zaizai.data.dialogue import (
     Dialogues,
     render_conversation,
     render_dialogues,
     render_text_layout_turns,
 )
-from zaizai.errors import ZaizaiError
-from zaizai.tokenizer import (
+from zaizai.common.errors import ZaizaiError
+from zaizai.data.tokenizer import (
     ASSISTANT_ID,
     END_ID,
     EOT_ID,
@@ -144,7 +144,7 @@ def test_render_many_equals_render_one_by_one():
 
 
 def test_training_bins_and_chat_prompts_use_the_same_rendering(dialogue_dir):
-    from zaizai.chat import ChatSession
+    from zaizai.inference.chat import ChatSession
 
     data = TokenData(dialogue_dir)
     conversations = _conversations(40)

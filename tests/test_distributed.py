@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zaizai
-from zaizai.checkpoint import LAST, load_checkpoint
+from zaizai.training.checkpoint import LAST, load_checkpoint
 from util import TINY, prepared
 
 pytestmark = pytest.mark.skipif(

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from zaizai.errors import ZaizaiError
-from zaizai.generate import SamplingConfig, banned_ngram_tokens, generate_ids
+from zaizai.common.errors import ZaizaiError
+from zaizai.inference.generate import SamplingConfig, banned_ngram_tokens, generate_ids
 from zaizai.models import ModelConfig, build_model
 from zaizai.models.gpt import KVCache
-from zaizai.pipeline import IncrementalDecoder, Zaizai, decode_stream
-from zaizai.tokenizer import END_ID, EOT_ID, CharTokenizer
+from zaizai.inference.loaded import IncrementalDecoder, Zaizai, decode_stream
+from zaizai.data.tokenizer import END_ID, EOT_ID, CharTokenizer
 
 VOCAB = 61
 

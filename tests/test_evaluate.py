@@ -7,9 +7,9 @@ import math
 import pytest
 
 import zaizai
-from zaizai.data import TokenData
-from zaizai.errors import ZaizaiError
-from zaizai.evaluate import (bleu, dialogue_pairs, distinct_n, evaluate, has_repeated_ngram, load_eval,
+from zaizai.data.preparation import TokenData
+from zaizai.common.errors import ZaizaiError
+from zaizai.evals.evaluation import (bleu, dialogue_pairs, distinct_n, evaluate, has_repeated_ngram, load_eval,
                              split_messages, split_sizes)
 from util import TINY, prepared, run_cli
 from test_chat import write_jsonl
@@ -124,7 +124,7 @@ def test_dialogue_metrics_and_report(chat_model):
     again = evaluate(out, max_pairs=6, verbose=False, save=False)["dialogue"]
     assert again["runs"]["sampled"]["bleu2"] == d["runs"]["sampled"]["bleu2"]
 
-    from zaizai.report import write_report
+    from zaizai.evals.report import write_report
 
     report = write_report(out, verbose=False)
     text = report.read_text(encoding="utf-8")
@@ -153,7 +153,7 @@ def test_report_evaluates_when_there_is_no_eval_json(plain_model, tmp_path):
 def test_attention_weights_are_causal_distributions(plain_model):
     import torch
 
-    from zaizai.attention import attention_weights
+    from zaizai.evals.attention import attention_weights
 
     out, _ = plain_model
     bot = zaizai.load(out, device="cpu")
@@ -164,7 +164,7 @@ def test_attention_weights_are_causal_distributions(plain_model):
 
 
 def test_attention_picture_is_a_png(plain_model, tmp_path):
-    from zaizai.attention import find_cjk_font
+    from zaizai.evals.attention import find_cjk_font
 
     try:
         find_cjk_font()
@@ -185,7 +185,7 @@ def test_attention_picture_is_a_png(plain_model, tmp_path):
 
 
 def test_compare_trains_each_model_and_plots(tmp_path):
-    from zaizai.compare import compare, format_table
+    from zaizai.evals.compare import compare, format_table
 
     data = prepared(tmp_path)
     rows = compare(data, tmp_path / "cmp", max_time=1.0, models=("bigram", "gpt"), verbose=False, threads=1,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from zaizai.errors import ZaizaiError
-from zaizai.generate import (
+from zaizai.common.errors import ZaizaiError
+from zaizai.inference.generate import (
     NGramBlocker,
     SamplingConfig,
     apply_repetition_penalty,
@@ -103,8 +103,8 @@ def test_sampling_values_are_checked(field, value, message):
 
 
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
-    from zaizai.config import TrainConfig
-    from zaizai.trainer import lr_at
+    from zaizai.training.config import TrainConfig
+    from zaizai.training.loop import lr_at
 
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
     assert lr_at(0, 0.0, cfg) == pytest.approx(0.1)

@@ -14,12 +14,12 @@ import torch
 from util import LINES, TINY, run_cli, write_corpus, write_pairs
 
 import zaizai
-from zaizai.dialogue import render_conversation
-from zaizai.errors import ZaizaiError
-from zaizai.generate import SamplingConfig
+from zaizai.data.dialogue import render_conversation
+from zaizai.common.errors import ZaizaiError
+from zaizai.inference.generate import SamplingConfig
 from zaizai.interop import gguf as zgguf
 from zaizai.interop.gguf import export_gguf
-from zaizai.tokenizer import (
+from zaizai.data.tokenizer import (
     END_ID,
     EOT_ID,
     SPECIAL_TOKENS,

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zaizai.errors import ZaizaiError
+from zaizai.common.errors import ZaizaiError
 import zaizai.models.gpt as gpt_module
 from zaizai.models import GPT, MODELS, ModelConfig, build_model
 from zaizai.models.ops import causal_attention, linear_cross_entropy
-from zaizai.optim import configure_optimizer, fused_adamw_supported
+from zaizai.training.optim import configure_optimizer, fused_adamw_supported
 
 VOCAB = 67
 

@@ -20,9 +20,9 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
 import zaizai  # noqa: E402
-from zaizai.chat import ChatSession  # noqa: E402
-from zaizai.generate import SamplingConfig  # noqa: E402
-from zaizai.server import create_app  # noqa: E402
+from zaizai.inference.chat import ChatSession  # noqa: E402
+from zaizai.inference.generate import SamplingConfig  # noqa: E402
+from zaizai.serve.app import create_app  # noqa: E402
 from test_chat import train_chat_model  # noqa: E402
 
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"

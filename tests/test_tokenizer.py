@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zaizai.errors import ZaizaiError
-from zaizai.tokenizer import (
+from zaizai.common.errors import ZaizaiError
+from zaizai.data.tokenizer import (
     ASSISTANT_ID,
     END_ID,
     EOT_ID,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import zaizai
-from zaizai.checkpoint import BEST, LAST, load_checkpoint
-from zaizai.errors import ZaizaiError
+from zaizai.training.checkpoint import BEST, LAST, load_checkpoint
+from zaizai.common.errors import ZaizaiError
 from util import TINY, prepared, write_pairs
 
 
@@ -113,7 +113,7 @@ def test_max_time_stops_the_run(tmp_path, data_dir):
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, data_dir):
     """Two micro-batches of 4 accumulate to the gradient of the same 8 sequences in one batch."""
-    from zaizai.data import TokenData
+    from zaizai.data.preparation import TokenData
     from zaizai.models import ModelConfig, build_model
 
     data = TokenData(data_dir)
@@ -149,7 +149,7 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path, data_dir)
 
 
 def test_pretrain_then_fine_tune_on_dialogues_keeps_the_tokenizer(tmp_path, data_dir):
-    from zaizai.tokenizer import load_tokenizer
+    from zaizai.data.tokenizer import load_tokenizer
 
     base = tmp_path / "base"
     zaizai.train(data_dir, base, max_iters=10, verbose=False, **TINY)

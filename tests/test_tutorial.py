@@ -55,8 +55,8 @@ def parse(path: Path) -> list[Block]:
 
 
 def have_cjk_font() -> bool:
-    from zaizai.attention import find_cjk_font
-    from zaizai.errors import ZaizaiError
+    from zaizai.evals.attention import find_cjk_font
+    from zaizai.common.errors import ZaizaiError
 
     try:
         find_cjk_font()

@@ -11,19 +11,19 @@ Library use::
 
 __version__ = "0.1.0"
 
-from .errors import ZaizaiError  # noqa: E402
+from .common.errors import ZaizaiError  # noqa: E402
 
 
 def __getattr__(name):
     # Import lazily so `import zaizai` (and `zaizai --help`) stays quick.
     if name == "prepare":
-        from .data import prepare
+        from .data.preparation import prepare
         return prepare
     if name == "train":
-        from .trainer import train
+        from .training.loop import train
         return train
     if name == "load":
-        from .pipeline import load
+        from .inference.loaded import load
         return load
     raise AttributeError(f"module 'zaizai' has no attribute {name!r}")
 

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from . import __version__
-from .errors import ZaizaiError
+from .common.errors import ZaizaiError
 
 # Help for the flags generated from the config dataclasses (one flag per field).
 FIELD_HELP = {
@@ -45,7 +45,7 @@ FIELD_HELP = {
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from .config import PRESETS, TrainConfig
+    from .training.config import PRESETS, TrainConfig
     from .models.config import ModelConfig
 
     default_preset = PRESETS[TrainConfig.preset]
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare
+    from .data.preparation import prepare
 
     prepare(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, encoding=args.encoding,
             format=args.format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -210,7 +210,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .trainer import train
+    from .training.loop import train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "data_dir", "out_dir", "config_file")}
     result = train(args.data_dir, args.out_dir, config_file=args.config_file, **options)
@@ -218,7 +218,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .pipeline import load
+    from .inference.loaded import load
 
     bot = load(args.out_dir, which=args.checkpoint, device=args.device)
     unknown = bot.unknown_chars(args.prompt)
@@ -247,9 +247,9 @@ CHAT_HELP = """命令 commands:
 
 
 def cmd_chat(args) -> int:
-    from .chat import ChatSession
-    from .generate import SamplingConfig
-    from .pipeline import load
+    from .inference.chat import ChatSession
+    from .inference.generate import SamplingConfig
+    from .inference.loaded import load
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -337,7 +337,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .evals.evaluation import evaluate
 
     evaluate(args.out_dir, args.data, which=args.checkpoint, device=args.device, max_pairs=args.max_pairs,
              seed=args.seed, dialogue=not args.no_dialogue)
@@ -345,14 +345,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .evals.report import write_report
 
     write_report(args.out_dir, args.data, device=args.device, max_pairs=args.max_pairs, reevaluate=args.reevaluate)
     return 0
 
 
 def cmd_attention(args) -> int:
-    from .attention import attention_picture
+    from .evals.attention import attention_picture
 
     path = attention_picture(args.out_dir, args.text, args.png, which=args.checkpoint)
     print(f"已写入 written: {path}")
@@ -360,7 +360,7 @@ def cmd_attention(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from .evals.compare import compare
 
     options = {k: v for k, v in (("threads", args.threads), ("device", args.device)) if v is not None}
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -388,7 +388,7 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .server import serve
+    from .serve.app import serve
 
     serve(args.out_dir, host=args.host, port=args.port, api_key=args.api_key, which=args.checkpoint,
           device=args.device, max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting)

@@ -13,8 +13,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .checkpoint import LAST
-from .errors import ZaizaiError
+from .training.checkpoint import LAST
+from .common.errors import ZaizaiError
 
 DEMO_PROMPTS = ["你好", "你是谁", "你叫什么名字", "谢谢", "再见"]
 
@@ -59,11 +59,11 @@ def build_demo_corpus(path: Path) -> Path:
 
 
 def run_demo(out: str | Path = "demo", max_time: float = 60.0, retrain: bool = False) -> int:
-    from .chat import ChatSession
-    from .data import prepare
-    from .generate import SamplingConfig
-    from .pipeline import load
-    from .trainer import train
+    from .inference.chat import ChatSession
+    from .data.preparation import prepare
+    from .inference.generate import SamplingConfig
+    from .inference.loaded import load
+    from .training.loop import train
 
     out = Path(out)
     model_dir = out / "model"

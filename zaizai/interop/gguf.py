@@ -56,9 +56,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ZaizaiError
-from ..fileio import atomic_path
-from ..tokenizer import BPE_SPLIT_PATTERN, END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID
+from ..common.errors import ZaizaiError
+from ..common.fileio import atomic_path
+from ..data.tokenizer import BPE_SPLIT_PATTERN, END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID
 from .hf import LAYER_NORM_EPS, chat_template
 
 DTYPES = ("f16", "f32")
@@ -90,7 +90,7 @@ def export_gguf(model_dir, path, *, dtype: str = "f16", verbose: bool = True) ->
     except ImportError:
         raise ZaizaiError("GGUF export needs the gguf package; install it with `pip install gguf`") from None
 
-    from ..pipeline import load
+    from ..inference.loaded import load
 
     kind = str(dtype).lower()
     if kind not in DTYPES:
@@ -191,7 +191,7 @@ def _vocab(tokenizer, *, chat: bool) -> dict[str, Any]:
     """The tokenizer metadata llama.cpp reads, or ZaizaiError where llama.cpp cannot be faithful."""
     import gguf
 
-    from ..tokenizer import special_token_texts
+    from ..data.tokenizer import special_token_texts
 
     kind = getattr(tokenizer, "type", None)
     if kind == "char":

@@ -3,7 +3,7 @@
 ``export_hf``: a zaizai GPT folder -> a folder ``GPT2LMHeadModel.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load: ``config.json``, ``model.safetensors``, ``generation_config.json``,
 ``tokenizer.json`` and ``tokenizer_config.json`` with a chat template that renders a conversation exactly as
-:func:`zaizai.dialogue.render_conversation` does.
+:func:`zaizai.data.dialogue.render_conversation` does.
 
 ``import_hf``: a local GPT-2 folder (``config.json``, safetensors weights, and a ``tokenizer.json``, a BERT-style
 ``vocab.txt`` as the Chinese GPT-2 checkpoints have, or GPT-2's ``vocab.json`` + ``merges.txt``) -> a zaizai
@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import ZaizaiError
-from ..tokenizer import (
+from ..common.errors import ZaizaiError
+from ..data.tokenizer import (
     END_ID,
     EOT_ID,
     SPECIAL_TOKENS,
@@ -56,7 +56,7 @@ LAYER_NORM_EPS = 1e-5  # what zaizai's nn.LayerNorm uses
 
 
 def chat_template(names: list[str] | None = None) -> str:
-    """A Jinja chat template rendering messages as :func:`zaizai.dialogue.render_conversation` does:
+    """A Jinja chat template rendering messages as :func:`zaizai.data.dialogue.render_conversation` does:
     ``<|endoftext|>``, then per message its role marker, its text and ``<|end|>``; with
     ``add_generation_prompt`` a final ``<|assistant|>``. ``names``: the texts of ids 0..5
     (default zaizai's markers)."""
@@ -85,7 +85,7 @@ def chat_template(names: list[str] | None = None) -> str:
 def export_hf(model_dir: str | os.PathLike, to: str | os.PathLike, *, overwrite: bool = False,
               verbose: bool = True) -> Path:
     """Write the GPT in ``model_dir`` (a ``zaizai train`` folder) as a Hugging Face GPT-2 folder ``to``."""
-    from ..pipeline import load
+    from ..inference.loaded import load
 
     bot = load(model_dir, device="cpu")
     c = bot.model_config
@@ -182,8 +182,8 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
               verbose: bool = True) -> Path:
     """Turn a local GPT2LMHeadModel folder ``src`` into a zaizai model folder ``out``."""
     from .. import __version__
-    from ..checkpoint import BEST, save_checkpoint
-    from ..config import TrainConfig
+    from ..training.checkpoint import BEST, save_checkpoint
+    from ..training.config import TrainConfig
     from ..models import build_model
 
     src = Path(src)
@@ -440,7 +440,7 @@ def _zaizai_layout(raw: Any, roles: dict[str, Any]) -> tuple[Tokenizer, list[int
     if [new.id_to_token(i) for i in range(len(order))] != [slot_text[k] if k < len(slots) else old_tokens[o]
                                                              for k, o in enumerate(order)]:
         raise ZaizaiError("the tokenizer could not be laid out for zaizai (its ids did not move as planned)")
-    from ..tokenizer import BPETokenizer
+    from ..data.tokenizer import BPETokenizer
 
     kind = tokenizer_type(data)
     return (BPETokenizer(new) if kind == "bpe" else HFTokenizer(new)), order

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ZaizaiError
+from ..common.errors import ZaizaiError
 from .config import ModelConfig
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ZaizaiError
+from ..common.errors import ZaizaiError
 from .config import ModelConfig
 from .ops import causal_attention, linear_cross_entropy
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ZaizaiError
+from ..common.errors import ZaizaiError
 from .config import ModelConfig
 from .ops import linear_cross_entropy
 

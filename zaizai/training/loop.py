@@ -22,17 +22,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
 from .checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, resolve_config
-from .tokenizer import load_tokenizer
-from .data import TokenData
-from .device import (Distributed, autocast, autocast_dtype, available_cpus, distributed_device,
+from ..data.tokenizer import load_tokenizer
+from ..data.preparation import TokenData
+from ..common.device import (Distributed, autocast, autocast_dtype, available_cpus, distributed_device,
                      distributed_from_env, enable_tf32, resolve_device, tune_glibc_malloc)
-from .errors import ZaizaiError
-from .fileio import atomic_write_text
+from ..common.errors import ZaizaiError
+from ..common.fileio import atomic_write_text
 from .metrics import LOSS_PNG, METRICS, append_metrics, plot_losses, truncate_metrics
-from .models import build_model
+from ..models import build_model
 from .optim import configure_optimizer
 
 LN2 = math.log(2)

@@ -14,7 +14,7 @@ are held out for validation, the character tokenizer is built from the training 
                       means the folder is complete)
 
 Dialogues (``"kind": "dialogue"``, ``--format text | jsonl | lccc``): whole dialogues are held
-out, each is rendered by :func:`zaizai.dialogue.render_dialogues` (the rendering chat uses), and
+out, each is rendered by :func:`zaizai.data.dialogue.render_dialogues` (the rendering chat uses), and
 besides ``tokenizer.json`` and ``meta.json``::
 
       train.bin             the rendered dialogues end to end: EOT <|user|> ... <|end|> EOT ...
@@ -73,7 +73,7 @@ from .dialogue import (
     loss_mask,
     render_dialogues,
 )
-from .errors import ZaizaiError
+from ..common.errors import ZaizaiError
 from .tokenizer import (
     EOT_ID,
     UNK_ID,
@@ -1013,7 +1013,7 @@ class TokenData:
             )
 
     def roles(self, split: str) -> np.ndarray:
-        """uint8 role class of every token of a dialogue split (see :mod:`zaizai.dialogue`)."""
+        """uint8 role class of every token of a dialogue split (see :mod:`zaizai.data.dialogue`)."""
         self._require_dialogue("roles")
         _check_split(split)
         key = f"{split}_roles"

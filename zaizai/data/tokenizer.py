@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ZaizaiError
-from .fileio import atomic_write as write_atomic
+from ..common.errors import ZaizaiError
+from ..common.fileio import atomic_write as write_atomic
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ZaizaiError
-from .models.config import ModelConfig
+from ..common.errors import ZaizaiError
+from ..models.config import ModelConfig
 
 try:  # Python 3.11+
     import tomllib

@@ -1,6 +1,6 @@
 """A conversation with a trained model: history kept within a token budget, replies streamed.
 
-The prompt is rendered by :func:`zaizai.dialogue.render_conversation`, the very function that rendered the
+The prompt is rendered by :func:`zaizai.data.dialogue.render_conversation`, the very function that rendered the
 training data, so what the model sees when chatting is exactly what it learned from. When the history grows,
 the oldest turns are dropped so that the prompt plus the reply budget fits in the model's block_size.
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Iterator
 
-from .errors import ZaizaiError
+from ..common.errors import ZaizaiError
 from .generate import SamplingConfig
-from .tokenizer import END_ID, EOT_ID
+from ..data.tokenizer import END_ID, EOT_ID
 
 ROLES = ("system", "user", "assistant")
 
@@ -101,7 +101,7 @@ def fit_conversation(tokenizer, messages: list[dict], block_size: int, reply_bud
     its end (the most recent words) is kept, after its role marker. Returns ``(ids, dropped_messages)``.
     The prompt can only be longer than the budget when the system messages alone are.
     """
-    from .dialogue import render_conversation
+    from ..data.dialogue import render_conversation
 
     budget = block_size - reply_budget
     n_system = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .fileio import atomic_path
+from ..common.fileio import atomic_path
 
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"

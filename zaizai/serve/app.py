@@ -13,7 +13,7 @@ request gets its first token after one step of each running one, not after they 
 requests wait in a bounded queue, and a full queue is answered 429. A client that disconnects stops its
 generation before the next token.
 
-The chat prompt is built by :func:`zaizai.chat.build_prompt`: the rendering the trainer used, oldest turns
+The chat prompt is built by :func:`zaizai.inference.chat.build_prompt`: the rendering the trainer used, oldest turns
 dropped so that prompt + reply budget fit the model's block_size.
 """
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from .errors import ZaizaiError
+from ..common.errors import ZaizaiError
 
 MAX_BODY_BYTES = 1 << 20          # a request body larger than 1 MiB is refused (413)
 MAX_MESSAGE_CHARS = 100_000       # one message's text
@@ -163,7 +163,7 @@ class Generation:
         self.exhausted = True
 
     def stream(self) -> Iterator[str]:
-        from .pipeline import IncrementalDecoder, decode_stream
+        from ..inference.loaded import IncrementalDecoder, decode_stream
 
         return decode_stream(self._counted(), IncrementalDecoder(self.bot.tokenizer), self.stop)
 
@@ -210,7 +210,7 @@ async def run_job(scheduler: Scheduler, generation: Generation, request=None):
 
 def create_app(bot, *, api_key: str | None = None, model_name: str | None = None, max_tokens: int = MAX_TOKENS_LIMIT,
                max_active: int = 4, max_waiting: int = 64, max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app serving ``bot`` (a :class:`zaizai.pipeline.Zaizai`)."""
+    """The FastAPI app serving ``bot`` (a :class:`zaizai.inference.loaded.Zaizai`)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -219,9 +219,9 @@ def create_app(bot, *, api_key: str | None = None, model_name: str | None = None
     Text = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .chat import build_prompt
-    from .generate import SamplingConfig
-    from .tokenizer import END_ID, EOT_ID
+    from ..inference.chat import build_prompt
+    from ..inference.generate import SamplingConfig
+    from ..data.tokenizer import END_ID, EOT_ID
 
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise ZaizaiError(f"--max-tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}")
@@ -541,7 +541,7 @@ def serve(out_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
         import uvicorn
     except ImportError:
         raise ZaizaiError("serving needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
-    from .pipeline import load
+    from ..inference.loaded import load
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     bot = load(out_dir, which=which, device=device)

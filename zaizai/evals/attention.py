@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ZaizaiError
-from .metrics import save_png
+from ..common.errors import ZaizaiError
+from ..training.metrics import save_png
 
 # Families that cover Chinese, most likely first (Linux, then macOS / Windows names).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Serif CJK SC", "Source Han Sans SC", "Source Han Sans CN",
@@ -56,7 +56,7 @@ def find_cjk_font() -> str:
 @torch.no_grad()
 def attention_weights(model, ids: list[int]) -> torch.Tensor:
     """Attention weights of a GPT for one sequence: (n_layer, n_head, T, T), each row summing to 1."""
-    from .models.gpt import GPT
+    from ..models.gpt import GPT
 
     if not isinstance(model, GPT):
         raise ZaizaiError(f"attention pictures need a gpt model, not {type(model).__name__.lower()}")
@@ -117,7 +117,7 @@ def plot_attention(weights: torch.Tensor, labels: list[str], path: str | Path, t
 
 
 def _label(tokenizer, i: int) -> str:
-    from .tokenizer import EOT_ID
+    from ..data.tokenizer import EOT_ID
 
     if i == EOT_ID:
         return "⏎"
@@ -129,8 +129,8 @@ def attention_picture(out_dir: str | Path, text: str, path: str | Path | None = 
                       device: str = "cpu") -> Path:
     """Write ``attention.png`` (or ``path``): the attention of every layer and head of the model in ``out_dir``
     over ``text`` (after the start-of-document token, as generation sees it)."""
-    from .pipeline import load
-    from .tokenizer import EOT_ID
+    from ..inference.loaded import load
+    from ..data.tokenizer import EOT_ID
 
     if not text:
         raise ZaizaiError("give some --text to look at")

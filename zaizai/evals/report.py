@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import ZaizaiError
-from .fileio import atomic_write_text
-from .metrics import LOSS_PNG, plot_losses, read_metrics
+from ..common.errors import ZaizaiError
+from ..common.fileio import atomic_write_text
+from ..training.metrics import LOSS_PNG, plot_losses, read_metrics
 
 REPORT_MD = "report.md"
 SAMPLE_PROMPTS = ("", "春", "你好")
@@ -21,9 +21,9 @@ SAMPLE_PROMPTS = ("", "春", "你好")
 
 def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, device: str = "auto",
                  max_pairs: int = 200, reevaluate: bool = False, verbose: bool = True) -> Path:
-    """Write ``out_dir/report.md`` (running :func:`zaizai.evaluate.evaluate` if there is no ``eval.json``)."""
-    from .evaluate import evaluate, format_dialogue, load_eval
-    from .pipeline import load
+    """Write ``out_dir/report.md`` (running :func:`zaizai.evals.evaluation.evaluate` if there is no ``eval.json``)."""
+    from .evaluation import evaluate, format_dialogue, load_eval
+    from ..inference.loaded import load
 
     out = Path(out_dir)
     config_path = out / "config.json"
@@ -98,8 +98,8 @@ def _num(x: Any) -> str:
 
 
 def _samples(bot) -> list[str]:
-    from .chat import ChatSession
-    from .generate import SamplingConfig
+    from ..inference.chat import ChatSession
+    from ..inference.generate import SamplingConfig
 
     lines = []
     if bot.is_chat_model:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ZaizaiError
-from .fileio import atomic_write_text
-from .generate import SamplingConfig
+from ..common.errors import ZaizaiError
+from ..common.fileio import atomic_write_text
+from ..inference.generate import SamplingConfig
 
 EVAL_JSON = "eval.json"
 LN2 = math.log(2)
@@ -73,8 +73,8 @@ def split_sizes(data, split: str, loss_on: str = "assistant") -> dict[str, int]:
     Conventions as :meth:`TokenData.bits_per_char`: a document separator (plain) or ``<|end|>`` (dialogue)
     counts as one character and one byte, role markers as none; an unknown character as ``UNK_BYTES``.
     """
-    from .dialogue import loss_mask
-    from .tokenizer import END_ID, EOT_ID, UNK_ID
+    from ..data.dialogue import loss_mask
+    from ..data.tokenizer import END_ID, EOT_ID, UNK_ID
 
     tok = data.tokenizer
     ids = np.asarray(data.split(split)).astype(np.int64)
@@ -102,7 +102,7 @@ def split_sizes(data, split: str, loss_on: str = "assistant") -> dict[str, int]:
 
 def split_loss(bot, data, split: str = "val", batch_size: int = 16) -> dict[str, Any]:
     """Loss (nats/token), perplexity, bits per character and per UTF-8 byte over the whole ``split``."""
-    from .trainer import Batches, evaluate_split
+    from ..training.loop import Batches, evaluate_split
 
     if data.tokenizer != bot.tokenizer:
         raise ZaizaiError(f"{data.data_dir} was not prepared with this model's tokenizer; pass the --data folder "
@@ -136,8 +136,8 @@ class Pair:
 
 def split_messages(data, split: str) -> list[list[dict]]:
     """The conversations of a dialogue split as message lists (unknown characters become U+FFFD)."""
-    from .dialogue import ROLE_MARKER_IDS, ROLES
-    from .tokenizer import UNK_ID
+    from ..data.dialogue import ROLE_MARKER_IDS, ROLES
+    from ..data.tokenizer import UNK_ID
 
     role_of = {marker: role for marker, role in zip(ROLE_MARKER_IDS, ROLES)}
     ids = np.asarray(data.split(split))
@@ -172,7 +172,7 @@ def dialogue_pairs(data, split: str = "val", max_pairs: int = 200, seed: int = 0
 
 def generate_reply(bot, context: list[dict], sampling: SamplingConfig) -> str:
     """The model's reply to ``context`` as ChatSession would give it (same rendering, same history cropping)."""
-    from .chat import ChatSession
+    from ..inference.chat import ChatSession
 
     system = context[0]["content"] if context and context[0]["role"] == "system" else None
     session = ChatSession(bot, system=system, sampling=sampling)
@@ -251,8 +251,8 @@ def evaluate(out_dir: str | Path, data_dir: str | Path | None = None, *, which: 
              device: str = "auto", max_pairs: int = 200, seed: int = 0, dialogue: bool = True,
              batch_size: int = 16, verbose: bool = True, save: bool = True) -> dict[str, Any]:
     """Evaluate the model in ``out_dir`` on the validation split of its data; write ``eval.json``."""
-    from .data import TokenData
-    from .pipeline import load
+    from ..data.preparation import TokenData
+    from ..inference.loaded import load
 
     bot = load(out_dir, which=which, device=device)
     data = TokenData(resolve_data_dir(bot, data_dir))

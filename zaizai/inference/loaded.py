@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import find_checkpoint, load_checkpoint
-from .device import resolve_device
-from .errors import ZaizaiError
+from ..training.checkpoint import find_checkpoint, load_checkpoint
+from ..common.device import resolve_device
+from ..common.errors import ZaizaiError
 from .generate import SamplingConfig, generate_ids
-from .models import ModelConfig, build_model
-from .tokenizer import EOT_ID, load_tokenizer
+from ..models import ModelConfig, build_model
+from ..data.tokenizer import EOT_ID, load_tokenizer
 
 
 class Zaizai:

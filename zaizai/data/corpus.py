@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .dialogue import ASSISTANT, ROLES, USER, Dialogues, render_text_layout_turns
-from .errors import ZaizaiError
+from ..common.errors import ZaizaiError
 
 PathLike = str | os.PathLike[str]
 

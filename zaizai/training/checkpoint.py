@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import ZaizaiError
-from .fileio import atomic_path
+from ..common.errors import ZaizaiError
+from ..common.fileio import atomic_path
 
 FORMAT = "zaizai-checkpoint"
 FORMAT_VERSION = "1"

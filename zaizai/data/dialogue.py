@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ZaizaiError
+from ..common.errors import ZaizaiError
 from .tokenizer import ASSISTANT_ID, END_ID, EOT_ID, SYSTEM_ID, USER_ID
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -136,7 +136,7 @@ def check_messages(messages: Any) -> None:
     """Check the shape of a conversation: a list of dicts with a known role and string content.
 
     Only what rendering needs; the order rules for training data are checked by the readers in
-    :mod:`zaizai.corpus`. Raises ZaizaiError.
+    :mod:`zaizai.data.corpus`. Raises ZaizaiError.
     """
     if not isinstance(messages, (list, tuple)):
         raise ZaizaiError(f"a conversation is a list of messages, got {type(messages).__name__}")

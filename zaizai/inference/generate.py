@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import ZaizaiError
-from .models.bigram import BigramLM
-from .models.gpt import GPT, KVCache
-from .models.rnn import RNNLM
+from ..common.errors import ZaizaiError
+from ..models.bigram import BigramLM
+from ..models.gpt import GPT, KVCache
+from ..models.rnn import RNNLM
 
 
 @dataclass
