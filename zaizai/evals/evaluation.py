@@ -102,7 +102,8 @@ def split_sizes(data, split: str, loss_on: str = "assistant") -> dict[str, int]:
 
 def split_loss(bot, data, split: str = "val", batch_size: int = 16) -> dict[str, Any]:
     """Loss (nats/token), perplexity, bits per character and per UTF-8 byte over the whole ``split``."""
-    from ..training.loop import Batches, evaluate_split
+    from ..data.batches import Batches
+    from ..training.loop import evaluate_split
 
     if data.tokenizer != bot.tokenizer:
         raise ZaizaiError(f"{data.data_dir} was not prepared with this model's tokenizer; pass the --data folder "
@@ -110,7 +111,8 @@ def split_loss(bot, data, split: str = "val", batch_size: int = 16) -> dict[str,
     if data.num_tokens(split) < 2:
         raise ZaizaiError(f"the {split} split of {data.data_dir} is empty; prepare with a --val-fraction > 0")
     loss_on = bot.train_config.get("loss_on", "assistant")
-    batches = Batches(data, bot.model, bot.model_config.block_size, loss_on)
+    batches = Batches(data, bot.model_config.block_size, packed=bool(getattr(bot.model, "supports_segments", False)),
+                      loss_on=loss_on)
     loss = evaluate_split(bot.model, batches, split, batch_size, bot.device)
     sizes = split_sizes(data, split, loss_on)
     nats = loss * sizes["tokens"]

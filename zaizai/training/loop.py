@@ -26,6 +26,7 @@ from .. import __version__
 from .checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, resolve_config
 from ..data.tokenizer import load_tokenizer
+from ..data.batches import Batches
 from ..data.preparation import TokenData
 from ..common.device import (Distributed, autocast, autocast_dtype, available_cpus, distributed_device,
                      distributed_from_env, enable_tf32, resolve_device, tune_glibc_malloc)
@@ -80,40 +81,6 @@ def _step_seed(seed: int, step: int, rank: int = 0) -> int:
     # Distinct, reproducible torch seed per step (dropout); independent of how the run was split up.
     # Under torchrun each rank drops out differently (rank 0 as a single process does).
     return (seed * 1_000_003 + step + rank * 7_919_000_003) % (2**63 - 1)
-
-
-class Batches:
-    """Training/evaluation batches for a model: plain token windows, or packed dialogues with loss masks.
-
-    Dialogue data is packed several conversations to a row with ``segments`` telling them apart for models
-    that can keep them apart (gpt); other models get one conversation per row.
-    """
-
-    def __init__(self, data: TokenData, model, block_size: int, loss_on: str = "assistant"):
-        self.data = data
-        self.block_size = block_size
-        self.loss_on = loss_on
-        self.dialogue = data.kind == "dialogue"
-        self.packed = self.dialogue and bool(getattr(model, "supports_segments", False))
-
-    def get(self, split: str, batch_size: int, rng: np.random.Generator):
-        """(x, y, segments or None) for one random batch."""
-        if self.dialogue:
-            x, y, seg = self.data.get_dialogue_batch(split, batch_size, self.block_size, rng, loss_on=self.loss_on,
-                                                     packed=self.packed)
-            return x, y, (seg if self.packed else None)
-        x, y = self.data.get_batch(split, batch_size, self.block_size, rng)
-        return x, y, None
-
-    def whole_split(self, split: str, batch_size: int):
-        """Batches covering every target of ``split`` once."""
-        if self.dialogue:
-            for x, y, seg in self.data.iter_dialogue_eval_batches(split, self.block_size, batch_size,
-                                                                  loss_on=self.loss_on, packed=self.packed):
-                yield x, y, (seg if self.packed else None)
-        else:
-            for x, y in self.data.iter_eval_windows(split, self.block_size, batch_size):
-                yield x, y, None
 
 
 def forward(model, x, y, segments):
@@ -361,7 +328,8 @@ def _train(mcfg: ModelConfig, cfg: TrainConfig, ckpt, init, data: TokenData, dis
         record, state["best_val_loss"] = _on_main(dist_env, on_main)
         return record
 
-    batches = Batches(data, model, mcfg.block_size, cfg.loss_on)
+    batches = Batches(data, mcfg.block_size, packed=bool(getattr(model, "supports_segments", False)),
+                      loss_on=cfg.loss_on)
     world, rank, per_rank = dist_env.world_size, dist_env.rank, cfg.batch_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     tokens_per_step = per_rank * world * mcfg.block_size * cfg.grad_accum
