@@ -8,7 +8,7 @@ import zaizai
 from zaizai.inference.chat import ChatSession
 from zaizai.data.dialogue import render_conversation
 from zaizai.common.errors import ZaizaiError
-from zaizai.inference.generate import SamplingConfig
+from zaizai.inference.sampling import SamplingConfig
 from zaizai.data.tokenizer import ASSISTANT_ID, USER_ID, CharTokenizer
 from util import TINY, run_cli, write_dialogues
 

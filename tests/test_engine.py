@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from zaizai.common.errors import ZaizaiError
-from zaizai.inference.generate import SamplingConfig, banned_ngram_tokens, generate_ids
+from zaizai.inference.generate import generate_ids
+from zaizai.inference.sampling import SamplingConfig, banned_ngram_tokens
 from zaizai.models import ModelConfig, build_model
 from zaizai.models.gpt import KVCache
 from zaizai.inference.loaded import IncrementalDecoder, Zaizai, decode_stream

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zaizai.common.errors import ZaizaiError
-from zaizai.inference.generate import (
+from zaizai.inference.sampling import (
     NGramBlocker,
     SamplingConfig,
     apply_repetition_penalty,

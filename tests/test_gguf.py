@@ -16,7 +16,7 @@ from util import LINES, TINY, run_cli, write_corpus, write_pairs
 import zaizai
 from zaizai.data.dialogue import render_conversation
 from zaizai.common.errors import ZaizaiError
-from zaizai.inference.generate import SamplingConfig
+from zaizai.inference.sampling import SamplingConfig
 from zaizai.interop import gguf as zgguf
 from zaizai.interop.gguf import export_gguf
 from zaizai.data.tokenizer import (

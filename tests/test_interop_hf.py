@@ -13,7 +13,7 @@ import transformers
 import zaizai
 from zaizai.data.dialogue import render_conversation
 from zaizai.common.errors import ZaizaiError
-from zaizai.inference.generate import SamplingConfig
+from zaizai.inference.sampling import SamplingConfig
 from zaizai.interop.hf import export_hf, import_hf
 from zaizai.data.tokenizer import END_ID, EOT_ID
 from util import TINY, run_cli, write_corpus, write_pairs

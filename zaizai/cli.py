@@ -248,7 +248,7 @@ CHAT_HELP = """命令 commands:
 
 def cmd_chat(args) -> int:
     from .inference.chat import ChatSession
-    from .inference.generate import SamplingConfig
+    from .inference.sampling import SamplingConfig
     from .inference.loaded import load
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -61,7 +61,7 @@ def build_demo_corpus(path: Path) -> Path:
 def run_demo(out: str | Path = "demo", max_time: float = 60.0, retrain: bool = False) -> int:
     from .inference.chat import ChatSession
     from .data.preparation import prepare
-    from .inference.generate import SamplingConfig
+    from .inference.sampling import SamplingConfig
     from .inference.loaded import load
     from .training.loop import train
 

@@ -65,7 +65,7 @@ def compare(data_dir: str | Path, out_dir: str | Path = "compare", *, max_time: 
 
 def _chat_sample(bot) -> str:
     from ..inference.chat import ChatSession
-    from ..inference.generate import SamplingConfig
+    from ..inference.sampling import SamplingConfig
 
     return ChatSession(bot, sampling=SamplingConfig(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)).say("你好")
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_write_text
-from ..inference.generate import SamplingConfig
+from ..inference.sampling import SamplingConfig
 
 EVAL_JSON = "eval.json"
 LN2 = math.log(2)

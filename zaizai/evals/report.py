@@ -99,7 +99,7 @@ def _num(x: Any) -> str:
 
 def _samples(bot) -> list[str]:
     from ..inference.chat import ChatSession
-    from ..inference.generate import SamplingConfig
+    from ..inference.sampling import SamplingConfig
 
     lines = []
     if bot.is_chat_model:

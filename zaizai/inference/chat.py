@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 from typing import Iterator
 
 from ..common.errors import ZaizaiError
-from .generate import SamplingConfig
+from .sampling import SamplingConfig
 from ..data.tokenizer import END_ID, EOT_ID
 
 ROLES = ("system", "user", "assistant")

@@ -220,7 +220,7 @@ def create_app(bot, *, api_key: str | None = None, model_name: str | None = None
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from ..inference.chat import build_prompt
-    from ..inference.generate import SamplingConfig
+    from ..inference.sampling import SamplingConfig
     from ..data.tokenizer import END_ID, EOT_ID
 
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
