@@ -92,7 +92,7 @@ NEW_TOKENIZERS = ("char", "bpe")  # what --tokenizer builds when it does not nam
 SPLITS = ("train", "val")
 KINDS = ("plain", "dialogue")
 META_VERSION = 1
-IGNORE_INDEX = -1  # target value the models' loss skips (padding, masked-out targets)
+from ..common.ids import IGNORE_INDEX
 
 _PROGRESS_MIN_FILES = 20  # show a progress bar when reading at least this many files
 
