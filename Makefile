@@ -61,8 +61,9 @@ test: setup fonts browser llama
 demo: setup
 	$(BIN)/zaizai demo
 
+# `make bench CORPUS=../shared/corpora/tang.txt.xz` measures on that corpus (the README's figures); default: the demo's.
 bench: setup
-	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/train_speed.py $(if $(CORPUS),--corpus $(CORPUS))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -3,10 +3,12 @@
     .venv/bin/python bench/generate_speed.py                  # both sizes, torch's default thread count
     .venv/bin/python bench/generate_speed.py --threads 1      # one core
     .venv/bin/python bench/generate_speed.py --dtype bfloat16 # both models' weights in bf16
+    .venv/bin/python bench/generate_speed.py --corpus ../shared/corpora/tang.txt.xz  # the README's figures
 
 For a 4-layer/128-wide (4 heads) and a 6-layer/384-wide (6 heads) GPT with random weights, block_size 1024,
-and the Tang-poetry corpus's vocabulary (its distinct characters + 6 special tokens: 9,706; 8,000 when the
-corpus is absent): greedy generation of ``--new-tokens`` tokens (500) at batch 1 after a
+and the ``--corpus`` vocabulary (its distinct characters + 6 special tokens): 9,706 for the 4.5M-character
+Tang-poetry corpus the README's figures came from; without --corpus, the built-in demo corpus's
+(chatterbot-corpus Chinese + 崽崽's introduction; see ``bench/corpus.py``). Greedy generation of ``--new-tokens`` tokens (500) at batch 1 after a
 ``--prompt-tokens`` (200) token history, a char tokenizer's 200 characters.
 
 - zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, temperature 0).
@@ -22,27 +24,18 @@ round is reported. The last column says whether both produced the same greedy to
 from __future__ import annotations
 
 import argparse
-import lzma
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from zaizai.inference.generate import SamplingConfig, generate_ids
+from zaizai.inference.generate import generate_ids
+from zaizai.inference.sampling import SamplingConfig
 from zaizai.models import ModelConfig, build_model
 
-REPO = Path(__file__).resolve().parent.parent
-TANG = REPO.parent / "shared" / "corpora" / "tang.txt.xz"
-N_SPECIAL_TOKENS = 6  # the char tokenizer's special tokens, on top of the corpus's distinct characters
+from corpus import N_SPECIAL_TOKENS, add_corpus_argument, load_corpus
+
 SIZES = [(4, 4, 128), (6, 6, 384)]  # (n_layer, n_head, n_embd)
-
-
-def vocab_size() -> tuple[int, str]:
-    if TANG.exists():
-        with lzma.open(TANG, "rt", encoding="utf-8") as f:
-            return len(set(f.read())) + N_SPECIAL_TOKENS, "Tang"
-    return 8000, "default"
 
 
 def models(vocab: int, n_layer: int, n_head: int, n_embd: int, block_size: int, dtype: torch.dtype):
@@ -123,6 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--sizes", default="all", choices=("all", "small", "large"))
+    add_corpus_argument(ap)
     args = ap.parse_args()
     if args.prompt_tokens + args.new_tokens > args.block_size:
         ap.error("--prompt-tokens + --new-tokens must fit in --block-size")
@@ -130,9 +124,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import transformers
 
-    vocab, source = vocab_size()
+    corpus = load_corpus(args.corpus)
+    vocab, source = corpus.vocab_size, corpus.name
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     sizes = {"all": SIZES, "small": SIZES[:1], "large": SIZES[1:]}[args.sizes]
+    print(corpus.header())
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"{args.dtype}; vocab {vocab} ({source}), block {args.block_size}; batch 1, greedy, "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; median of {args.rounds} rounds")

@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/gguf_speed.py                 # three sizes, 2 threads
     .venv/bin/python bench/gguf_speed.py --threads 1
+    .venv/bin/python bench/gguf_speed.py --corpus ../shared/corpora/tang.txt.xz   # the README's figures
 
 For GPTs of 4 layers/128 wide, 6/384 and 12/768 (GPT-2 small's body) with random weights, block_size 1024 and
-the Tang corpus's character vocabulary (9,706 tokens; 8,000 made-up characters when the corpus is absent):
+the ``--corpus`` character vocabulary (9,706 tokens for the 4.5M-character Tang-poetry corpus the README's
+figures came from; without --corpus, the built-in demo corpus's, see ``bench/corpus.py``):
 each model is saved as a zaizai folder, exported with :func:`zaizai.interop.gguf.export_gguf` as F32 and F16,
 and both run greedy generation of ``--new-tokens`` (500) at batch 1 after a ``--prompt-tokens`` (200) history.
 
@@ -19,7 +21,6 @@ F16 KV cache, may flip near-ties on random weights, after which the texts part w
 from __future__ import annotations
 
 import argparse
-import lzma
 import statistics
 import tempfile
 import time
@@ -29,21 +30,15 @@ import torch
 
 from zaizai.training.checkpoint import BEST, save_checkpoint
 from zaizai.training.config import TrainConfig
-from zaizai.inference.generate import SamplingConfig, generate_ids
+from zaizai.inference.generate import generate_ids
+from zaizai.inference.sampling import SamplingConfig
 from zaizai.interop.gguf import export_gguf
 from zaizai.models import ModelConfig, build_model
 from zaizai.data.tokenizer import CharTokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-TANG = REPO.parent / "shared" / "corpora" / "tang.txt.xz"
+from corpus import add_corpus_argument, load_corpus
+
 SIZES = [(4, 4, 128), (6, 6, 384), (12, 12, 768)]  # (n_layer, n_head, n_embd)
-
-
-def tokenizer() -> tuple[CharTokenizer, str]:
-    if TANG.exists():
-        with lzma.open(TANG, "rt", encoding="utf-8") as f:
-            return CharTokenizer.from_text(f.read()), "Tang"
-    return CharTokenizer(chr(0x4E00 + i) for i in range(8000 - 6)), "made-up"
 
 
 def model_folder(folder: Path, tok: CharTokenizer, n_layer: int, n_head: int, n_embd: int, block_size: int):
@@ -82,14 +77,17 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
+    add_corpus_argument(ap)
     args = ap.parse_args()
     from llama_cpp import Llama
 
     torch.set_num_threads(args.threads)
-    tok, source = tokenizer()
+    corpus = load_corpus(args.corpus)
+    tok, source = CharTokenizer.from_text(corpus.text), corpus.name
     block = 1024
     g = torch.Generator().manual_seed(1)
     prompt = [0] + torch.randint(6, tok.vocab_size, (args.prompt_tokens - 1,), generator=g).tolist()
+    print(corpus.header())
     print(f"vocab {tok.vocab_size} ({source}) · prompt {args.prompt_tokens} · new {args.new_tokens} · "
           f"threads {args.threads} · median of {args.rounds} rounds")
     print(f"{'model':>10} | {'zaizai tok/s':>12} | {'llama.cpp F32':>13} | {'F32 same':>8} | "

@@ -1,26 +1,27 @@
 """How fast text becomes token ids: zaizai's vectorised encoder and ``prepare`` vs a naive peer.
 
-Workload: the Tang-poetry corpus at ``../shared/corpora/tang.txt.xz`` (relative to the repository
-root), decompressed into a temporary folder. Each method runs in its own child process so that
-its peak RSS (``resource.getrusage``) is its own; the baseline row is a child that only imports
-zaizai and reads the text, which every other row includes too.
+Workload: the ``--corpus`` text (a .txt, .txt.xz or folder of .txt files; default: the built-in demo
+corpus, see ``bench/corpus.py``), written as plain text into a temporary folder. The README's figures came
+from ``--corpus ../shared/corpora/tang.txt.xz``, the 4.5M-character Tang-poetry corpus. Each method
+runs in its own child process so that its peak RSS (``resource.getrusage``) is its own; the baseline
+row is a child that only imports zaizai and reads the text, which every other row includes too.
 
 Figures are MB/s of UTF-8 input (the file's size in bytes / seconds, best of a few runs).
 
-``--size-mb N`` measures instead the streamed ``prepare`` on a corpus of N MB (the Tang file
+``--size-mb N`` measures instead the streamed ``prepare`` on a corpus of N MB (the corpus
 repeated, written under ``--tmp``), once per tokenizer kind, reporting MB/s and peak RSS of the
 preparing process and, separately, of its largest worker process (fork children share most
 pages with the parent, so the two do not simply add up).
 
-    python bench/prepare_speed.py
-    python bench/prepare_speed.py --size-mb 1024 --kinds char,bpe
+    python bench/prepare_speed.py                                         # the demo corpus
+    python bench/prepare_speed.py --corpus ../shared/corpora/tang.txt.xz  # the README's figures
+    python bench/prepare_speed.py --corpus ../shared/corpora/tang.txt.xz --size-mb 1024 --kinds char,bpe
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import resource
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "tang.txt.xz"
+from corpus import Corpus, add_corpus_argument, load_corpus
 
 METHODS = {
     "baseline": "baseline: import zaizai + read text",
@@ -96,14 +97,14 @@ def measure_large(kind: str, path: Path) -> dict:
             "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]}
 
 
-def large(size_mb: int, kinds: list[str], tmp: str | None) -> int:
+def large(corpus: Corpus, size_mb: int, kinds: list[str], tmp: str | None) -> int:
     with tempfile.TemporaryDirectory(prefix="zaizai-bench-", dir=tmp) as folder:
         path = Path(folder) / "big.txt"
-        unit = lzma.decompress(CORPUS.read_bytes()).rstrip(b"\n") + b"\n\n"
+        unit = corpus.text.encode("utf-8").rstrip(b"\n") + b"\n\n"
         with open(path, "wb") as f:
             f.writelines(unit for _ in range(max(1, size_mb * 2**20 // len(unit))))
         n_bytes = path.stat().st_size
-        print(f"corpus: {CORPUS.name} repeated, {n_bytes / 2**20:,.0f} MiB UTF-8")
+        print(f"corpus: {corpus.name} repeated, {n_bytes / 2**20:,.0f} MiB UTF-8")
         print(f"{'prepare --tokenizer':<22} {'seconds':>8} {'MB/s':>8} {'peak RSS':>10} {'worker RSS':>11} {'tokens':>14}")
         for kind in kinds:
             child = subprocess.run(
@@ -122,6 +123,7 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=0, help="measure the streamed prepare on N MB instead")
     parser.add_argument("--kinds", default="char,bpe", help="tokenizers for --size-mb (default char,bpe)")
     parser.add_argument("--tmp", default=None, help="folder for the --size-mb corpus (default: system temp)")
+    add_corpus_argument(parser)
     args = parser.parse_args()
     if args.child:
         method, path = args.child
@@ -131,18 +133,14 @@ def main() -> int:
             print(json.dumps(measure(method, Path(path))))
         return 0
 
-    if not CORPUS.exists():
-        print(f"skipped: {CORPUS} is absent (the shared corpora folder next to the repository)")
-        return 0
+    corpus = load_corpus(args.corpus)
     if args.size_mb:
-        return large(args.size_mb, args.kinds.split(","), args.tmp)
+        return large(corpus, args.size_mb, args.kinds.split(","), args.tmp)
 
     with tempfile.TemporaryDirectory(prefix="zaizai-bench-") as tmp:
-        path = Path(tmp) / "tang.txt"
-        path.write_bytes(lzma.decompress(CORPUS.read_bytes()))
+        path = corpus.write(Path(tmp))
         n_bytes = path.stat().st_size
-        n_chars = len(path.read_text(encoding="utf-8"))
-        print(f"corpus: {CORPUS.name}, {n_bytes / 1e6:.2f} MB UTF-8, {n_chars:,} characters")
+        print(f"{corpus.header()}, {n_bytes / 1e6:.2f} MB UTF-8")
         print(f"{'method':<38} {'seconds':>8} {'MB/s':>8} {'peak RSS':>10}")
         for method, label in METHODS.items():
             child = subprocess.run(

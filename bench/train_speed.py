@@ -3,10 +3,15 @@
     .venv/bin/python bench/train_speed.py                    # throughput: zaizai gpt vs transformers GPT2LMHeadModel
     .venv/bin/python bench/train_speed.py --dtype float32    # one precision only
     .venv/bin/python bench/train_speed.py --mode ablation    # what each speed change in zaizai is worth
-    .venv/bin/python bench/train_speed.py --mode preset      # default CPU preset, 210 s on Tang, vs nanoGPT's recipe
+    .venv/bin/python bench/train_speed.py --mode preset      # default CPU preset, 210 s, vs nanoGPT's recipe
+    .venv/bin/python bench/train_speed.py --corpus ../shared/corpora/tang.txt.xz [--mode ...]  # the README's figures
+
+--corpus: a .txt, .txt.xz or folder of .txt files; the README's figures came from the 4.5M-character
+Tang-poetry corpus (``../shared/corpora/tang.txt.xz`` on the project's machine). Without it, the built-in
+demo corpus (chatterbot-corpus Chinese + 崽崽's introduction; see ``bench/corpus.py``).
 
 throughput mode: nanoGPT's CPU shapes (4 layers, 4 heads, n_embd 128, block 64, batch 12, dropout 0) with
-the Tang-poetry corpus's vocabulary size (distinct characters + 6 special tokens) on random token data.
+the corpus's vocabulary size (distinct characters + 6 special tokens) on random token data.
 Both models train with torch AdamW (lr 1e-3, weight decay 0.1): zaizai through ``configure_optimizer`` as
 its trainer does (decay on matrices only, fused kernel), the peer with a plain ``torch.optim.AdamW``.
 They alternate in interleaved rounds in one process, warm-up steps excluded, so machine noise hits both.
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import lzma
 import sys
 import time
 from pathlib import Path
@@ -36,16 +40,7 @@ from zaizai.common.device import autocast, cpu_has_fast_bf16, tune_glibc_malloc
 from zaizai.models import ModelConfig, build_model
 from zaizai.training.optim import configure_optimizer
 
-REPO = Path(__file__).resolve().parent.parent
-TANG = REPO.parent / "shared" / "corpora" / "tang.txt.xz"
-N_SPECIAL_TOKENS = 6  # the char tokenizer's special tokens, on top of the corpus's distinct characters
-
-
-def tang_vocab_size() -> int | None:
-    if not TANG.exists():
-        return None
-    with lzma.open(TANG, "rt", encoding="utf-8") as f:
-        return len(set(f.read())) + N_SPECIAL_TOKENS
+from corpus import add_corpus_argument, load_corpus
 
 
 # --- the two trainers ---------------------------------------------------------------------------------------
@@ -137,10 +132,10 @@ def to_dtype(name: str):
     return torch.bfloat16 if name == "bfloat16" else None  # None: plain fp32, no autocast
 
 
-def header(vocab_size: int, args) -> str:
+def header(vocab_size: int, corpus_name: str, args) -> str:
     return (
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}; "
-        f"vocab {vocab_size} (Tang), 4 layers x 4 heads x 128, block {args.block_size}, batch {args.batch_size}; "
+        f"vocab {vocab_size} ({corpus_name}), 4 layers x 4 heads x 128, block {args.block_size}, batch {args.batch_size}; "
         f"{args.warmup} warm-up + {args.rounds} x {args.steps_per_round} timed steps each"
         + ("; glibc malloc tuned" if args.tune_malloc else "")
     )
@@ -180,7 +175,9 @@ def plain_linear_cross_entropy(x, weight, targets):
     return logits, F.cross_entropy(logits.float(), targets, ignore_index=-1)
 
 
-def plain_attention(q, k, v, dropout_p=0.0):
+def plain_attention(q, k, v, dropout_p=0.0, attn_mask=None):
+    if attn_mask is not None:  # packed dialogues: a mask per segment (random-token batches here have none)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
@@ -208,23 +205,17 @@ def ablation(vocab_size: int, args) -> None:
             previous = value
 
 
-def preset(args) -> int:
-    """`zaizai train` with the default CPU preset for --max-time seconds on the Tang corpus, then the loss on
+def preset(corpus, args) -> int:
+    """`zaizai train` with the default CPU preset for --max-time seconds on the corpus, then the loss on
     the whole validation split; the peer is nanoGPT's README CPU recipe (preset nanogpt-cpu: 4 layers, 128 wide,
     block 64, batch 12, lr 1e-3, fp32, 2,000 iterations) on the same data in the same run and time budget."""
     import tempfile
 
     import zaizai
 
-    if not TANG.exists():
-        print(f"skipped: the Tang corpus is not at {TANG}")
-        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="zaizai-bench-") as tmp:
-        corpus = Path(tmp) / "tang.txt"
-        with lzma.open(TANG, "rb") as src:
-            corpus.write_bytes(src.read())
-        zaizai.prepare([corpus], Path(tmp) / "data", verbose=False)
+        zaizai.prepare([corpus.write(Path(tmp))], Path(tmp) / "data", verbose=False)
         runs = [("cpu", "zaizai default CPU preset")]
         if not args.no_peer:
             runs.append(("nanogpt-cpu", "nanoGPT README CPU recipe"))
@@ -234,7 +225,7 @@ def preset(args) -> int:
                                   verbose=not args.quiet)
             rows.append((label, name, result))
     print()
-    print(f"Tang corpus, whole validation split, {args.max_time:g} s of training per run, "
+    print(f"{corpus.name} corpus, whole validation split, {args.max_time:g} s of training per run, "
           f"{torch.get_num_threads()} threads")
     print(f"{'run':<28} {'preset':<12} {'steps':>7} {'tokens':>11} {'tok/s':>8} {'val nats/char':>14}")
     for label, name, r in rows:
@@ -246,6 +237,7 @@ def preset(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=["throughput", "ablation", "preset"], default="throughput")
+    add_corpus_argument(p)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: bf16 and fp32 where the CPU has native bf16, else fp32 only")
     p.add_argument("--batch-size", type=int, default=12)
@@ -261,17 +253,16 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="preset mode: no progress bars")
     args = p.parse_args(argv)
 
+    corpus = load_corpus(args.corpus)
+    print(corpus.header(), flush=True)
     if args.mode == "preset":
-        return preset(args)
-    vocab_size = tang_vocab_size()
-    if vocab_size is None:
-        print(f"skipped: the Tang corpus is not at {TANG} (the shared corpora folder next to the repository)")
-        return 0
+        return preset(corpus, args)
+    vocab_size = corpus.vocab_size
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tune_malloc and not tune_glibc_malloc():
         print("--tune-malloc: this C library has no glibc mallopt; allocator left as it is")
-    print(header(vocab_size, args))
+    print(header(vocab_size, corpus.name, args))
     (throughput if args.mode == "throughput" else ablation)(vocab_size, args)
     return 0
 

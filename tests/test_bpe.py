@@ -3,8 +3,6 @@ data folder that trains and samples."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from conftest import TINY_DOCUMENTS
@@ -13,9 +11,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from util import TINY, write_corpus, write_pairs
 
-from zaizai.data.preparation import TokenData, prepare
+from zaizai.data.preparation import prepare
+from zaizai.data.tokendata import TokenData
 from zaizai.common.errors import ZaizaiError
-from zaizai.inference.loaded import IncrementalDecoder
+from zaizai.inference.text import IncrementalDecoder
 from zaizai.data.tokenizer import (
     MIN_BPE_VOCAB,
     SPECIAL_TOKENS,
@@ -106,14 +105,6 @@ def test_tokenizer_json_loads_in_hugging_face_with_identical_ids(tmp_path, bpe, 
     assert tok == load_tokenizer(tmp_path / "data" / "tokenizer.json")
 
 
-def test_old_zaizai_char_files_still_load(tmp_path):
-    tok = CharTokenizer.from_text(CORPUS)
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(tok.to_dict(), ensure_ascii=False), encoding="utf-8")
-    assert load_tokenizer(path) == tok
-    assert CharTokenizer.load(path) == tok
-
-
 def test_tokenizer_names_and_paths(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     prepare([corpus], tmp_path / "a", tokenizer="bpe", vocab_size=300, verbose=False)
@@ -127,7 +118,7 @@ def test_tokenizer_names_and_paths(tmp_path):
 def test_bpe_dialogues_render_each_message_on_its_own(tmp_path):
     """Dialogues with a subword tokenizer: every message is encoded alone (no token spans two
     messages), the bins equal render_conversation of each dialogue, and bits/char counts characters."""
-    from zaizai.data.preparation import TokenData
+    from zaizai.data.tokendata import TokenData
     from zaizai.data.dialogue import render_conversation
     from zaizai.evals.evaluation import split_messages, split_sizes
 

@@ -9,7 +9,8 @@ from zaizai.inference.chat import ChatSession
 from zaizai.data.dialogue import render_conversation
 from zaizai.common.errors import ZaizaiError
 from zaizai.inference.sampling import SamplingConfig
-from zaizai.data.tokenizer import ASSISTANT_ID, USER_ID, CharTokenizer
+from zaizai.data.tokenizer import ASSISTANT_ID, EOT_ID, USER_ID, CharTokenizer
+from zaizai.inference.prompt import fit_text, text_ids
 from util import TINY, run_cli, write_dialogues
 
 DIALOGUES = [
@@ -65,6 +66,13 @@ def test_a_message_longer_than_the_context_keeps_its_end():
     assert bot.tokenizer.decode(ids[-4:-2]) == "晚安" and ids[1] == USER_ID
 
 
+def test_a_plain_text_prompt_keeps_its_opening_token_and_its_end():
+    tok = fake_bot().tokenizer
+    ids = fit_text(tok, "你好" * 40 + "晚安", block_size=30, reply_budget=10)
+    assert len(ids) == 20 and ids[0] == EOT_ID and tok.decode(ids[-2:]) == "晚安"
+    assert fit_text(tok, "你好", 30, 10) == text_ids(tok, "你好") == [EOT_ID, *tok.encode("你好")]
+
+
 def test_set_changes_sampling_and_refuses_nonsense():
     session = ChatSession(fake_bot())
     session.set("temperature", "0.3")
@@ -113,18 +121,18 @@ def test_a_plain_text_model_chats_in_completion_mode(tmp_path):
 
 
 def test_chat_commands(capsys):
-    from zaizai.cli import _chat_command
+    from zaizai.terminal import run_command
 
     session = ChatSession(fake_bot())
     session.history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
-    assert _chat_command(session, "/history") is False
+    assert run_command(session, "/history") is False
     assert "你好！" in capsys.readouterr().out
-    _chat_command(session, "/set temperature 0.2")
+    run_command(session, "/set temperature 0.2")
     assert session.sampling.temperature == 0.2
-    _chat_command(session, "/set top_p 7")
+    run_command(session, "/set top_p 7")
     assert "--top-p" in capsys.readouterr().out and session.sampling.top_p != 7
-    _chat_command(session, "/reset")
+    run_command(session, "/reset")
     assert session.history == []
-    _chat_command(session, "/dance")
+    run_command(session, "/dance")
     assert "unknown command" in capsys.readouterr().out
-    assert _chat_command(session, "/quit") is True
+    assert run_command(session, "/quit") is True

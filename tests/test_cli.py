@@ -33,7 +33,8 @@ def test_sample_streams_and_repeats_with_a_seed(trained):
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("床前") and len(a.stdout) > 5
     c = run_cli(*args[:-1], "2")
-    assert c.returncode == 0
+    assert c.returncode == 0 and c.stdout.startswith("床前")
+    assert c.stdout != a.stdout  # another seed, another text
 
 
 def test_config_file_with_flag_override(trained):
@@ -79,5 +80,21 @@ def test_non_utf8_corpus_is_refused_with_the_file_and_offset(tmp_path):
 def test_help_lists_the_commands():
     r = run_cli("--help")
     assert r.returncode == 0
-    for command in ("prepare", "train", "sample", "demo"):
+    for command in ("prepare", "train", "sample", "chat", "demo", "eval", "serve", "export", "import-hf"):
         assert command in r.stdout
+
+
+@pytest.mark.parametrize("command", ["", "prepare", "train", "sample", "chat", "demo", "eval", "report", "attention",
+                                     "compare", "export", "import-hf", "serve"])
+def test_help_does_not_import_torch(command):
+    """`zaizai CMD --help` answers at once: building the parser must not import torch (seconds on a laptop)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom zaizai.cli import main\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    main({[command, '--help'] if command else ['--help']!r})\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

@@ -1,8 +1,9 @@
 import json
+from dataclasses import fields, replace
 
 import pytest
 
-from zaizai.training.config import PRESETS, TrainConfig, resolve_config
+from zaizai.training.config import MODEL_FIELDS, PRESETS, TrainConfig, resolve_config
 from zaizai.common.errors import ZaizaiError
 
 
@@ -68,13 +69,36 @@ def test_a_stopping_point_is_required():
         TrainConfig().validate()
 
 
-def test_every_preset_builds_a_valid_model():
+def gpt2_parameter_count(mcfg) -> int:
+    """GPT-2's layout: token and position tables, per block 12·C² + 13·C (attention and MLP matrices with their
+    biases, two LayerNorms), a final LayerNorm, and the output layer tied to the token table."""
+    c = mcfg.n_embd
+    return (mcfg.vocab_size + mcfg.block_size) * c + mcfg.n_layer * (12 * c * c + 13 * c) + 2 * c
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_each_preset_is_its_table_and_builds_a_valid_model(name):
     from zaizai.models import build_model
 
-    for name in PRESETS:
-        mcfg, tcfg = resolve_config({"preset": name, "max_iters": 1})
-        mcfg.vocab_size = 50
-        tcfg.validate()
-        mcfg.validate()
-        if name != "gpt2":  # 124M parameters: valid, but too big to build in a unit test
-            build_model(mcfg)
+    mcfg, tcfg = resolve_config({"preset": name})
+    assert tcfg.preset == name
+    table = PRESETS[name]
+    for key, value in table.items():
+        assert getattr(mcfg if key in MODEL_FIELDS else tcfg, key) == value, key
+    for f in fields(TrainConfig):  # what the preset leaves out keeps the dataclass default
+        if f.name not in table and f.name != "preset":
+            assert getattr(tcfg, f.name) == f.default, f.name
+    assert mcfg.model == "gpt" and mcfg.n_embd % mcfg.n_head == 0
+    mcfg.vocab_size = 50
+    replace(tcfg, max_iters=tcfg.max_iters or 1).validate()
+    mcfg.validate()
+    if name != "gpt2":  # 124M parameters: valid, but too big to build in a unit test
+        model = build_model(mcfg)
+        assert sum(p.numel() for p in model.parameters()) == gpt2_parameter_count(mcfg)
+        assert model.config.block_size == table["block_size"] and len(model.transformer.h) == table["n_layer"]
+
+
+def test_the_gpt2_preset_is_gpt2_small():
+    mcfg, _ = resolve_config({"preset": "gpt2"})
+    mcfg.vocab_size = 50257
+    assert gpt2_parameter_count(mcfg) == 124_439_808  # GPT-2 small, as Hugging Face counts it

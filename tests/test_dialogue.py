@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from zaizai.data.corpus import TXT_HINT, Problems, parse_jsonl, parse_lccc, parse_text_layout
-from zaizai.data.preparation import IGNORE_INDEX, TokenData, load_meta, prepare
+from zaizai.data.formats import TXT_HINT, Problems, parse_jsonl, parse_lccc, parse_text_layout
+from zaizai.common.ids import IGNORE_INDEX
+from zaizai.data.preparation import prepare
+from zaizai.data.tokendata import TokenData, load_meta
 from zaizai.data.dialogue import (
     Dialogues,
     render_conversation,

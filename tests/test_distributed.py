@@ -40,7 +40,7 @@ def _torchrun(*args) -> subprocess.CompletedProcess:
 def test_two_ranks_equal_one_process_on_the_global_batch_and_resume(tmp_path):
     data_dir = prepared(tmp_path)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    per_rank = dict(OPTS, batch_size=2)
+    per_rank = dict(OPTS, batch_size=2, grad_accum=2)  # 2 micro-steps: DDP syncs gradients in the last only
 
     t0 = time.perf_counter()
     first = _torchrun(data_dir, "--out", ddp_out, "--max-iters=4", *_flags(per_rank))
@@ -53,7 +53,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch_and_resume(tmp_path):
     print(f"two torchrun launches: {time.perf_counter() - t0:.1f}s")
 
     # One process with the global batch (2 ranks x 2 rows), stopped and resumed at the same steps.
-    zaizai.train(data_dir, single_out, max_iters=4, verbose=False, **dict(OPTS, batch_size=4))
+    zaizai.train(data_dir, single_out, max_iters=4, verbose=False, **dict(OPTS, batch_size=4, grad_accum=2))
     zaizai.train(out_dir=single_out, resume=True, max_iters=8, verbose=False)
 
     ddp, single = load_checkpoint(ddp_out / LAST), load_checkpoint(single_out / LAST)
@@ -69,3 +69,34 @@ def test_two_ranks_equal_one_process_on_the_global_batch_and_resume(tmp_path):
         return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     assert steps(ddp_out) == steps(single_out) == [4, 5, 8]  # one writer: no duplicated lines
+
+
+def test_train_step_in_ddp_takes_the_plain_step(tmp_path):
+    """In-process, a world of one: train_step on a DDP-wrapped model (no_sync on the first micro-step, the loss
+    averaged over the ranks) moves the weights exactly as on the plain model."""
+    from zaizai.common.distributed import replicate
+    from zaizai.models import ModelConfig, build_model
+    from zaizai.training.loop import train_step
+
+    cpu = torch.device("cpu")
+    x = torch.randint(0, 30, (4, 8), generator=torch.Generator().manual_seed(0))
+    micro_batches = [(x[:2, :-1], x[:2, 1:], None), (x[2:, :-1], x[2:, 1:], None)]
+
+    def one_step(wrap: bool):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=16))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss = train_step(replicate(model, cpu) if wrap else model, optimizer, micro_batches, lr=1.0,
+                          grad_accum=2, grad_clip=1.0, device=cpu)
+        return loss, model
+
+    torch.distributed.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0,
+                                         world_size=1)
+    try:
+        ddp_loss, ddp = one_step(wrap=True)
+    finally:
+        torch.distributed.destroy_process_group()
+    plain_loss, plain = one_step(wrap=False)
+    assert ddp_loss == plain_loss
+    for (name, a), b in zip(plain.named_parameters(), ddp.parameters()):
+        assert torch.equal(a, b), name

@@ -13,7 +13,9 @@ from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig, banned_ngram_tokens
 from zaizai.models import ModelConfig, build_model
 from zaizai.models.gpt import KVCache
-from zaizai.inference.loaded import IncrementalDecoder, Zaizai, decode_stream
+from zaizai.models.rnn import RNNLM
+from zaizai.inference.loaded import Zaizai
+from zaizai.inference.text import IncrementalDecoder, decode_stream
 from zaizai.data.tokenizer import END_ID, EOT_ID, CharTokenizer
 
 VOCAB = 61
@@ -62,11 +64,11 @@ def reference_gpt(model, ids: list[int], n: int) -> list[int]:
 
 @torch.no_grad()
 def reference_full(model, ids: list[int], n: int, window: int | None = None) -> list[int]:
-    """Greedy decoding by a forward pass over the whole sequence (rnn: step over all; bigram: last token)."""
+    """Greedy decoding by a forward pass over the whole sequence (rnn: from a fresh state over all; bigram: last token)."""
     seq = list(ids)
     for _ in range(n):
         x = torch.tensor([seq if window is None else seq[-window:]])
-        logits = model.step(x)[0] if hasattr(model, "step") else model(x)[0]
+        logits = model(x, cache=model.new_cache())[0] if isinstance(model, RNNLM) else model(x)[0]
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(ids):]
 
@@ -99,12 +101,12 @@ def test_kv_cache_logits_equal_the_full_forward_pass():
     with torch.no_grad():
         full, _ = model(x)
         cache = KVCache(model.config)
-        chunks = [model(x[:, :9], kv_cache=cache)[0], model(x[:, 9:13], kv_cache=cache)[0]]
-        chunks += [model(x[:, t:t + 1], kv_cache=cache)[0] for t in range(13, 24)]
+        chunks = [model(x[:, :9], cache=cache)[0], model(x[:, 9:13], cache=cache)[0]]
+        chunks += [model(x[:, t:t + 1], cache=cache)[0] for t in range(13, 24)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.pos == 24
     with pytest.raises(ZaizaiError, match="block_size"):
-        model(x[:, :1], kv_cache=cache)
+        model(x[:, :1], cache=cache)
 
 
 def test_kv_cache_is_preallocated_and_written_in_place():
@@ -113,8 +115,8 @@ def test_kv_cache_is_preallocated_and_written_in_place():
     k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
     assert cache.k.shape == (2, 2, 2, 24, 16)  # (n_layer, B, nh, block_size, hs)
     with torch.no_grad():
-        model(torch.tensor([prompt(5), prompt(5, 1)]), kv_cache=cache)
-        model(torch.tensor([[7], [8]]), kv_cache=cache)
+        model(torch.tensor([prompt(5), prompt(5, 1)]), cache=cache)
+        model(torch.tensor([[7], [8]]), cache=cache)
     assert (cache.k.data_ptr(), cache.v.data_ptr()) == (k_ptr, v_ptr)
     assert cache.pos == 6 and cache.k[:, :, :, :6].abs().sum() > 0 and cache.k[:, :, :, 6:].abs().sum() == 0
     with pytest.raises(ZaizaiError, match="block_size"):

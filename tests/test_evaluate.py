@@ -7,7 +7,7 @@ import math
 import pytest
 
 import zaizai
-from zaizai.data.preparation import TokenData
+from zaizai.data.tokendata import TokenData
 from zaizai.common.errors import ZaizaiError
 from zaizai.evals.evaluation import (bleu, dialogue_pairs, distinct_n, evaluate, has_repeated_ngram, load_eval,
                              split_messages, split_sizes)

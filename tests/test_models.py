@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from zaizai.common.errors import ZaizaiError
 import zaizai.models.gpt as gpt_module
-from zaizai.models import GPT, MODELS, ModelConfig, build_model
-from zaizai.models.ops import causal_attention, linear_cross_entropy
+from zaizai.models import MODEL_NAMES, ModelConfig, build_model
+from zaizai.models.gpt import GPT
+from zaizai.models.ops import attention_with_weights, causal_attention, linear_cross_entropy, single_query_attention
 from zaizai.training.optim import configure_optimizer, fused_adamw_supported
 
 VOCAB = 67
@@ -33,7 +34,7 @@ def batch(B=3, T=16, vocab=VOCAB, seed=1):
     return data[:, :-1].clone(), data[:, 1:].clone()
 
 
-ALL = sorted(MODELS)
+ALL = sorted(MODEL_NAMES)
 
 
 # --- the shared interface -------------------------------------------------------------------------------------
@@ -321,6 +322,37 @@ def test_causal_attention_equals_explicit_softmax():
     torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=3e-2)
 
 
+def test_single_query_and_weighted_attention_equal_sdpa():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 13, 8), torch.randn(2, 3, 13, 8)
+    torch.testing.assert_close(single_query_attention(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               atol=1e-6, rtol=1e-5)
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    y, weights = attention_with_weights(q, k, v, causal)
+    torch.testing.assert_close(y, causal_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 10))
+    assert (weights.masked_select(~causal) == 0).all()
+
+
+def test_gpt_attention_weights_come_from_the_same_forward_pass():
+    model = make("gpt").eval()
+    x, _ = batch(B=1)
+    weights = []
+    with torch.no_grad():
+        logits, _ = model(x, attn_weights=weights)
+        torch.testing.assert_close(logits, model(x)[0], atol=1e-5, rtol=1e-5)
+    assert len(weights) == model.config.n_layer
+    assert all(w.shape == (1, model.config.n_head, 16, 16) for w in weights)
+    # a different model (weights changed after the first layer's attention) gives different pictures
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight.mul_(3.0)
+        again = []
+        model(x, attn_weights=again)
+    torch.testing.assert_close(again[0], weights[0])
+    assert not torch.allclose(again[1], weights[1])
+
+
 def plain_gpt_ops(monkeypatch):
     """Make the GPT use the textbook forms of its output layer and attention."""
 
@@ -445,14 +477,17 @@ def test_segments_accepted_by_every_model(name):
 # --- the RNN carries its hidden state ---------------------------------------------------------------------------
 
 
-def test_rnn_step_carries_the_hidden_state():
+def test_rnn_cache_carries_the_hidden_state():
     model = make("rnn").eval()
     x, _ = batch(B=2)
     full, _ = model(x)
-    first, hidden = model.step(x[:, :10])
-    rest, hidden2 = model.step(x[:, 10:], hidden)
+    cache = model.new_cache()
+    first, _ = model(x[:, :10], cache=cache)
+    rest, _ = model(x[:, 10:], cache=cache)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-6, rtol=1e-6)
-    assert hidden2.shape == (2, 2, 32)
+    assert cache.hidden.shape == (2, 2, 32) and cache.pos == x.size(1)
+    longer = torch.cat([x, x], dim=1)  # past block_size: fine with a cache, which carries any length
+    assert model(longer, cache=model.new_cache())[0].shape[1] == longer.size(1)
 
 
 # --- the optimizer --------------------------------------------------------------------------------------------

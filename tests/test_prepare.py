@@ -15,7 +15,9 @@ import torch
 from conftest import TINY_DOCUMENTS
 
 import zaizai.data.tokenizer
-from zaizai.data.preparation import IGNORE_INDEX, TokenData, load_meta, prepare
+from zaizai.common.ids import IGNORE_INDEX
+from zaizai.data.preparation import prepare
+from zaizai.data.tokendata import TokenData, load_meta
 from zaizai.common.errors import ZaizaiError
 from zaizai.data.tokenizer import EOT_ID, UNK_ID, CharTokenizer, load_tokenizer
 
@@ -299,7 +301,7 @@ def test_a_crash_while_writing_leaves_no_half_file_and_no_meta(tmp_path, tiny_co
     def crash_saving(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(zaizai.data.preparation.CharTokenizer, "save", crash_saving)
+    monkeypatch.setattr(zaizai.data.tokenizer.CharTokenizer, "save", crash_saving)
     with pytest.raises(ZaizaiError, match="cannot write there \\(No space left on device\\)"):
         prepare([tiny_corpus], out, seed=2, verbose=False)
     assert sorted(p.name for p in out.iterdir()) == files[1:]  # no partial file, no meta.json
@@ -485,14 +487,14 @@ def test_cli_tokenizer_flag_builds_char_or_bpe_or_reuses_a_path(tmp_path, tiny_c
 def test_streaming_in_small_pieces_with_workers_gives_the_same_folder(tmp_path, monkeypatch, kind):
     from util import write_corpus
 
-    import zaizai.data.preparation
+    import zaizai.data.build_plain
 
     first = write_corpus(tmp_path / "a.txt", n_docs=80, seed=1)
     second = tmp_path / "b.txt"  # CRLF line endings and a BOM, cut between pieces too
     second.write_bytes(b"\xef\xbb\xbf" + write_corpus(tmp_path / "c.txt", n_docs=40, seed=2)
                        .read_bytes().replace(b"\n", b"\r\n"))
     whole = prepare([first, second], tmp_path / "whole", tokenizer=kind, vocab_size=300, verbose=False)
-    monkeypatch.setattr(zaizai.data.preparation, "PIECE_BYTES", 100)  # many pieces, two worker processes
+    monkeypatch.setattr(zaizai.data.build_plain, "PIECE_BYTES", 100)  # many pieces, two worker processes
     pieces = prepare([first, second], tmp_path / "pieces", tokenizer=kind, vocab_size=300, workers=2,
                      verbose=False)
     assert pieces["splits"] == whole["splits"] and pieces["sources"] == whole["sources"]

@@ -21,8 +21,9 @@ import uvicorn  # noqa: E402
 
 import zaizai  # noqa: E402
 from zaizai.inference.chat import ChatSession  # noqa: E402
-from zaizai.inference.generate import SamplingConfig  # noqa: E402
+from zaizai.inference.sampling import SamplingConfig  # noqa: E402
 from zaizai.serve.app import create_app  # noqa: E402
+from zaizai.serve.schemas import GREEDY_BELOW_TEMPERATURE, MAX_TOKENS_LIMIT, APIError, ChatRequest  # noqa: E402
 from test_chat import train_chat_model  # noqa: E402
 
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -182,6 +183,22 @@ def test_bad_requests_get_openai_shaped_4xx(server, name):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
     assert_openai_error(r, status)
+
+
+def test_the_apps_max_tokens_is_enforced_below_the_schemas_limit(server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 3000}, timeout=30)
+    error = assert_openai_error(r, 400)
+    assert error["param"] == "max_tokens"
+    assert error["message"] == "max_tokens: Input should be less than or equal to 2048"  # as pydantic words it
+
+
+def test_the_schemas_are_plain_models():
+    body = ChatRequest(messages=USER, temperature=GREEDY_BELOW_TEMPERATURE / 2, top_k=5, max_tokens=100)
+    sampling = body.sampling(cap=MAX_TOKENS_LIMIT)
+    assert sampling.temperature == 0 and sampling.top_k == 5 and sampling.max_new_tokens == 100  # served greedy
+    assert ChatRequest(messages=USER).reply_tokens(cap=16) == 16
+    with pytest.raises(APIError, match="less than or equal to 16"):
+        body.check_token_cap(16)
 
 
 def test_unknown_routes_and_methods_are_openai_shaped(server):

@@ -10,6 +10,7 @@ import torch
 import zaizai
 from zaizai.training.checkpoint import BEST, LAST, load_checkpoint
 from zaizai.common.errors import ZaizaiError
+from zaizai.common.ids import IGNORE_INDEX
 from util import TINY, prepared, write_pairs
 
 
@@ -111,22 +112,50 @@ def test_max_time_stops_the_run(tmp_path, data_dir):
     assert load_checkpoint(tmp_path / "out" / LAST).state["step"] == result.step
 
 
-def test_grad_accumulation_matches_one_big_batch(tmp_path, data_dir):
-    """Two micro-batches of 4 accumulate to the gradient of the same 8 sequences in one batch."""
-    from zaizai.data.preparation import TokenData
+def test_train_step_accumulates_micro_batches_like_one_big_batch(data_dir):
+    """The trainer's own step: grad_accum=2 over two halves of 8 sequences moves the weights as one batch of 8.
+
+    Plain SGD, whose step is proportional to the gradient: Adam's first step barely depends on its scale, so it
+    would hide a missing ``loss / grad_accum``.
+    """
+    from zaizai.data.batches import Batches
+    from zaizai.data.tokendata import TokenData
     from zaizai.models import ModelConfig, build_model
+    from zaizai.training.loop import train_step
 
     data = TokenData(data_dir)
+    x, y, _ = Batches(data, 16, packed=True).get("train", 8, np.random.default_rng(0))
+
+    def one_step(micro_batches, grad_accum):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(vocab_size=data.tokenizer.vocab_size, block_size=16, n_layer=1,
+                                        n_head=2, n_embd=32))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss = train_step(model, optimizer, micro_batches, lr=1.0, grad_accum=grad_accum, device=torch.device("cpu"))
+        return loss, model, optimizer
+
+    big_loss, big, _ = one_step([(x, y, None)], grad_accum=1)
+    loss, accumulated, optimizer = one_step([(x[:4], y[:4], None), (x[4:], y[4:], None)], grad_accum=2)
+    assert loss == pytest.approx(big_loss, abs=1e-6)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    assert all(p.grad is None for p in accumulated.parameters())  # zeroed for the next step
+    for (name, a), b in zip(big.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+
+
+def test_train_step_with_a_nan_loss_leaves_the_weights_alone():
+    from zaizai.models import ModelConfig, build_model
+    from zaizai.training.loop import train_step
+
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=data.tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
-                                    n_embd=32))
-    x, y = data.get_batch("train", 8, 16, np.random.default_rng(0))
-    model(x, y)[1].backward()
-    big = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    for part in (slice(0, 4), slice(4, 8)):
-        (model(x[part], y[part])[1] / 2).backward()
-    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(big, model.parameters()))
+    model = build_model(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 20, (2, 8))
+    y = torch.full_like(x, IGNORE_INDEX)  # no target at all: a nan mean loss
+    loss = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [(x, y, None)], lr=1.0, grad_accum=1,
+                      device=torch.device("cpu"))
+    assert math.isnan(loss)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path, data_dir):

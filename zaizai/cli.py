@@ -85,7 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Chinese text, then talk to it.")
     p.add_argument("--version", action="version", version=f"zaizai {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_data_commands(sub)
+    _add_generation_commands(sub)
+    _add_evaluation_commands(sub)
+    _add_interop_commands(sub)
+    return p
 
+
+def _add_data_commands(sub) -> None:
+    """prepare, train, demo: from text to a trained model."""
     pp = sub.add_parser("prepare", help="text file(s) -> tokenizer + train/val token bins")
     pp.add_argument("corpus", nargs="+", help="text files or folders of .txt files")
     pp.add_argument("--out", required=True, help="data folder to write")
@@ -97,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "jsonl (OpenAI messages), lccc (JSON lists of utterances); auto: by file extension")
     pp.add_argument("--tokenizer", default="char", metavar="char|bpe|PATH",
                     help="char (default: one token per character), bpe (byte-level BPE of --vocab-size tokens, "
-                         "plain text), or a tokenizer.json / data or model folder to reuse, e.g. to fine-tune "
+                         "for plain text and dialogues), or a tokenizer.json / data or model folder to reuse, e.g. to fine-tune "
                          "that model (an existing file or folder wins over the names)")
     pp.add_argument("--vocab-size", type=int, default=8000, help="tokens of a new bpe tokenizer (default 8000)")
     pp.add_argument("--skip-bad", action="store_true", help="skip malformed dialogues (and count them)")
@@ -108,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--config", dest="config_file", default=None, help="TOML or JSON file of options")
     _add_config_flags(tp)
 
+
+    dp = sub.add_parser("demo", help="train a small chat model on the built-in corpus and show it")
+    dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
+    dp.add_argument("--max-time", type=float, default=60.0, help="training budget in seconds (default 60)")
+    dp.add_argument("--retrain", action="store_true", help="train again even if the demo model exists")
+
+
+def _add_generation_commands(sub) -> None:
+    """sample, chat, serve: a trained model talks."""
     sp = sub.add_parser("sample", help="generate text from a trained model, streamed")
     sp.add_argument("out_dir", help="folder written by `zaizai train`")
     sp.add_argument("--prompt", default="", help="text to continue")
@@ -121,10 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--system", default=None, help="a system message that starts the conversation")
     _add_sampling_flags(cp, max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 
-    dp = sub.add_parser("demo", help="train a small chat model on the built-in corpus and show it")
-    dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
-    dp.add_argument("--max-time", type=float, default=60.0, help="training budget in seconds (default 60)")
-    dp.add_argument("--retrain", action="store_true", help="train again even if the demo model exists")
+
+    vp = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a chat page in the browser")
+    vp.add_argument("out_dir", help="folder written by `zaizai train`")
+    vp.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    vp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    vp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 calls "
+                    "(default: the ZAIZAI_API_KEY environment variable, else none)")
+    vp.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask (<= 4096)")
+    vp.add_argument("--max-active", type=int, default=4, help="generations run interleaved at once (default 4)")
+    vp.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429 (default 64)")
+    vp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+    vp.add_argument("--device", default="auto")
+
+
+def _add_evaluation_commands(sub) -> None:
+    """eval, report, attention, compare: how good is it, and what does it look at."""
     ep = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on the whole val split (+ dialogue metrics)")
     ep.add_argument("out_dir", help="folder written by `zaizai train`")
     ep.add_argument("--data", default=None, help="prepared data folder (default: the one the model was trained on)")
@@ -155,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--threads", type=int, default=None, help="CPU threads (0 = PyTorch's choice)")
     mp.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
 
+
+def _add_interop_commands(sub) -> None:
+    """export, import-hf: models to and from other tools."""
     xp = sub.add_parser("export", help="write a gpt for other tools: a Hugging Face folder or a GGUF file (llama.cpp)")
     xp.add_argument("out_dir", help="folder written by `zaizai train` (or `zaizai import-hf`)")
     xp.add_argument("--format", required=True, choices=["hf", "gguf"],
@@ -167,19 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("hf_dir", help="folder with config.json, model.safetensors and the tokenizer files")
     ip.add_argument("--out", required=True, help="zaizai model folder to write")
     ip.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
-
-    vp = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a chat page in the browser")
-    vp.add_argument("out_dir", help="folder written by `zaizai train`")
-    vp.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    vp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    vp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 calls "
-                    "(default: the ZAIZAI_API_KEY environment variable, else none)")
-    vp.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask (<= 4096)")
-    vp.add_argument("--max-active", type=int, default=4, help="generations run interleaved at once (default 4)")
-    vp.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429 (default 64)")
-    vp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
-    vp.add_argument("--device", default="auto")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,19 +256,11 @@ def cmd_sample(args) -> int:
     return 0
 
 
-CHAT_HELP = """命令 commands:
-  /reset                 清空对话历史 forget the conversation
-  /history               显示对话历史 show the conversation so far
-  /set NAME VALUE        改采样参数 change a sampling option: temperature, top_k, top_p,
-                         repetition_penalty, no_repeat_ngram_size, max_new_tokens, seed
-  /settings              显示当前参数 show the sampling options
-  /quit                  退出 leave (Ctrl-D works too)"""
-
-
 def cmd_chat(args) -> int:
     from .inference.chat import ChatSession
-    from .inference.sampling import SamplingConfig
     from .inference.loaded import load
+    from .inference.sampling import SamplingConfig
+    from .terminal import chat_in_terminal
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -269,65 +280,7 @@ def cmd_chat(args) -> int:
             if line.strip():
                 print(session.say(line), flush=True)
         return 0
-    return _interactive_chat(session)
-
-
-def _interactive_chat(session) -> int:
-    try:
-        import readline  # noqa: F401  (line editing and history for input(), where available)
-    except ImportError:
-        pass
-    print(f"崽崽 zaizai · {session.bot}\n输入 /help 看命令 · type /help for commands, /quit to leave")
-    while True:
-        try:
-            line = input("\n你 you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            return 0
-        if not line:
-            continue
-        if line.startswith("/"):
-            if _chat_command(session, line):
-                return 0
-            continue
-        print("崽崽> ", end="", flush=True)
-        try:
-            for piece in session.send(line):
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            print(" [停止 stopped]", end="")
-        print()
-
-
-def _chat_command(session, line: str) -> bool:
-    """Run a /command; True means quit."""
-    name, *rest = line[1:].split()
-    if name in ("quit", "exit", "q"):
-        return True
-    if name == "help":
-        print(CHAT_HELP)
-    elif name == "reset":
-        session.reset()
-        print("(已清空 history cleared)")
-    elif name == "history":
-        for m in session.history or []:
-            print(f"{'你 you' if m['role'] == 'user' else '崽崽'}: {m['content']}")
-        if not session.history:
-            print("(空 empty)")
-    elif name == "settings":
-        print(session.sampling)
-    elif name == "set" and len(rest) == 2:
-        try:
-            session.set(rest[0], rest[1])
-            print(f"({rest[0]} = {rest[1]})")
-        except ZaizaiError as e:
-            print(f"错误 error: {e}")
-    else:
-        print(f"未知命令 unknown command: {line} (try /help)")
-    return False
+    return chat_in_terminal(session)
 
 
 def cmd_demo(args) -> int:

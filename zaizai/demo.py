@@ -13,8 +13,14 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .training.checkpoint import LAST
 from .common.errors import ZaizaiError
+from .data.preparation import prepare
+from .inference.chat import ChatSession
+from .inference.loaded import load
+from .inference.sampling import SamplingConfig
+from .terminal import chat_in_terminal
+from .training.checkpoint import LAST
+from .training.loop import train
 
 DEMO_PROMPTS = ["你好", "你是谁", "你叫什么名字", "谢谢", "再见"]
 
@@ -59,12 +65,6 @@ def build_demo_corpus(path: Path) -> Path:
 
 
 def run_demo(out: str | Path = "demo", max_time: float = 60.0, retrain: bool = False) -> int:
-    from .inference.chat import ChatSession
-    from .data.preparation import prepare
-    from .inference.sampling import SamplingConfig
-    from .inference.loaded import load
-    from .training.loop import train
-
     out = Path(out)
     model_dir = out / "model"
     if retrain or not (model_dir / LAST).is_file():
@@ -84,7 +84,5 @@ def run_demo(out: str | Path = "demo", max_time: float = 60.0, retrain: bool = F
     if not sys.stdin.isatty():
         print(f"\n接着聊 to chat: zaizai chat {model_dir}   (或 or: zaizai chat {model_dir} --message 你好)")
         return 0
-    from .cli import _interactive_chat
-
     print()
-    return _interactive_chat(ChatSession(bot))
+    return chat_in_terminal(ChatSession(bot))

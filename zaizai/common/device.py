@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -108,54 +107,6 @@ def enable_tf32() -> None:
     """Let fp32 matmuls and convolutions on CUDA use TF32 tensor cores (what autocast leaves in fp32)."""
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.allow_tf32 = True
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process sits in a ``torchrun`` launch (one process per GPU, or per slice of the CPU cores).
-
-    ``world_size == 1`` (a plain ``python -m zaizai train``, or torchrun with one process) trains as a single
-    process: no process group, no DistributedDataParallel.
-    """
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_from_env() -> Distributed:
-    """Read torchrun's ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Distributed()
-    try:
-        world = int(os.environ["WORLD_SIZE"])
-        return Distributed(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                           world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    except ValueError:
-        raise ZaizaiError("RANK / LOCAL_RANK / WORLD_SIZE are set but not integers; launch with torchrun") from None
-
-
-def distributed_device(name: str, dist: Distributed) -> torch.device:
-    """The device of this rank: ``cuda:LOCAL_RANK`` when training on GPUs, else the CPU."""
-    device = resolve_device(name)
-    if device.type == "cuda":
-        if torch.cuda.device_count() < dist.local_world_size:
-            raise ZaizaiError(f"torchrun started {dist.local_world_size} processes on this node but it has "
-                              f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node={torch.cuda.device_count()}")
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ZaizaiError(f"torchrun training runs on CUDA GPUs or the CPU, not {device.type}; add --device cpu")
-    return device
 
 
 def available_cpus() -> int:

@@ -1,10 +1,10 @@
-"""Batches for training and evaluation, from a prepared data folder."""
+"""Batches for training and evaluation, from a prepared data folder (cut by :mod:`zaizai.data.windows`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .preparation import TokenData
+from .tokendata import TokenData
 
 
 class Batches:

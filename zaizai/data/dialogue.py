@@ -136,7 +136,7 @@ def check_messages(messages: Any) -> None:
     """Check the shape of a conversation: a list of dicts with a known role and string content.
 
     Only what rendering needs; the order rules for training data are checked by the readers in
-    :mod:`zaizai.data.corpus`. Raises ZaizaiError.
+    :mod:`zaizai.data.formats`. Raises ZaizaiError.
     """
     if not isinstance(messages, (list, tuple)):
         raise ZaizaiError(f"a conversation is a list of messages, got {type(messages).__name__}")

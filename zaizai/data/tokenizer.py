@@ -29,8 +29,6 @@ Hugging Face matches special tokens in the text by default; zaizai never does (i
 tokenizer asks transformers for the same (``split_special_tokens``).
 
 The type is read from the file's structure, since ``Tokenizer.from_file`` refuses extra keys.
-Older zaizai files ``{"type": "char", "version": 1, "special_tokens": [...], "chars": [...]}``
-still load.
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import ZaizaiError
-from ..common.fileio import atomic_write as write_atomic
+from ..common.fileio import atomic_write
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -57,13 +55,19 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 EOT_ID, UNK_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = range(len(SPECIAL_TOKENS))
 
-TOKENIZER_TYPES = ("char", "bpe", "hf")  # what load_tokenizer knows
-_FORMAT_VERSION = 1
-
 
 def storage_dtype(vocab_size: int) -> np.dtype:
     """The unsigned integer type token ids are stored in: uint16 while they fit, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def code_points(text: str) -> np.ndarray:
+    """Unicode code points of ``text`` as a uint32 array, without a Python loop.
+
+    ``surrogatepass`` lets lone surrogates through as their own code point (they become UNK
+    unless in the vocabulary) instead of raising.
+    """
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
 class CharTokenizer:
@@ -105,12 +109,12 @@ class CharTokenizer:
         """Build the vocabulary from the distinct characters of a text (or of several texts)."""
         if not isinstance(text, str):
             text = "".join(text)
-        code_points = _code_points(text)
-        if code_points.size == 0:
+        points = code_points(text)
+        if points.size == 0:
             return cls([])
         # Mark the code points that occur: an order of magnitude faster than set(text) on a corpus.
-        seen = np.zeros(int(code_points.max()) + 1, dtype=bool)
-        seen[code_points] = True
+        seen = np.zeros(int(points.max()) + 1, dtype=bool)
+        seen[points] = True
         return cls(chr(cp) for cp in np.flatnonzero(seen))
 
     # -- encoding and decoding -----------------------------------------------------------------
@@ -121,8 +125,8 @@ class CharTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         """Encode ``text`` into a 1-D array of ids (dtype ``self.dtype``), one per character."""
-        code_points = _code_points(text)
-        return self._lut[np.minimum(code_points, len(self._lut) - 1)]
+        points = code_points(text)
+        return self._lut[np.minimum(points, len(self._lut) - 1)]
 
     def encode(self, text: str) -> list[int]:
         """Encode ``text`` into a list of ids, one per character; unknown characters -> UNK_ID."""
@@ -154,35 +158,6 @@ class CharTokenizer:
         return self._itos[token_id]
 
     # -- saving and loading --------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "version": _FORMAT_VERSION,
-            "special_tokens": list(SPECIAL_TOKENS),
-            "chars": list(self.chars),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, *, source: str = "tokenizer") -> CharTokenizer:
-        """Rebuild a tokenizer from ``to_dict()`` output; ZaizaiError if it is not one."""
-        fix = "run `zaizai prepare` again to rebuild it"
-        if not isinstance(data, dict) or data.get("type") != cls.type:
-            raise ZaizaiError(f"{source} is not a zaizai character tokenizer; {fix}")
-        if data.get("version") != _FORMAT_VERSION:
-            raise ZaizaiError(
-                f"{source} has tokenizer format version {data.get('version')!r}, this zaizai reads "
-                f"version {_FORMAT_VERSION}; {fix}"
-            )
-        if data.get("special_tokens") != list(SPECIAL_TOKENS):
-            raise ZaizaiError(f"{source} has different special tokens than this zaizai; {fix}")
-        chars = data.get("chars")
-        if not isinstance(chars, list):
-            raise ZaizaiError(f"{source} has no character list; {fix}")
-        try:
-            return cls(chars)
-        except ValueError as err:
-            raise ZaizaiError(f"{source} is damaged ({err}); {fix}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``tokenizer.json`` content: a BPE without merges (see the module doc)."""
@@ -222,7 +197,7 @@ class CharTokenizer:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tokenizer as a Hugging Face ``tokenizer.json``, atomically."""
         text = json.dumps(self.to_hf_dict(), ensure_ascii=False, indent=1) + "\n"
-        write_atomic(Path(path), text.encode("utf-8"))
+        atomic_write(Path(path), text.encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CharTokenizer:
@@ -321,14 +296,7 @@ class HFTokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the Hugging Face ``tokenizer.json``, atomically."""
-        write_atomic(Path(path), (self.hf.to_str(pretty=True) + "\n").encode("utf-8"))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> HFTokenizer:
-        tok = load_tokenizer(path)
-        if not isinstance(tok, cls):
-            raise ZaizaiError(f"{path} is a {tok.type} tokenizer, not a {cls.__name__}")
-        return tok
+        atomic_write(Path(path), (self.hf.to_str(pretty=True) + "\n").encode("utf-8"))
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -438,8 +406,6 @@ def tokenizer_type(data: Any) -> str | None:
     """
     if not isinstance(data, dict):
         return None
-    if data.get("type") == "char":  # zaizai's own format before the Hugging Face one
-        return "char"
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), (dict, list)):
         return None
@@ -456,8 +422,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     data = _read_json(path)
     kind = tokenizer_type(data)
     if kind == "char":
-        if "type" in data:
-            return CharTokenizer.from_dict(data, source=str(path))
         return CharTokenizer.from_hf_dict(data, source=str(path))
     if kind in ("bpe", "hf"):
         from tokenizers import Tokenizer as RawTokenizer
@@ -473,12 +437,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
                 f"{path} is not laid out for zaizai ({err}); make it with `zaizai prepare` or "
                 "bring a Hugging Face model in with `zaizai import-hf`"
             ) from None
-    old = data.get("type") if isinstance(data, dict) else None
-    if old is not None:
-        raise ZaizaiError(
-            f"{path}: unknown tokenizer type {old!r}; this zaizai knows {', '.join(TOKENIZER_TYPES)} "
-            "(upgrade zaizai, or run `zaizai prepare` again)"
-        )
     raise ZaizaiError(f"{path} is not a zaizai tokenizer file; run `zaizai prepare` to make one")
 
 
@@ -528,14 +486,3 @@ def _read_json(path: Path) -> Any:
         ) from None
     except OSError as err:
         raise ZaizaiError(f"{path}: cannot read it ({err.strerror or err})") from None
-
-
-def _code_points(text: str) -> np.ndarray:
-    """Unicode code points of ``text`` as a uint32 array, without a Python loop.
-
-    ``surrogatepass`` lets lone surrogates through as their own code point (they become UNK
-    unless in the vocabulary) instead of raising.
-    """
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-
-

@@ -1,17 +1,19 @@
 """Attention pictures: what each head of a GPT looks at, as a grid of heat maps (layers x heads).
 
-The weights are recomputed from each block's own ``c_attn`` (softmax(QK^T / sqrt(hs)) with the causal
-mask), so the model itself needs no hooks or extra outputs.
+The weights are those of the model's own forward pass: given a list, each attention layer computes
+softmax(QK^T / sqrt(hs)) with the causal mask in its textbook form and appends the weights it used.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from ..common.errors import ZaizaiError
+from ..data.tokenizer import EOT_ID
+from ..inference.loaded import load
+from ..models.gpt import GPT
 from ..training.metrics import save_png
 
 # Families that cover Chinese, most likely first (Linux, then macOS / Windows names).
@@ -55,35 +57,23 @@ def find_cjk_font() -> str:
 
 @torch.no_grad()
 def attention_weights(model, ids: list[int]) -> torch.Tensor:
-    """Attention weights of a GPT for one sequence: (n_layer, n_head, T, T), each row summing to 1."""
-    from ..models.gpt import GPT
+    """Attention weights of a GPT for one sequence: (n_layer, n_head, T, T), each row summing to 1.
 
+    They come from the model's own forward pass (its ``attn_weights`` option), so they are the weights that
+    produced its output, not a recomputation beside it.
+    """
     if not isinstance(model, GPT):
         raise ZaizaiError(f"attention pictures need a gpt model, not {type(model).__name__.lower()}")
-    cfg = model.config
     T = len(ids)
-    if not 0 < T <= cfg.block_size:
-        raise ZaizaiError(f"the text is {T} tokens; give 1 to block_size ({cfg.block_size}) characters")
+    if not 0 < T <= model.config.block_size:
+        raise ZaizaiError(f"the text is {T} tokens; give 1 to block_size ({model.config.block_size}) characters")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    pos = torch.arange(T, device=device)
-    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (1, T, C)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    layers = []
-    for layer, block in enumerate(model.transformer.h):
-        h = block.ln_1(x)
-        C = h.size(-1)
-        q, k, _ = block.attn.c_attn(h).split(C, dim=2)  # (1, T, C) each
-        hs = C // cfg.n_head
-        q = q.view(1, T, cfg.n_head, hs).transpose(1, 2)  # (1, nh, T, hs)
-        k = k.view(1, T, cfg.n_head, hs).transpose(1, 2)  # (1, nh, T, hs)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (1, nh, T, T)
-        layers.append(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)[0].float().cpu())
-        x = block(x, None, None, layer)  # the model's own forward on to the next block
+    weights: list[torch.Tensor] = []  # one (1, nh, T, T) per layer
+    model(torch.tensor([ids], dtype=torch.long, device=device), attn_weights=weights)
     model.train(was_training)
-    return torch.stack(layers)  # (n_layer, nh, T, T)
+    return torch.stack([w[0].float().cpu() for w in weights])  # (n_layer, nh, T, T)
 
 
 def plot_attention(weights: torch.Tensor, labels: list[str], path: str | Path, title: str = "") -> Path:
@@ -117,8 +107,6 @@ def plot_attention(weights: torch.Tensor, labels: list[str], path: str | Path, t
 
 
 def _label(tokenizer, i: int) -> str:
-    from ..data.tokenizer import EOT_ID
-
     if i == EOT_ID:
         return "⏎"
     text = tokenizer.decode([i])
@@ -129,8 +117,6 @@ def attention_picture(out_dir: str | Path, text: str, path: str | Path | None = 
                       device: str = "cpu") -> Path:
     """Write ``attention.png`` (or ``path``): the attention of every layer and head of the model in ``out_dir``
     over ``text`` (after the start-of-document token, as generation sees it)."""
-    from ..inference.loaded import load
-    from ..data.tokenizer import EOT_ID
 
     if not text:
         raise ZaizaiError("give some --text to look at")

@@ -9,7 +9,12 @@ from typing import Any
 
 from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_write_text
-from ..training.metrics import save_png, read_metrics
+from ..data.tokendata import TokenData
+from ..inference.chat import ChatSession
+from ..inference.loaded import load
+from ..inference.sampling import SamplingConfig
+from ..training.loop import train
+from ..training.metrics import read_metrics, save_png
 
 # Settings that suit each model (a bigram table is one lookup per token and needs a far larger lr).
 MODEL_SETTINGS: dict[str, dict[str, Any]] = {
@@ -24,10 +29,6 @@ def compare(data_dir: str | Path, out_dir: str | Path = "compare", *, max_time: 
             **options) -> list[dict[str, Any]]:
     """Train each of ``models`` for ``max_time`` seconds into ``out_dir/compare-<model>``; return the table rows
     (also written to ``out_dir/compare.json``, with the plot in ``out_dir/compare.png``)."""
-    from ..data.preparation import TokenData
-    from ..inference.loaded import load
-    from ..training.loop import train
-
     if max_time <= 0:
         raise ZaizaiError(f"--max-time must be positive, got {max_time}")
     unknown = [m for m in models if m not in MODEL_SETTINGS]
@@ -64,9 +65,6 @@ def compare(data_dir: str | Path, out_dir: str | Path = "compare", *, max_time: 
 
 
 def _chat_sample(bot) -> str:
-    from ..inference.chat import ChatSession
-    from ..inference.sampling import SamplingConfig
-
     return ChatSession(bot, sampling=SamplingConfig(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)).say("你好")
 
 

@@ -19,7 +19,14 @@ import numpy as np
 
 from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_write_text
+from ..data.batches import Batches
+from ..data.dialogue import ROLES, ROLE_MARKER_IDS, loss_mask
+from ..data.tokendata import TokenData
+from ..data.tokenizer import END_ID, EOT_ID, UNK_ID
+from ..inference.chat import ChatSession
+from ..inference.loaded import load
 from ..inference.sampling import SamplingConfig
+from ..training.evaluation import evaluate_split
 
 EVAL_JSON = "eval.json"
 LN2 = math.log(2)
@@ -73,8 +80,6 @@ def split_sizes(data, split: str, loss_on: str = "assistant") -> dict[str, int]:
     Conventions as :meth:`TokenData.bits_per_char`: a document separator (plain) or ``<|end|>`` (dialogue)
     counts as one character and one byte, role markers as none; an unknown character as ``UNK_BYTES``.
     """
-    from ..data.dialogue import loss_mask
-    from ..data.tokenizer import END_ID, EOT_ID, UNK_ID
 
     tok = data.tokenizer
     ids = np.asarray(data.split(split)).astype(np.int64)
@@ -102,8 +107,6 @@ def split_sizes(data, split: str, loss_on: str = "assistant") -> dict[str, int]:
 
 def split_loss(bot, data, split: str = "val", batch_size: int = 16) -> dict[str, Any]:
     """Loss (nats/token), perplexity, bits per character and per UTF-8 byte over the whole ``split``."""
-    from ..data.batches import Batches
-    from ..training.loop import evaluate_split
 
     if data.tokenizer != bot.tokenizer:
         raise ZaizaiError(f"{data.data_dir} was not prepared with this model's tokenizer; pass the --data folder "
@@ -138,8 +141,6 @@ class Pair:
 
 def split_messages(data, split: str) -> list[list[dict]]:
     """The conversations of a dialogue split as message lists (unknown characters become U+FFFD)."""
-    from ..data.dialogue import ROLE_MARKER_IDS, ROLES
-    from ..data.tokenizer import UNK_ID
 
     role_of = {marker: role for marker, role in zip(ROLE_MARKER_IDS, ROLES)}
     ids = np.asarray(data.split(split))
@@ -174,8 +175,6 @@ def dialogue_pairs(data, split: str = "val", max_pairs: int = 200, seed: int = 0
 
 def generate_reply(bot, context: list[dict], sampling: SamplingConfig) -> str:
     """The model's reply to ``context`` as ChatSession would give it (same rendering, same history cropping)."""
-    from ..inference.chat import ChatSession
-
     system = context[0]["content"] if context and context[0]["role"] == "system" else None
     session = ChatSession(bot, system=system, sampling=sampling)
     session.history = [m for m in context[1 if system else 0:-1]]
@@ -253,8 +252,6 @@ def evaluate(out_dir: str | Path, data_dir: str | Path | None = None, *, which: 
              device: str = "auto", max_pairs: int = 200, seed: int = 0, dialogue: bool = True,
              batch_size: int = 16, verbose: bool = True, save: bool = True) -> dict[str, Any]:
     """Evaluate the model in ``out_dir`` on the validation split of its data; write ``eval.json``."""
-    from ..data.preparation import TokenData
-    from ..inference.loaded import load
 
     bot = load(out_dir, which=which, device=device)
     data = TokenData(resolve_data_dir(bot, data_dir))

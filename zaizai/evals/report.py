@@ -13,7 +13,11 @@ from typing import Any
 
 from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_write_text
+from ..inference.chat import ChatSession
+from ..inference.loaded import load
+from ..inference.sampling import SamplingConfig
 from ..training.metrics import LOSS_PNG, plot_losses, read_metrics
+from .evaluation import evaluate, format_dialogue, load_eval
 
 REPORT_MD = "report.md"
 SAMPLE_PROMPTS = ("", "春", "你好")
@@ -22,8 +26,6 @@ SAMPLE_PROMPTS = ("", "春", "你好")
 def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, device: str = "auto",
                  max_pairs: int = 200, reevaluate: bool = False, verbose: bool = True) -> Path:
     """Write ``out_dir/report.md`` (running :func:`zaizai.evals.evaluation.evaluate` if there is no ``eval.json``)."""
-    from .evaluation import evaluate, format_dialogue, load_eval
-    from ..inference.loaded import load
 
     out = Path(out_dir)
     config_path = out / "config.json"
@@ -98,9 +100,6 @@ def _num(x: Any) -> str:
 
 
 def _samples(bot) -> list[str]:
-    from ..inference.chat import ChatSession
-    from ..inference.sampling import SamplingConfig
-
     lines = []
     if bot.is_chat_model:
         for k, message in enumerate(("你好", "你是谁？", "你喜欢什么？")):

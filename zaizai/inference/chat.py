@@ -2,7 +2,8 @@
 
 The prompt is rendered by :func:`zaizai.data.dialogue.render_conversation`, the very function that rendered the
 training data, so what the model sees when chatting is exactly what it learned from. When the history grows,
-the oldest turns are dropped so that the prompt plus the reply budget fits in the model's block_size.
+the oldest turns are dropped so that the prompt plus the reply budget fits in the model's block_size
+(:func:`zaizai.inference.prompt.fit_conversation`, as the server does).
 
 A model trained on plain text (not dialogues) works in completion mode: each message is continued as text.
 """
@@ -13,10 +14,9 @@ from dataclasses import fields, replace
 from typing import Iterator
 
 from ..common.errors import ZaizaiError
-from .sampling import SamplingConfig
 from ..data.tokenizer import END_ID, EOT_ID
-
-ROLES = ("system", "user", "assistant")
+from . import prompt
+from .sampling import SamplingConfig
 
 
 class ChatSession:
@@ -56,14 +56,14 @@ class ChatSession:
 
     def reply_budget(self) -> int:
         """New tokens a reply may use: the sampling setting, at most half the context."""
-        return max(1, min(self.sampling.max_new_tokens, self.bot.model_config.block_size // 2))
+        return max(1, prompt.reply_budget(self.sampling.max_new_tokens, self.bot.model_config.block_size))
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """The rendered prompt for ``user_text`` after the history, oldest turns dropped to fit the budget."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         messages = system + list(self.history) + [{"role": "user", "content": user_text}]
-        ids, self.dropped_turns = fit_conversation(self.bot.tokenizer, messages, self.bot.model_config.block_size,
-                                                   self.reply_budget())
+        ids, self.dropped_turns = prompt.fit_conversation(self.bot.tokenizer, messages,
+                                                          self.bot.model_config.block_size, self.reply_budget())
         return ids
 
     def send(self, user_text: str) -> Iterator[str]:
@@ -91,47 +91,3 @@ class ChatSession:
     def say(self, user_text: str) -> str:
         """The whole reply to ``user_text``."""
         return "".join(self.send(user_text))
-
-
-def fit_conversation(tokenizer, messages: list[dict], block_size: int, reply_budget: int) -> tuple[list[int], int]:
-    """Render ``messages`` with the generation prompt so that prompt + ``reply_budget`` fit ``block_size``.
-
-    The leading system messages and the last message are always kept; the oldest exchanges in between
-    (a user message and the reply to it) are dropped first. If the last message alone is still too long,
-    its end (the most recent words) is kept, after its role marker. Returns ``(ids, dropped_messages)``.
-    The prompt can only be longer than the budget when the system messages alone are.
-    """
-    from ..data.dialogue import render_conversation
-
-    budget = block_size - reply_budget
-    n_system = 0
-    while n_system < len(messages) - 1 and messages[n_system]["role"] == "system":
-        n_system += 1
-    system, history, last = messages[:n_system], messages[n_system:-1], messages[-1:]
-
-    def render(dropped: int) -> list[int]:
-        return render_conversation(tokenizer, system + history[dropped:] + last, add_generation_prompt=True)[0]
-
-    # Drop whole exchanges (2 messages; the last cut may be 1): the smallest drop that fits, found by
-    # bisection (the prompt only shrinks as more is dropped), so a long history costs O(log n) renderings.
-    steps = (len(history) + 1) // 2
-    lo, hi = 0, steps
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(render(min(2 * mid, len(history)))) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    dropped = min(2 * lo, len(history))
-    ids = render(dropped)
-    if len(ids) > budget:
-        # the message alone is too long: keep its end (the most recent words), and its role marker
-        prefix, _ = render_conversation(tokenizer, system)
-        keep = len(prefix) + 1  # ... up to and including the last message's role marker
-        ids = ids[:keep] + ids[keep + len(ids) - budget:]
-    return ids, dropped
-
-
-def build_prompt(tokenizer, messages: list[dict], block_size: int, reply_budget: int) -> list[int]:
-    """The prompt ids for ``messages`` (see :func:`fit_conversation`), as the chat session and the server build it."""
-    return fit_conversation(tokenizer, messages, block_size, reply_budget)[0]

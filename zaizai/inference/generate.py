@@ -1,7 +1,7 @@
-"""Generation: sampling options, logit filters, and a streaming token generator with a KV cache.
+"""Generation: a streaming token generator on the model's own forward pass and cache.
 
 :func:`generate_ids` continues a list of token ids one token at a time and yields each as it is chosen.
-The model's own engine does the forward passes:
+:class:`Engine` does the forward passes, the model's own, with the model's cache:
 
 - ``gpt``: a preallocated KV cache (see :class:`zaizai.models.gpt.KVCache`). The prompt goes through in one
   forward pass (prefill); each new token then costs one position through every layer. When the cache is
@@ -9,9 +9,8 @@ The model's own engine does the forward passes:
   a fresh prefill, and generation goes on from there. Keeping 3/4 (rather than 1/2) keeps most of the
   context after a slide, at the cost of a re-prefill every block_size/4 tokens; a prefill runs many
   positions in one matrix multiply, so it costs a few decode steps, not hundreds.
-- ``rnn``: the hidden state is carried from step to step (:meth:`RNNLM.step`); no context limit.
-- ``bigram``: only the last token matters.
-- anything else with ``forward(idx) -> (logits, _)``: the whole window (last block_size tokens) each step.
+- ``rnn``: the hidden state is carried from step to step; no context limit.
+- ``bigram``: no cache; only the last token matters.
 
 Then the logits of the last position go through the sampling steps of :mod:`zaizai.inference.sampling`.
 """
@@ -21,130 +20,54 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
-from ..models.bigram import BigramLM
-from ..models.gpt import GPT, KVCache
-from ..models.rnn import RNNLM
 from .sampling import NGramBlocker, SamplingConfig, apply_repetition_penalty, sample_next
 
 
-# --- engines: one forward pass per new token ------------------------------------------------------------------
+# --- the engine: the model's own forward pass, one call per new token ---------------------------------------
 
 
-class _GPTEngine:
-    """GPT with a KV cache, batch 1; slides its window when the cache is full (see the module docstring).
+class Engine:
+    """Feeds a model token ids and gives back the next token's logits, keeping the model's cache between calls.
 
-    The prompt goes through ``GPT.hidden_states`` (the model's own forward). The one-token steps after it
-    compute the same thing with functional ops on parameters gathered once: at batch 1 a small model's
-    step is mostly per-op overhead (module calls, attribute lookups, views), and this skips a third of it.
-    tests/test_engine.py checks that both give the tokens of plain forward passes without a cache.
+    It knows nothing of text or sampling: purely token id sequences, batch 1. Every call is the model's own
+    forward pass (``model(idx, cache=..., last_only=True)``); the cache is whatever the model's ``new_cache``
+    makes: a KV cache (gpt) that holds block_size tokens, a hidden state (rnn) that holds any number, or
+    nothing (bigram). A full KV cache slides its window (see the module docstring).
     """
 
-    def __init__(self, model: GPT, device: torch.device):
-        cfg = model.config
+    def __init__(self, model, device: torch.device):
         self.model = model
-        self.block_size = cfg.block_size
+        self.device = device
+        self.cache = model.new_cache(batch_size=1, device=device)
+        self.block_size = model.config.block_size
+        # the longest prompt the model can take at once: a KV cache's length; unbounded for a recurrent state
+        self.max_prompt = self.block_size if self.cache is None else getattr(self.cache, "max_len", None)
         self.keep = max(1, self.block_size * 3 // 4)  # tokens kept when the window slides
-        self.n_embd, self.n_head = cfg.n_embd, cfg.n_head
-        self.cache = KVCache(cfg, batch_size=1, device=device, dtype=model.lm_head.weight.dtype)
-        self.device = device
-        self.window: list[int] = []  # the tokens in the cache, in order
-        tr = model.transformer
-        self.wte, self.wpe = tr.wte.weight, tr.wpe.weight  # (V, C), (block_size, C)
-        self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
-        self.head = model.lm_head.weight  # (V, C), the same tensor as wte (tied)
-        self.layers = [
-            (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-             b.mlp.c_proj.weight, b.mlp.c_proj.bias)
-            for b in tr.h
-        ]
+        self.window: list[int] = []  # the tokens in a KV cache, in order (to slide it)
 
-    def _prefill(self, ids: list[int]) -> torch.Tensor:
-        self.cache.reset()
+    def _run(self, ids: list[int]) -> torch.Tensor:
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        logits, _ = self.model(idx, cache=self.cache, last_only=True)  # (1, 1, V)
+        return logits[:, -1]  # (1, V)
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Start over from ``ids`` (its last max_prompt tokens); the logits (1, V) of the token after them."""
+        if self.max_prompt is not None:
+            ids = ids[-self.max_prompt:]
+        if self.cache is not None:
+            self.cache.reset()
         self.window = list(ids)
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        x = self.model.hidden_states(idx, kv_cache=self.cache)  # (1, T, C)
-        return F.linear(x[:, -1], self.head)  # (1, V): only the last position is needed
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        return self._prefill(ids[-self.block_size:])
+        return self._run(ids)
 
     def step(self, token: int) -> torch.Tensor:
-        cache = self.cache
-        pos = cache.pos
-        if pos == self.block_size:
-            return self._prefill(self.window[len(self.window) - self.keep + 1:] + [token])
-        self.window.append(token)
-        C, nh = self.n_embd, self.n_head
-        hs = C // nh
-        x = self.wte[token] + self.wpe[pos]  # (C,)
-        x = x.view(1, C)  # (1, C)
-        for layer, (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fc_proj_w,
-                    fc_proj_b) in enumerate(self.layers):
-            h = F.layer_norm(x, (C,), ln1_w, ln1_b)  # (1, C)
-            qkv = F.linear(h, attn_w, attn_b).view(3, 1, nh, 1, hs)  # q, k, v, each (1, nh, 1, hs)
-            cache.k[layer, :, :, pos:pos + 1] = qkv[1]
-            cache.v[layer, :, :, pos:pos + 1] = qkv[2]
-            y = F.scaled_dot_product_attention(qkv[0], cache.k[layer, :, :, :pos + 1],
-                                               cache.v[layer, :, :, :pos + 1])  # (1, nh, 1, hs)
-            x = x + F.linear(y.view(1, C), proj_w, proj_b)  # (1, C)
-            h = F.gelu(F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh")  # (1, 4C)
-            x = x + F.linear(h, fc_proj_w, fc_proj_b)  # (1, C)
-        cache.pos = pos + 1
-        x = F.layer_norm(x, (C,), *self.ln_f)
-        return F.linear(x, self.head)  # (1, V)
-
-
-class _RNNEngine:
-    """The GRU's hidden state carries the whole past; each step feeds one token."""
-
-    def __init__(self, model: RNNLM, device: torch.device):
-        self.model = model
-        self.device = device
-        self.hidden = None
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        logits, self.hidden = self.model.step(torch.tensor([ids], dtype=torch.long, device=self.device))
-        return logits[:, -1]  # (1, V)
-
-    def step(self, token: int) -> torch.Tensor:
-        idx = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        logits, self.hidden = self.model.step(idx, self.hidden)
-        return logits[:, -1]  # (1, V)
-
-
-class _WindowEngine:
-    """No cache: run the last ``window`` tokens through ``model(idx)`` every step (1 for the bigram model)."""
-
-    def __init__(self, model, device: torch.device, window: int):
-        self.model = model
-        self.device = device
-        self.window = window
-        self.ids: list[int] = []
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        self.ids = list(ids[-self.window:])
-        logits, _ = self.model(torch.tensor([self.ids], dtype=torch.long, device=self.device))
-        return logits[:, -1]  # (1, V)
-
-    def step(self, token: int) -> torch.Tensor:
-        return self.prefill(self.ids + [token])
-
-
-def make_engine(model, device: torch.device | str):
-    """The decoding engine for ``model``: an object with ``prefill(ids) -> logits (1, V)`` and
-    ``step(token) -> logits (1, V)``, each giving the next token's logits."""
-    device = torch.device(device)
-    if isinstance(model, GPT):
-        return _GPTEngine(model, device)
-    if isinstance(model, RNNLM):
-        return _RNNEngine(model, device)
-    if isinstance(model, BigramLM):
-        return _WindowEngine(model, device, window=1)
-    return _WindowEngine(model, device, window=model.config.block_size)
+        """Feed one more token; the logits (1, V) of the token after it."""
+        if self.cache is not None and self.cache.full:
+            return self.prefill(self.window[len(self.window) - self.keep + 1:] + [token])
+        if self.cache is not None:
+            self.window.append(token)
+        return self._run([token])
 
 
 # --- the generator --------------------------------------------------------------------------------------------
@@ -182,7 +105,7 @@ def generate_ids(model, ids: list[int], cfg: SamplingConfig, stop_ids: set[int] 
     exempt = torch.tensor(sorted(i for i in stop_ids if 0 <= i < vocab_size), dtype=torch.long, device=device)
 
     with torch.inference_mode():
-        engine = make_engine(model, device)
+        engine = Engine(model, device)
         logits = engine.prefill(ids)
         seen = None
         if penalty != 1.0:

@@ -21,7 +21,6 @@ same thing. In an f16 file the 2-D matrices are float16 and the 1-D norms and bi
 llama.cpp's own converter writes them.
 
 Tokenizers (ids 0..5 are zaizai's special tokens, marked CONTROL; ``<|unk|>`` UNKNOWN):
-
 * char (one token per character): llama.cpp's "t5" (Unigram) tokenizer with every character a token of
   equal score gives one token per known character and ``<|unk|>`` for an unknown one. It writes spaces
   as "▁" (U+2581), so the space token is stored as "▁" and decodes back to " ". Differences from zaizai:
@@ -58,7 +57,8 @@ import numpy as np
 
 from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_path
-from ..data.tokenizer import BPE_SPLIT_PATTERN, END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID
+from ..data.tokenizer import BPE_SPLIT_PATTERN, END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, special_token_texts
+from ..inference.loaded import load
 from .hf import LAYER_NORM_EPS, chat_template
 
 DTYPES = ("f16", "f32")
@@ -90,7 +90,6 @@ def export_gguf(model_dir, path, *, dtype: str = "f16", verbose: bool = True) ->
     except ImportError:
         raise ZaizaiError("GGUF export needs the gguf package; install it with `pip install gguf`") from None
 
-    from ..inference.loaded import load
 
     kind = str(dtype).lower()
     if kind not in DTYPES:
@@ -191,7 +190,6 @@ def _vocab(tokenizer, *, chat: bool) -> dict[str, Any]:
     """The tokenizer metadata llama.cpp reads, or ZaizaiError where llama.cpp cannot be faithful."""
     import gguf
 
-    from ..data.tokenizer import special_token_texts
 
     kind = getattr(tokenizer, "type", None)
     if kind == "char":

@@ -32,18 +32,14 @@ from typing import Any, Iterator
 
 import torch
 
+from .. import __version__
 from ..common.errors import ZaizaiError
-from ..data.tokenizer import (
-    END_ID,
-    EOT_ID,
-    SPECIAL_TOKENS,
-    UNK_ID,
-    HFTokenizer,
-    Tokenizer,
-    hf_tokenizer_config,
-    special_token_texts,
-    tokenizer_type,
-)
+from ..data.tokenizer import (END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, BPETokenizer, HFTokenizer, Tokenizer,
+                              hf_tokenizer_config, special_token_texts, tokenizer_type)
+from ..inference.loaded import load
+from ..models import ModelConfig, build_model
+from ..training.checkpoint import BEST, save_checkpoint
+from ..training.config import TrainConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the same function (up to float rounding)
@@ -85,8 +81,6 @@ def chat_template(names: list[str] | None = None) -> str:
 def export_hf(model_dir: str | os.PathLike, to: str | os.PathLike, *, overwrite: bool = False,
               verbose: bool = True) -> Path:
     """Write the GPT in ``model_dir`` (a ``zaizai train`` folder) as a Hugging Face GPT-2 folder ``to``."""
-    from ..inference.loaded import load
-
     bot = load(model_dir, device="cpu")
     c = bot.model_config
     if c.model != "gpt":
@@ -181,11 +175,6 @@ def export_hf(model_dir: str | os.PathLike, to: str | os.PathLike, *, overwrite:
 def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
               verbose: bool = True) -> Path:
     """Turn a local GPT2LMHeadModel folder ``src`` into a zaizai model folder ``out``."""
-    from .. import __version__
-    from ..training.checkpoint import BEST, save_checkpoint
-    from ..training.config import TrainConfig
-    from ..models import build_model
-
     src = Path(src)
     if not src.is_dir():
         raise ZaizaiError(f"{src} is not a folder; give the folder holding config.json and the model weights")
@@ -250,8 +239,6 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
 
 def _model_config(config: dict[str, Any], src: Path):
     """config.json of a GPT-2 -> zaizai's ModelConfig, refusing what zaizai's GPT does not compute."""
-    from ..models import ModelConfig
-
     if config.get("model_type") != "gpt2":
         raise ZaizaiError(f"{src} holds a {config.get('model_type')!r} model; import-hf reads GPT-2 "
                           "(model_type \"gpt2\", GPT2LMHeadModel) checkpoints")
@@ -440,7 +427,6 @@ def _zaizai_layout(raw: Any, roles: dict[str, Any]) -> tuple[Tokenizer, list[int
     if [new.id_to_token(i) for i in range(len(order))] != [slot_text[k] if k < len(slots) else old_tokens[o]
                                                              for k, o in enumerate(order)]:
         raise ZaizaiError("the tokenizer could not be laid out for zaizai (its ids did not move as planned)")
-    from ..data.tokenizer import BPETokenizer
 
     kind = tokenizer_type(data)
     return (BPETokenizer(new) if kind == "bpe" else HFTokenizer(new)), order

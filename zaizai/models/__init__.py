@@ -1,31 +1,48 @@
 """Language models behind one interface, looked up by name.
 
-Every model is an ``nn.Module`` built from a :class:`ModelConfig` with
-``forward(idx, targets=None) -> (logits, loss)``:
+Every model is an ``nn.Module`` built from a :class:`ModelConfig` with one forward pass:
+``forward(idx, targets=None, segments=None, cache=None, last_only=False) -> (logits, loss)``:
 
-- ``idx``: (B, T) int64 token ids, T <= block_size
-- ``logits``: (B, T, vocab_size)
-- ``loss``: mean cross-entropy over positions whose target is not -1, or None without targets
+- ``idx``: (B, T) int64 token ids, T <= block_size (a recurrent model with a cache takes any T)
+- ``logits``: (B, T, vocab_size), or (B, 1, vocab_size) for the last position with ``last_only``
+- ``loss``: mean cross-entropy over positions whose target is not IGNORE_INDEX, or None without targets
+- ``segments``: (B, T) ids of the conversations packed in each row (-1 = padding). Models with
+  ``supports_segments = True`` keep packed conversations apart (gpt: positions restart and attention stays
+  within a segment; bigram: no context at all); the trainer gives the others (rnn) one conversation per row.
+- ``cache``: from ``model.new_cache(batch_size, device)``: what generation keeps between calls (gpt: a KV
+  cache; rnn: the hidden state; bigram: None, it needs nothing). Each call continues after the cached tokens.
 
-``forward`` also takes ``segments=None``: (B, T) ids of the conversations packed in each row (-1 = padding).
-Models with ``supports_segments = True`` keep packed conversations apart (gpt: positions restart and attention
-stays within a segment; bigram: no context at all); the trainer gives the others (rnn) one conversation per row.
+The model classes are imported when first asked for, so that reading a config (``zaizai --help``) does not
+import torch.
 """
 
 from __future__ import annotations
 
-from .bigram import BigramLM
-from .config import ModelConfig
-from .gpt import GPT
-from .rnn import RNNLM
+import importlib
 
-MODELS = {"bigram": BigramLM, "rnn": RNNLM, "gpt": GPT}
+from .config import MODEL_NAMES, ModelConfig
+
+_CLASSES = {"bigram": ("bigram", "BigramLM"), "rnn": ("rnn", "RNNLM"), "gpt": ("gpt", "GPT")}  # name -> module, class
+assert tuple(_CLASSES) == MODEL_NAMES
+
+
+def model_class(name: str):
+    """The class of the model called ``name`` (one of MODEL_NAMES)."""
+    module, cls = _CLASSES[name]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
 def build_model(cfg: ModelConfig):
     """Validate ``cfg`` and return a freshly initialised model."""
     cfg.validate()
-    return MODELS[cfg.model](cfg)
+    return model_class(cfg.model)(cfg)
 
 
-__all__ = ["ModelConfig", "MODELS", "build_model", "BigramLM", "RNNLM", "GPT"]
+def __getattr__(name: str):
+    for model_name, (_, cls) in _CLASSES.items():
+        if name == cls:
+            return model_class(model_name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ModelConfig", "MODEL_NAMES", "model_class", "build_model", "BigramLM", "RNNLM", "GPT"]

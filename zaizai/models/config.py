@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 from ..common.errors import ZaizaiError
 
+MODEL_NAMES = ("bigram", "rnn", "gpt")  # the registry (zaizai.models) maps each name to its class
+
 
 @dataclass
 class ModelConfig:
@@ -27,10 +29,8 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def validate(self) -> None:
-        from . import MODELS
-
-        if self.model not in MODELS:
-            raise ZaizaiError(f"unknown model '{self.model}'; choose one of: {', '.join(sorted(MODELS))}")
+        if self.model not in MODEL_NAMES:
+            raise ZaizaiError(f"unknown model '{self.model}'; choose one of: {', '.join(sorted(MODEL_NAMES))}")
         if self.vocab_size < 2:
             raise ZaizaiError(f"vocab_size must be at least 2, got {self.vocab_size}")
         for name in ("block_size", "n_layer", "n_head", "n_embd"):

@@ -12,12 +12,14 @@ Two computations come from ``ops.py``, where each is written for speed on CPU an
 textbook form: ``causal_attention`` (scaled dot-product attention with a causal mask) and
 ``linear_cross_entropy`` (the output layer and its loss in one step).
 
-Two extras over nanoGPT, each optional and off by default:
+Three extras over nanoGPT, each optional and off by default:
 
 - ``segments``: several conversations packed into one row for dialogue training. Positions restart at 0
   where a segment starts and attention stays inside the segment (block-diagonal and causal).
-- ``kv_cache``: a :class:`KVCache` for generation. The keys and values of tokens already seen are kept,
-  so each new token costs one position's worth of work instead of a forward pass over the whole context.
+- ``cache``: a :class:`KVCache` for generation (``model.new_cache()``). The keys and values of tokens already
+  seen are kept, so each new token costs one position's worth of work instead of a pass over the whole context.
+- ``attn_weights``: a list that each layer appends its attention weights to, for pictures of what the model
+  attends to (the weights this forward pass used, not a recomputation).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 
 from ..common.errors import ZaizaiError
 from .config import ModelConfig
-from .ops import causal_attention, linear_cross_entropy
+from .ops import attention_with_weights, causal_attention, linear_cross_entropy, single_query_attention
 
 
 class KVCache:
@@ -55,6 +57,11 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    @property
+    def full(self) -> bool:
+        """No room for another token: generation has to start a new window."""
+        return self.pos >= self.max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``, ``v`` (B, nh, T, hs) after the cached ones; return all keys and values so far,
@@ -100,30 +107,34 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0, attn_weights: list | None = None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). ``attn_mask`` (B, 1, T, T) bool replaces the plain causal mask (packed
-        segments); ``kv_cache`` adds the cached positions in front of this call's T (layer: its slot)."""
+        segments); ``cache`` adds the cached positions in front of this call's T (layer: its slot);
+        ``attn_weights``: append this layer's weights (B, nh, T, start + T) to it."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is not None and kv_cache.pos > 0:  # generation, after the cached tokens
-            start = kv_cache.pos
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hs)
-            # query i sits at position start + i and sees keys 0 .. start + i; a single new token sees all
-            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
-        else:
-            if kv_cache is not None:  # the first tokens of a generation: cache them, attend as usual
-                kv_cache.update(layer, k, v)
+        start = 0
+        if cache is not None:  # generation: keys and values of the tokens before these T come from the cache
+            start = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, nh, start + T, hs)
+        if attn_weights is not None:  # the textbook form, which has the weights to show
+            if attn_mask is None:  # query i sits at position start + i and sees keys 0 .. start + i
+                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y, weights = attention_with_weights(q, k, v, attn_mask)  # (B, nh, T, hs), (B, nh, T, start + T)
+            attn_weights.append(weights)
+        elif start == 0:  # training, evaluation, or the first tokens of a generation
             dropout_p = self.dropout if self.training else 0.0
-            if attn_mask is None:
-                y = causal_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
-            else:
-                y = causal_attention(q, k, v, dropout_p=dropout_p, attn_mask=attn_mask)  # (B, nh, T, hs)
+            y = causal_attention(q, k, v, dropout_p=dropout_p, attn_mask=attn_mask)  # (B, nh, T, hs)
+        elif T == 1:  # one new token after the cached ones: it sees them all
+            y = single_query_attention(q, k, v)  # (B, nh, 1, hs)
+        else:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -151,9 +162,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)  # (B, T, C)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0, attn_weights: list | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, attn_weights)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -203,36 +214,42 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, kv_cache: KVCache | None = None):
-        """idx (B, T) -> (logits (B, T, V), loss or None); see :meth:`hidden_states` for the options."""
-        x = self.hidden_states(idx, segments=segments, kv_cache=kv_cache)  # (B, T, C)
+    def new_cache(self, batch_size: int = 1, device: torch.device | str = "cpu") -> KVCache:
+        """An empty KV cache for generation, in the dtype of the weights."""
+        return KVCache(self.config, batch_size=batch_size, device=device, dtype=self.lm_head.weight.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                cache: KVCache | None = None, attn_weights: list | None = None, last_only: bool = False):
+        """idx (B, T) -> (logits (B, T, V), loss or None); ``last_only``: logits of the last position only,
+        (B, 1, V), which is all generation needs. See :meth:`hidden_states` for the other options."""
+        x = self.hidden_states(idx, segments=segments, cache=cache, attn_weights=attn_weights)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x), None  # (B, T, V)
+            return self.lm_head(x[:, -1:] if last_only else x), None  # (B, T, V) or (B, 1, V)
         B, T = idx.shape
         logits, loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
         return logits.view(B, T, -1), loss  # (B, T, V), scalar
 
-    def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None, cache: KVCache | None = None,
+                      attn_weights: list | None = None) -> torch.Tensor:
         """The final normalised features (B, T, C) that the output layer turns into logits.
 
         ``segments`` (B, T) int64: packed sequences (see :func:`segment_layout`); attention then goes
         through SDPA with a boolean mask, otherwise through the plain causal path, which is faster.
-        ``kv_cache``: continue after the ``kv_cache.pos`` tokens already cached (positions go on from
-        there) and cache these T; used by generation, not with ``segments``.
+        ``cache``: continue after the ``cache.pos`` tokens already cached (positions go on from there) and
+        cache these T; used by generation, not with ``segments``. ``attn_weights``: a list that gets each
+        layer's attention weights (B, nh, T, cache.pos + T), in layer order.
         """
         if idx.dim() != 2:
             raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         T = idx.size(1)
-        start = 0 if kv_cache is None else kv_cache.pos
+        start = 0 if cache is None else cache.pos
         if start + T > self.config.block_size:
             raise ZaizaiError(f"input has {start + T} tokens but block_size is {self.config.block_size}; "
                               "crop the input")
         attn_mask = None
         if segments is not None:
-            if kv_cache is not None:
-                raise ZaizaiError("segments and kv_cache cannot be combined; generate one sequence at a time")
+            if cache is not None:
+                raise ZaizaiError("segments and a cache cannot be combined; generate one sequence at a time")
             if segments.shape != idx.shape:
                 raise ZaizaiError(f"segments must have idx's shape {tuple(idx.shape)}, got {tuple(segments.shape)}")
             pos, attn_mask = segment_layout(segments)  # (B, T), (B, 1, T, T)
@@ -242,7 +259,7 @@ class GPT(nn.Module):
         pos_emb = self.transformer.wpe(pos)  # (T, C), or (B, T, C) with segments
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, layer)  # (B, T, C)
-        if kv_cache is not None:
-            kv_cache.pos += T
+            x = block(x, attn_mask, cache, layer, attn_weights)  # (B, T, C)
+        if cache is not None:
+            cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)

@@ -1,7 +1,9 @@
-"""Two computations written for speed on CPU, each tested equal to its plain form (tests/test_models.py).
+"""The attention and loss computations of the models, each tested equal to its plain form (tests/test_models.py).
 
 - :func:`linear_cross_entropy`: the output layer and its loss, ``F.linear`` + ``F.cross_entropy``.
 - :func:`causal_attention`: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` (or a given mask).
+- :func:`single_query_attention`: one new token against a KV cache, the step of generation.
+- :func:`attention_with_weights`: the textbook softmax(q k^T / sqrt(hs)) v, which also returns the weights.
 
 With a character vocabulary of ~10k and a small model, the output layer is most of a training step on CPU:
 see bench/train_speed.py for the measurements behind the choices made here.
@@ -9,8 +11,12 @@ see bench/train_speed.py for the measurements behind the choices made here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from ..common.ids import IGNORE_INDEX
 
 # Rows of fp32 probabilities handled at once: small enough to stay in the cores' L2 cache (measured on
 # 2 cores with 2 MiB L2 each: 1-2 MiB is the sweet spot; 4 MiB and up is ~2x slower).
@@ -19,17 +25,17 @@ _SOFTMAX_CHUNK_BYTES = 1 << 20
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     """``(logits, loss)`` of an output layer without bias: ``logits = x @ weight^T`` and their mean
-    cross-entropy against ``targets``, in fp32, ignoring targets equal to -1.
+    cross-entropy against ``targets``, in fp32, ignoring targets equal to IGNORE_INDEX (-1).
 
     x (N, C), weight (V, C), targets (N,) int64 -> logits (N, V), loss (). Equal to
-    ``logits = F.linear(x, weight); F.cross_entropy(logits.float(), targets, ignore_index=-1)``; under
+    ``logits = F.linear(x, weight); F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)``; under
     autocast the matmuls run in the autocast dtype, as ``F.linear`` would. On CPU this goes through a fused
     version that is several times faster (see ``_LinearCrossEntropy``); on GPUs, and under torch.compile
     (which fuses the plain form itself), through the plain form.
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         logits = F.linear(x, weight)
-        return logits, F.cross_entropy(logits.float(), targets, ignore_index=-1)
+        return logits, F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
@@ -54,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits = torch.mm(x, weight.t())  # (N, V), x's dtype
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad = torch.empty_like(logits) if need_grad else None  # (N, V) softmax - one_hot, row by row
-        valid = targets != -1  # (N,)
+        valid = targets != IGNORE_INDEX  # (N,)
         safe_targets = targets.clamp(min=0)  # (N,) ignored rows point at class 0, masked out below
         acc_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 (fp64 for fp64 inputs)
         p_target = torch.empty(N, dtype=acc_dtype)  # (N,) the probability of each row's target
@@ -121,3 +127,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, **causal)
         return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) v for one query per head that sees every key: q (B, nh, 1, hs), k and v
+    (B, nh, S, hs) -> (B, nh, 1, hs).
+
+    Two small matmuls: for a single query the fused SDPA kernel on CPU costs several times more than the
+    arithmetic (its blocking and scratch buffers are made for many queries; see bench/generate_speed.py).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, S)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, nh, 1, hs)
+
+
+def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook attention of the articles, softmax(q k^T / sqrt(hs)) v, keeping its weights.
+
+    q (B, nh, T, hs), k and v (B, nh, S, hs), mask (T, S) or (B, 1, T, S) bool, True where a query may attend
+    -> (y (B, nh, T, hs), weights (B, nh, T, S) in fp32, each row summing to 1).
+    """
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, nh, T, S)
+    return (weights @ v.float()).to(q.dtype), weights

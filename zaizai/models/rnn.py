@@ -2,8 +2,8 @@
 
 Tokens are embedded, run through a stack of GRU layers that carry a hidden state from left to right,
 normalised, and projected back onto the vocabulary with the embedding matrix itself (tied weights).
-Unlike the GPT, the model has no hard context limit: :meth:`RNNLM.step` carries the hidden state across
-calls, which is how generation continues past ``block_size``.
+Unlike the GPT, the model has no hard context limit: with a cache (:meth:`RNNLM.new_cache`, the hidden state)
+``forward`` carries the state across calls, which is how generation continues past ``block_size``.
 
 A recurrent state runs through a whole row, so packed sequences cannot be kept apart: ``supports_segments``
 is False, ``forward`` ignores ``segments``, and the trainer gives the RNN one conversation per row.
@@ -17,6 +17,19 @@ from torch import nn
 from ..common.errors import ZaizaiError
 from .config import ModelConfig
 from .ops import linear_cross_entropy
+
+
+class RNNState:
+    """The "cache" of a recurrent model: its hidden state (n_layer, B, C), carried from call to call."""
+
+    full = False  # the state summarises any length: generation never has to start a new window
+
+    def __init__(self):
+        self.hidden: torch.Tensor | None = None  # None: zeros, before the first token
+        self.pos = 0  # tokens seen so far
+
+    def reset(self) -> None:
+        self.hidden, self.pos = None, 0
 
 
 class RNNLM(nn.Module):
@@ -40,31 +53,27 @@ class RNNLM(nn.Module):
         # Small embeddings keep the initial logits near zero, so the first loss is about ln(vocab_size).
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
 
-    def features(self, idx: torch.Tensor, hidden: torch.Tensor | None = None):
-        """The GRU's normalised outputs for ``idx`` (B, T), starting from ``hidden`` (n_layer, B, C) or zeros."""
-        x = self.drop(self.wte(idx))  # (B, T, C)
-        x, hidden = self.gru(x, hidden)  # (B, T, C), (n_layer, B, C)
-        return self.drop(self.ln_f(x)), hidden  # (B, T, C), (n_layer, B, C)
+    def new_cache(self, batch_size: int = 1, device: torch.device | str = "cpu") -> RNNState:
+        """An empty state for generation (the batch size and device come with the first tokens)."""
+        return RNNState()
 
-    def step(self, idx: torch.Tensor, hidden: torch.Tensor | None = None):
-        """Run ``idx`` (B, T) on from ``hidden``; return (logits (B, T, V), the new hidden state).
-
-        Any T is fine here: generation feeds the hidden state back in and goes on past block_size.
-        """
-        x, hidden = self.features(idx, hidden)
-        return self.lm_head(x), hidden  # (B, T, V)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                cache: RNNState | None = None, last_only: bool = False):
         """idx (B, T) -> (logits (B, T, V), loss or None). ``segments`` is accepted and ignored (one
-        sequence per row; see the module docstring)."""
+        sequence per row; see the module docstring). ``cache``: start from its hidden state and leave the new
+        one there; then any T is fine (no block_size limit). ``last_only``: logits of the last position only."""
         if idx.dim() != 2:
             raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
-        if T > self.config.block_size:
+        if cache is None and T > self.config.block_size:
             raise ZaizaiError(f"input has {T} tokens but block_size is {self.config.block_size}; crop the input")
+        x = self.drop(self.wte(idx))  # (B, T, C)
+        x, hidden = self.gru(x, None if cache is None else cache.hidden)  # (B, T, C), (n_layer, B, C)
+        x = self.drop(self.ln_f(x))  # (B, T, C)
+        if cache is not None:
+            cache.hidden, cache.pos = hidden, cache.pos + T
         if targets is None:
-            return self.step(idx)[0], None  # (B, T, V)
-        x, _ = self.features(idx)  # (B, T, C)
+            return self.lm_head(x[:, -1:] if last_only else x), None  # (B, T, V) or (B, 1, V)
         logits, loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
         return logits.view(B, T, -1), loss  # (B, T, V), scalar
 

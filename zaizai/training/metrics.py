@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..common.fileio import atomic_path
+from ..common.errors import ZaizaiError
+from ..common.fileio import atomic_path, atomic_write_text
 
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -17,26 +18,37 @@ def append_metrics(out_dir: Path, record: dict) -> None:
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
-    """All records of ``metrics.jsonl``; a torn last line (killed mid-write) is ignored."""
+    """All records of ``metrics.jsonl``; a torn last line (killed mid-write) is ignored.
+
+    Any other line that is not a JSON record is an error: the file was damaged, not cut short.
+    """
     path = Path(out_dir) / METRICS
     if not path.is_file():
         return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
-        except ValueError:
-            continue
+        except ValueError as e:
+            if number == len(lines):
+                break
+            raise ZaizaiError(f"{path}, line {number}, is not a JSON record ({e}); "
+                              "delete or fix that line, then run again") from None
     return records
 
 
 def truncate_metrics(out_dir: Path, after_step: int) -> None:
-    """Drop records past ``after_step`` (a resumed run repeats those steps)."""
+    """Drop records past ``after_step`` (a resumed run repeats those steps), atomically."""
     path = Path(out_dir) / METRICS
     if not path.is_file():
         return
     keep = [r for r in read_metrics(out_dir) if r.get("step", 0) <= after_step]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
 
 def plot_losses(out_dir: Path, records: list[dict] | None = None, path: Path | None = None) -> Path | None:
