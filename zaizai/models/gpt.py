@@ -32,7 +32,7 @@ from torch import nn
 
 from ..common.errors import ZaizaiError
 from .config import ModelConfig
-from .ops import attention_with_weights, causal_attention, linear_cross_entropy, single_query_attention
+from .ops import attention_with_weights, causal_attention, linear_cross_entropy
 
 
 class KVCache:
@@ -52,6 +52,7 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # each layer's (B, nh, max_len, hs) views
         self.max_len = max_len
         self.pos = 0  # tokens cached so far (the position the next token gets)
 
@@ -69,9 +70,10 @@ class KVCache:
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ZaizaiError(f"the KV cache holds {self.max_len} tokens; {end} do not fit (start a new cache)")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.layers[layer]
+        keys.narrow(2, self.pos, k.size(2)).copy_(k)
+        values.narrow(2, self.pos, v.size(2)).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 def segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,11 +115,8 @@ class CausalSelfAttention(nn.Module):
         segments); ``cache`` adds the cached positions in front of this call's T (layer: its slot);
         ``attn_weights``: append this layer's weights (B, nh, T, start + T) to it."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x (B, nh, T, hs)
         start = 0
         if cache is not None:  # generation: keys and values of the tokens before these T come from the cache
             start = cache.pos
@@ -130,13 +129,14 @@ class CausalSelfAttention(nn.Module):
         elif start == 0:  # training, evaluation, or the first tokens of a generation
             dropout_p = self.dropout if self.training else 0.0
             y = causal_attention(q, k, v, dropout_p=dropout_p, attn_mask=attn_mask)  # (B, nh, T, hs)
-        elif T == 1:  # one new token after the cached ones: it sees them all
-            y = single_query_attention(q, k, v)  # (B, nh, 1, hs)
+        elif T == 1:  # one new token after the cached ones: it sees them all, no mask needed
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
         else:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C): heads side by side again
+        # (dropout only where it does something: a module call per layer is a cost when generating token by token)
+        return self.resid_dropout(y) if self.training and self.dropout else y
 
 
 class MLP(nn.Module):
@@ -146,10 +146,11 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
-        return self.dropout(self.c_proj(x))  # (B, T, C)
+        x = self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, 4C) -> (B, T, C)
+        return self.dropout(x) if self.training and self.p else x
 
 
 class Block(nn.Module):
@@ -257,7 +258,9 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), or (B, T, C) with segments
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        x = tok_emb + pos_emb  # (B, T, C)
+        if self.training and self.config.dropout:
+            x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, cache, layer, attn_weights)  # (B, T, C)
         if cache is not None:

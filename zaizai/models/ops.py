@@ -2,7 +2,6 @@
 
 - :func:`linear_cross_entropy`: the output layer and its loss, ``F.linear`` + ``F.cross_entropy``.
 - :func:`causal_attention`: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` (or a given mask).
-- :func:`single_query_attention`: one new token against a KV cache, the step of generation.
 - :func:`attention_with_weights`: the textbook softmax(q k^T / sqrt(hs)) v, which also returns the weights.
 
 With a character vocabulary of ~10k and a small model, the output layer is most of a training step on CPU:
@@ -127,19 +126,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, **causal)
         return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v for one query per head that sees every key: q (B, nh, 1, hs), k and v
-    (B, nh, S, hs) -> (B, nh, 1, hs).
-
-    Two small matmuls: for a single query the fused SDPA kernel on CPU costs several times more than the
-    arithmetic (its blocking and scratch buffers are made for many queries; see bench/generate_speed.py).
-    """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, S)
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, nh, 1, hs)
 
 
 def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
