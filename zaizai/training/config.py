@@ -87,7 +87,8 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # Tuned to learn the most per second on a laptop CPU (2 cores, bf16 where the CPU has it):
     # see bench/train_speed.py --mode preset.
-    # Tang corpus, 210 s on 2 cores: val 4.73 nats/char at lr 2e-3, 4.68 at lr 3e-3 (nanoGPT's recipe: 5.2).
+    # Tang corpus, 210 s on 2 cores (AMD EPYC with bf16, 2026-12-02): whole-val 5.00 nats/char, nanoGPT's recipe 5.44;
+    # an earlier day's CPU gave 4.68 at lr 3e-3 vs 4.73 at lr 2e-3 (and 5.33 for nanoGPT's recipe).
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
                 batch_size=32, lr=3e-3, warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20),
     # About a million parameters with a few-thousand-character vocabulary: the smallest useful model.
