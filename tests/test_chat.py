@@ -106,6 +106,28 @@ def test_chat_cli_answers_lines_on_stdin(chat_model):
     assert again.stdout.splitlines() == replies
 
 
+def test_slash_commands_on_stdin_are_commands_not_messages(chat_model):
+    alone = run_cli("chat", chat_model, "--temperature", "0", input="你好\n")
+    assert alone.returncode == 0, alone.stderr
+    first = alone.stdout.splitlines()
+    assert len(first) == 1
+    # /quit ends the chat: no reply to it, nothing after it is answered
+    r = run_cli("chat", chat_model, "--temperature", "0", input="你好\n/quit\n晚安\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == first
+    # /reset forgets the first exchange, so 你好 gets the same reply as in a fresh chat; feedback goes to stderr
+    r = run_cli("chat", chat_model, "--temperature", "0", input="你好\n/reset\n/history\n/dance\n你好\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == first * 2
+    assert "history cleared" in r.stderr and "(空 empty)" in r.stderr
+    assert "未知命令 unknown command: /dance" in r.stderr and "Traceback" not in r.stderr
+    # the same through --message
+    m = run_cli("chat", chat_model, "--temperature", "0", "--message", "/set max_new_tokens 1", "--message", "你好",
+                "--message", "/quit", "--message", "晚安")
+    assert m.returncode == 0, m.stderr
+    assert len(m.stdout.splitlines()) == 1 and "max_new_tokens = 1" in m.stderr
+
+
 def test_a_plain_text_model_chats_in_completion_mode(tmp_path):
     from util import prepared
 
@@ -134,5 +156,7 @@ def test_chat_commands(capsys):
     run_command(session, "/reset")
     assert session.history == []
     run_command(session, "/dance")
+    assert "unknown command" in capsys.readouterr().out
+    run_command(session, "/")
     assert "unknown command" in capsys.readouterr().out
     assert run_command(session, "/quit") is True

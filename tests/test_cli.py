@@ -98,3 +98,14 @@ def test_help_does_not_import_torch(command):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_help_shows_the_defaults_each_command_really_uses():
+    chat = run_cli("chat", "--help").stdout
+    for shown in ("(default 0.7)", "(default 0.9)", "(default 1.1)", "(default 100)"):
+        assert shown in chat
+    sample = " ".join(run_cli("sample", "--help").stdout.split())
+    assert "0 = greedy (default 0.8)" in sample and "(default 200)" in sample
+    train = " ".join(run_cli("train", "--help").stdout.split())
+    min_lr = train[train.index("--min-lr FLOAT final"):][:110]
+    assert min_lr.count("default") == 1 and "lr/10" in min_lr

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zaizai.data.corpus import list_text_files, read_texts, split_documents
+from zaizai.data.corpus import decode_counting, list_text_files, read_texts, split_documents
 from zaizai.common.errors import ZaizaiError
 
 
@@ -53,6 +53,7 @@ def test_non_utf8_file_is_refused_with_name_offset_and_hint(tmp_path):
     assert str(path) in message
     assert "not valid UTF-8 at byte 2" in message
     assert "--encoding gbk" in message
+    assert "--errors replace" in message
 
 
 def test_byte_offset_counts_the_utf8_bom(tmp_path):
@@ -81,6 +82,51 @@ def test_wrong_explicit_encoding_is_refused_with_hint(tmp_path):
     path.write_bytes(b"ok" + b"\xff\xff")
     with pytest.raises(ZaizaiError, match=r"not valid gbk at byte 2; check --encoding"):
         read_texts([path], encoding="gbk")
+
+
+# A file cut inside its last character: "好" is 3 bytes in UTF-8, 2 in GBK, 2 in UTF-16.
+_TRUNCATED = {
+    "utf-8": ("你好\n\n早上好".encode()[:-1], len("你好\n\n早上".encode())),
+    "utf-8-bom": (codecs.BOM_UTF8 + "你好\n\n早上好".encode()[:-2], len(codecs.BOM_UTF8 + "你好\n\n早上".encode())),
+    "gbk": ("你好\n\n早上好".encode("gbk")[:-1], len("你好\n\n早上".encode("gbk"))),
+    "utf-16": ("你好\n\n早上好".encode("utf-16")[:-1], len("你好\n\n早上".encode("utf-16"))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_TRUNCATED))
+def test_file_cut_inside_its_last_character_is_named_as_such(tmp_path, kind):
+    raw, offset = _TRUNCATED[kind]
+    path = tmp_path / "cut.txt"
+    path.write_bytes(raw)
+    encoding = "gbk" if kind == "gbk" else "utf-8"
+    with pytest.raises(ZaizaiError) as err:
+        read_texts([path], encoding=encoding)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: the file ends in the middle of a character at byte {offset} (truncated?)")
+    assert "--errors replace" in message and "--errors ignore" in message
+    assert "gbk" not in message and "not valid" not in message
+    ((_, replaced),) = read_texts([path], encoding=encoding, errors="replace")
+    assert replaced == "你好\n\n早上\ufffd"
+    ((_, ignored),) = read_texts([path], encoding=encoding, errors="ignore")
+    assert ignored == "你好\n\n早上"
+
+
+def test_bad_bytes_in_the_middle_are_replaced_or_dropped_and_counted(tmp_path):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("一\r\n".encode() + b"\xff" + "二\r\n".encode("gbk") + "三\ufffd".encode())
+    with pytest.raises(ZaizaiError, match=r"not valid UTF-8 at byte 5; .*--encoding gbk.*--errors replace"):
+        read_texts([path])
+    raw = path.read_bytes()
+    # a U+FFFD in the file itself is text, not an undecodable character
+    assert decode_counting(raw, errors="replace") == ("一\n\ufffd\ufffd\ufffd\n三\ufffd", 3)
+    assert decode_counting(raw, errors="ignore") == ("一\n\n三\ufffd", 3)
+    assert decode_counting("三".encode(), errors="replace") == ("三", 0)
+
+
+def test_unknown_errors_value_is_refused(tiny_corpus):
+    with pytest.raises(ZaizaiError, match="--errors must be one of strict, replace, ignore, got 'skip'"):
+        read_texts([tiny_corpus], errors="skip")
 
 
 @pytest.mark.parametrize("encoding", ["klingon", "base64"])

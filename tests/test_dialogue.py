@@ -381,7 +381,7 @@ def test_a_single_dialogue_cannot_be_split(tmp_path):
 def test_dialogue_folder_layout_and_meta(dialogue_dir, capsys):
     assert sorted(p.name for p in dialogue_dir.iterdir()) == sorted([
         "meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "train_roles.bin", "val_roles.bin",
-        "train_dialogues.npy", "val_dialogues.npy", "train_turns.npy", "val_turns.npy"])
+        "train_dialogues.npy", "val_dialogues.npy", "train_turns.npy", "val_turns.npy", "val.jsonl"])
     meta = load_meta(dialogue_dir)
     assert meta["kind"] == "dialogue" and meta["format"] == "jsonl" and meta["split_by"] == "dialogues"
     data = TokenData(dialogue_dir)

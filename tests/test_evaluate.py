@@ -9,8 +9,8 @@ import pytest
 import zaizai
 from zaizai.data.tokendata import TokenData
 from zaizai.common.errors import ZaizaiError
-from zaizai.evals.evaluation import (bleu, dialogue_pairs, distinct_n, evaluate, has_repeated_ngram, load_eval,
-                             split_messages, split_sizes)
+from zaizai.evals.evaluation import (bleu, dialogue_metrics, dialogue_pairs, distinct_n, evaluate, format_dialogue,
+                                    has_repeated_ngram, held_out_conversations, load_eval, split_messages, split_sizes)
 from util import TINY, prepared, run_cli
 from test_chat import write_jsonl
 
@@ -131,6 +131,118 @@ def test_dialogue_metrics_and_report(chat_model):
     for needle in ("参数 parameters", "tokens seen", "bits/char", "bits/byte", "BLEU-2", "loss.png", "崽崽:"):
         assert needle in text
     assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _markdown_tables(text):
+    """Each table of ``text`` parsed as CommonMark + GFM tables: (header cells, body rows), as rendered text."""
+    from markdown_it import MarkdownIt
+
+    tables, rows, row, in_cell = [], None, None, False
+    for token in MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "table_open":
+            rows = []
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "tr_close":
+            rows.append(row)
+        elif token.type == "table_close":
+            tables.append((rows[0], rows[1:]))
+            rows = None
+        elif token.type == "inline" and rows is not None:
+            row.append("".join(child.content for child in token.children
+                               if child.type in ("text", "code_inline")))
+    return tables
+
+
+def _dialogue_results(reply, reference, context):
+    """A dialogue-metrics dict as eval.json holds it, with one sample exchange."""
+    sample = {"context": [{"role": "user", "content": context}], "reference": reference, "reply": reply}
+    run = {"decoding": {"max_new_tokens": 64, "temperature": 0.0}, "bleu2": 1.0, "bleu4": 0.5, "distinct1": 0.5,
+           "distinct2": 0.5, "avg_reply_chars": 3.0, "repeated_ngram_share": 0.0, "samples": [sample],
+           "bleu_signature": {"bleu2": "nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:2.4.0",
+                              "bleu4": "nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:2.4.0"}}
+    return {"pairs": 1, "pair_seed": 0, "repeat_n": 3, "runs": {"greedy": run, "sampled": dict(run)},
+            "reference": {"distinct1": 0.5, "distinct2": 0.5, "avg_reply_chars": 3.0}}
+
+
+def test_dialogue_metrics_are_markdown_whose_cells_show_the_text_as_it_is():
+    from markdown_it import MarkdownIt
+
+    reply, reference, context = "a|b *星* `c` <br> \\|", "你好|再见_x_", "问\n行 [x](y)"
+    text = format_dialogue(_dialogue_results(reply, reference, context))
+    (header, rows), (sample_header, samples) = _markdown_tables(text)
+    assert header == ["decoding", "BLEU-2", "BLEU-4", "distinct-1", "distinct-2", "avg chars", "repeated 3-gram"]
+    assert [r[0] for r in rows] == ["greedy", "sampled", "(references)"] and all(len(r) == 7 for r in rows)
+    assert sample_header == ["用户 user", "参考 reference", "greedy", "sampled"]
+    assert samples == [["问 行 [x](y)", reference, reply, reply]]  # one row, every cell the text itself
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert "<code>nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:2.4.0</code>" in html
+
+
+def test_report_is_markdown_with_tables_lists_and_the_signature_intact(chat_model):
+    from markdown_it import MarkdownIt
+
+    from zaizai.evals.report import write_report
+
+    out, _ = chat_model
+    text = write_report(out, max_pairs=6, verbose=False).read_text(encoding="utf-8")
+    signature = load_eval(out)["dialogue"]["runs"]["greedy"]["bleu_signature"]["bleu4"]
+    tables = _markdown_tables(text)
+    headers = [header for header, _ in tables]
+    assert headers[0] == ["split", "tokens", "chars", "documents / dialogues", "unknown"]
+    assert headers[1] == ["loss (nats/token)", "perplexity", "bits/char", "bits/byte"]
+    header, rows = tables[2]
+    assert header[:3] == ["decoding", "BLEU-2", "BLEU-4"] and len(header) == 7
+    assert [r[0] for r in rows] == ["greedy", "sampled", "(references)"] and all(len(r) == 7 for r in rows)
+    assert headers[3] == ["用户 user", "参考 reference", "greedy", "sampled"] and len(tables) == 4
+    cells = [cell for _, body in tables for row in body for cell in row]
+    # the sampling settings and the signature are not table rows
+    assert not any("max_new_tokens" in c or "nrefs" in c or "sacrebleu" in c for c in cells)
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert "|" in signature and f"<code>{signature}</code>" in html
+    assert "<code>max_new_tokens=64, temperature=0.0" in html
+    assert html.count("<li>你 you:") == 3  # the chat samples are a list
+
+
+def _unseen_character_data(tmp_path):
+    """Dialogue data whose validation reply holds a character (龘) that the training dialogues do not."""
+    train = [["你好", "你好，我是崽崽。"], ["你是谁", "我是崽崽。"], ["再见", "再见！"]] * 4
+    valid = [["你好", "我是龘龘。"], ["再见", "龘再见！"]]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps({"train": train, "valid": valid}, ensure_ascii=False), encoding="utf-8")
+    zaizai.prepare([path], tmp_path / "data", verbose=False)
+    return TokenData(tmp_path / "data"), valid
+
+
+def test_references_are_the_original_text_of_unseen_characters(tmp_path, monkeypatch):
+    import zaizai.evals.evaluation as evaluation
+
+    data, valid = _unseen_character_data(tmp_path)
+    assert data.meta["splits"]["val"]["unknown"] == 3
+    assert split_messages(data, "val") == [[{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                                           for u, a in valid]
+    # a model that answers with the original reference scores 100, and the reference is shown as it is
+    answers = dict(valid)
+    monkeypatch.setattr(evaluation, "generate_reply", lambda bot, context, sampling: answers[context[-1]["content"]])
+    d = dialogue_metrics(None, data, "val")
+    assert d["references_from"] == "val.jsonl" and "references_note" not in d
+    for run in d["runs"].values():
+        assert run["bleu2"] == pytest.approx(100.0) and run["bleu4"] == pytest.approx(100.0)
+        assert [s["reference"] for s in run["samples"]] == [a for _, a in valid]
+    assert "龘" in format_dialogue(d) and "\ufffd" not in format_dialogue(d)
+
+
+def test_folders_without_the_original_text_fall_back_to_the_token_ids_with_a_note(tmp_path):
+    data, valid = _unseen_character_data(tmp_path)
+    text_file = data.data_dir / "val.jsonl"
+    original = text_file.read_text(encoding="utf-8")
+    text_file.write_text(original.replace("龘再见", "再见"), encoding="utf-8")  # not what the bins hold
+    conversations, note = held_out_conversations(data, "val")
+    assert "does not match" in note and conversations[1][1]["content"] == "\ufffd再见！"
+    text_file.unlink()  # prepared by an older zaizai
+    conversations, note = held_out_conversations(data, "val")
+    assert "val.jsonl" in note and "zaizai prepare" in note and "\n" not in note
+    assert [m["content"] for m in conversations[0]] == ["你好", "我是\ufffd\ufffd。"]
 
 
 def test_report_evaluates_when_there_is_no_eval_json(plain_model, tmp_path):

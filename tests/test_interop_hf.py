@@ -115,6 +115,28 @@ def test_export_refuses_rnn_and_keeps_existing_folders(models, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
 
 
+@pytest.mark.parametrize("name", ["chat", "bpe"])
+def test_the_exported_readme_snippet_runs(models, tmp_path, name):
+    import contextlib
+    import io
+    import re
+
+    export_hf(models / name, tmp_path / "hf", verbose=False)
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    folder = str(tmp_path / "hf")
+    code, n = re.subn(r"^PATH = .*$", f"PATH = {folder!r}", code, flags=re.M)  # the placeholder -> this folder
+    assert n == 1
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})
+    reply = printed.getvalue().strip()
+    if name == "chat":  # greedy: the reply it was trained on, the new tokens only, without special tokens
+        assert reply == "你好，我是崽崽。"
+    else:
+        assert reply and "<|" not in reply and not reply.startswith("床前明月光")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # import
 # ---------------------------------------------------------------------------------------------------------

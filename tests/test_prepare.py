@@ -233,6 +233,95 @@ def test_non_utf8_input_is_refused_and_encoding_gbk_works(tmp_path):
     assert sorted(_split_of_each_document(tmp_path / "data", documents)) == ["train", "val"]
 
 
+# -- bytes that do not decode: --errors strict | replace | ignore -----------------------------------
+
+_CUT_DOCUMENTS = ["你好\n你好，我是崽崽", "早上好\n早上好！", "今天天气怎么样？\n晴天。", "晚安\n晚安，做个好梦"]
+
+
+def _cut_corpus(path: Path) -> int:
+    """Write _CUT_DOCUMENTS with the last character ("梦", 3 bytes) cut after its first 2 bytes;
+    return the byte offset of the cut character."""
+    raw = "\n\n".join(_CUT_DOCUMENTS).encode()
+    path.write_bytes(raw[:-1])
+    return len(raw) - 3
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_file_cut_inside_its_last_character(tmp_path, monkeypatch, capsys, streamed):
+    import zaizai.data.build_plain
+
+    workers = None
+    if streamed:  # many pieces cut at blank lines, two worker processes
+        monkeypatch.setattr(zaizai.data.build_plain, "PIECE_BYTES", 8)
+        workers = 2
+    corpus = tmp_path / "cut.txt"
+    offset = _cut_corpus(corpus)
+    with pytest.raises(ZaizaiError, match=rf"cut.txt: the file ends in the middle of a character at byte {offset} "
+                                          r"\(truncated\?\); add --errors replace .* or --errors ignore") as err:
+        prepare([corpus], tmp_path / "data", workers=workers, verbose=False)
+    assert "gbk" not in str(err.value)
+    assert not (tmp_path / "data").exists()
+
+    for errors, last in (("replace", "晚安\n晚安，做个好\ufffd"), ("ignore", "晚安\n晚安，做个好")):
+        capsys.readouterr()
+        meta = prepare([corpus], tmp_path / errors, errors=errors, workers=workers)
+        out = capsys.readouterr().out
+        documents = [*_CUT_DOCUMENTS[:-1], last]
+        assert meta["errors"] == errors and meta["sources"][0]["undecodable"] == 1
+        assert "\n\n".join(documents) + "\n" in out  # the preview: the whole corpus, ending as it ends
+        assert sorted(_split_of_each_document(tmp_path / errors, documents)) == ["train"] * 3 + ["val"]
+        summary = {"replace": "替换了 1 个无法解码的字符 replaced 1 undecodable character(s) with U+FFFD",
+                   "ignore": "丢弃了 1 个无法解码的字符 dropped 1 undecodable character(s) (--errors ignore)"}
+        assert summary[errors] in out.splitlines()
+    assert not list(tmp_path.glob("*/.*partial"))
+
+
+def test_errors_apply_to_dialogues_too(tmp_path):
+    corpus = tmp_path / "chat.txt"
+    _cut_corpus(corpus)
+    with pytest.raises(ZaizaiError, match="ends in the middle of a character"):
+        prepare([corpus], tmp_path / "data", format="text", verbose=False)
+    meta = prepare([corpus], tmp_path / "data", format="text", errors="replace", verbose=False)
+    assert meta["kind"] == "dialogue" and meta["sources"][0]["undecodable"] == 1
+    data = TokenData(tmp_path / "data")
+    assert "晚安，做个好\ufffd" in data.tokenizer.decode(data.split("train"))  # (seed 1337 keeps it in train)
+
+
+def test_strict_clean_files_record_no_errors_setting(tmp_path, tiny_corpus):
+    meta = prepare([tiny_corpus], tmp_path / "data", verbose=False)
+    assert "errors" not in meta and "undecodable" not in meta["sources"][0]
+    meta = prepare([tiny_corpus], tmp_path / "data", errors="replace", verbose=False)
+    assert meta["errors"] == "replace" and meta["sources"][0]["undecodable"] == 0
+    with pytest.raises(ZaizaiError, match="--errors must be one of strict, replace, ignore"):
+        prepare([tiny_corpus], tmp_path / "data", errors="surrogateescape", verbose=False)
+
+
+def test_cli_errors_flag_and_messages(tmp_path, capsys):
+    from util import run_cli
+
+    from zaizai.cli import main
+
+    cut = tmp_path / "cut.txt"
+    offset = _cut_corpus(cut)
+    refused = run_cli("prepare", cut, "--out", tmp_path / "data")
+    assert refused.returncode == 2 and not (tmp_path / "data").exists()
+    assert refused.stderr.strip().count("\n") == 0
+    assert f"the file ends in the middle of a character at byte {offset} (truncated?)" in refused.stderr
+    assert "--errors replace" in refused.stderr and "gbk" not in refused.stderr
+
+    assert main(["prepare", str(cut), "--out", str(tmp_path / "data"), "--errors", "ignore"]) == 0
+    assert "丢弃了 1 个无法解码的字符" in capsys.readouterr().out
+    assert load_meta(tmp_path / "data")["errors"] == "ignore"
+
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("\n\n".join(_CUT_DOCUMENTS).encode("gbk"))
+    assert main(["prepare", str(gbk), "--out", str(tmp_path / "gbk")]) == 2
+    assert not (tmp_path / "gbk").exists()
+    message = capsys.readouterr().err
+    assert "gbk.txt: not valid UTF-8 at byte 0;" in message and "--encoding gbk" in message
+    assert "--errors replace" in message and message.strip().count("\n") == 0
+
+
 def test_output_folder_that_is_a_file_is_refused(tmp_path, tiny_corpus):
     blocker = tmp_path / "data"
     blocker.write_text("", encoding="utf-8")

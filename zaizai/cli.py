@@ -24,7 +24,7 @@ FIELD_HELP = {
     "max_iters": "stop after this many optimizer steps",
     "max_time": "stop after this many seconds (the lr schedule fits the budget)",
     "lr": "peak learning rate",
-    "min_lr": "final learning rate of the cosine decay (default lr/10)",
+    "min_lr": "final learning rate of the cosine decay; negative = lr/10",
     "warmup_iters": "linear warmup steps",
     "weight_decay": "AdamW weight decay on 2-D weights",
     "beta1": "AdamW beta1",
@@ -62,22 +62,27 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                    help=FIELD_HELP.get(f.name))
             else:
                 default = default_preset.get(f.name, f.default)
+                shown = "lr/10" if f.name == "min_lr" and default < 0 else repr(default)
                 group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                                   help=f"{FIELD_HELP.get(f.name, '')} (default {default!r})")
+                                   help=f"{FIELD_HELP.get(f.name, '')} (default {shown})")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float, top_p: float,
                         repetition_penalty: float) -> None:
     """The decoding flags `sample` and `chat` share (with their own defaults), plus checkpoint and device."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=top_p, help="1 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=repetition_penalty, help="1 = off")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
-    parser.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    parser.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                        help=f"tokens to generate at most (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                        help=f"0 = greedy (default {temperature:g})")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default 0)")
+    parser.add_argument("--top-p", type=float, default=top_p, metavar="P", help=f"1 = off (default {top_p:g})")
+    parser.add_argument("--repetition-penalty", type=float, default=repetition_penalty, metavar="X",
+                        help=f"1 = off (default {repetition_penalty:g})")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="0 = off (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same text (default: none)")
+    parser.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"],
+                        help="auto (default): best if there is one, else last")
+    parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | mps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +105,9 @@ def _add_data_commands(sub) -> None:
     pp.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
     pp.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
     pp.add_argument("--encoding", default="utf-8", help="text encoding of the files (e.g. gbk)")
+    pp.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"],
+                    help="bytes that do not decode: strict (default: stop and say where), replace (with U+FFFD) "
+                         "or ignore (drop them); replace/ignore count them in the summary")
     pp.add_argument("--format", default="auto", choices=["auto", "plain", "text", "jsonl", "lccc"],
                     help="plain text, or dialogues: text (one turn per line, a blank line between dialogues), "
                          "jsonl (OpenAI messages), lccc (JSON lists of utterances); auto: by file extension")
@@ -223,7 +231,7 @@ def cmd_prepare(args) -> int:
     from .data.preparation import prepare
 
     prepare(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, encoding=args.encoding,
-            format=args.format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            errors=args.errors, format=args.format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             skip_bad=args.skip_bad)
     return 0
 
@@ -260,7 +268,7 @@ def cmd_chat(args) -> int:
     from .inference.chat import ChatSession
     from .inference.loaded import load
     from .inference.sampling import SamplingConfig
-    from .terminal import chat_in_terminal
+    from .terminal import chat_from_lines, chat_in_terminal
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -272,14 +280,9 @@ def cmd_chat(args) -> int:
         print("注意 note: this model was not trained on dialogues: it continues what you type (completion mode); "
               "fine-tune it on dialogues with `zaizai train DATA --init-from MODEL`", file=sys.stderr)
     if args.message:
-        for message in args.message:
-            print(session.say(message), flush=True)
-        return 0
+        return chat_from_lines(session, args.message)
     if not sys.stdin.isatty():  # scripted: one message per line on stdin, one reply per line on stdout
-        for line in sys.stdin:
-            if line.strip():
-                print(session.say(line), flush=True)
-        return 0
+        return chat_from_lines(session, sys.stdin)
     return chat_in_terminal(session)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Iterable
+
 from .common.errors import ZaizaiError
 
 CHAT_HELP = """命令 commands:
@@ -44,29 +47,49 @@ def chat_in_terminal(session) -> int:
         print()
 
 
-def run_command(session, line: str) -> bool:
-    """Run a chat /command typed as ``line``; True means quit."""
-    name, *rest = line[1:].split()
+def chat_from_lines(session, lines: Iterable[str]) -> int:
+    """Scripted chat (``--message`` or lines on stdin): one reply line on stdout per message; lines starting with
+    "/" are the interactive /commands and never reach the model. Returns 0."""
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            # Command feedback goes to stderr: scripts read the replies from stdout, one line per message.
+            if run_command(session, line, out=sys.stderr):
+                return 0
+            continue
+        print(session.say(line), flush=True)
+    return 0
+
+
+def run_command(session, line: str, out=None) -> bool:
+    """Run a chat /command typed as ``line``, printing its feedback to ``out`` (stdout by default); True means
+    quit."""
+    def say(text) -> None:
+        print(text, file=out or sys.stdout, flush=True)
+
+    name, *rest = line[1:].split() or [""]
     if name in ("quit", "exit", "q"):
         return True
     if name == "help":
-        print(CHAT_HELP)
+        say(CHAT_HELP)
     elif name == "reset":
         session.reset()
-        print("(已清空 history cleared)")
+        say("(已清空 history cleared)")
     elif name == "history":
         for m in session.history or []:
-            print(f"{'你 you' if m['role'] == 'user' else '崽崽'}: {m['content']}")
+            say(f"{'你 you' if m['role'] == 'user' else '崽崽'}: {m['content']}")
         if not session.history:
-            print("(空 empty)")
+            say("(空 empty)")
     elif name == "settings":
-        print(session.sampling)
+        say(session.sampling)
     elif name == "set" and len(rest) == 2:
         try:
             session.set(rest[0], rest[1])
-            print(f"({rest[0]} = {rest[1]})")
+            say(f"({rest[0]} = {rest[1]})")
         except ZaizaiError as e:
-            print(f"错误 error: {e}")
+            say(f"错误 error: {e}")
     else:
-        print(f"未知命令 unknown command: {line} (try /help)")
+        say(f"未知命令 unknown command: {line} (try /help)")
     return False

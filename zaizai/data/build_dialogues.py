@@ -2,11 +2,13 @@
 
 Each split is rendered by :func:`zaizai.data.dialogue.render_dialogues` (the rendering chat uses)
 into its bin, the role of every token, the table of dialogues and the start of every turn (the
-files are listed in :mod:`zaizai.data.tokendata`). Dialogues are read into memory.
+files are listed in :mod:`zaizai.data.tokendata`); the validation dialogues are also kept as text
+(``val.jsonl``), the references evaluation scores against. Dialogues are read into memory.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from ..common.errors import ZaizaiError
 from .building import Built, TokenizerChoice, validation_mask, where
 from .dialogue import ASSISTANT, ASSISTANT_TARGET, PROMPT, Dialogues, Rendered, render_dialogues
 from .formats import Problems, parse_dialogues
-from .tokendata import bin_file, dialogue_files
+from .tokendata import bin_file, dialogue_files, dialogue_text_file
 from .tokenizer import UNK_ID, Tokenizer
 
 _PREVIEW_TOKENS = 301  # of the first training dialogue, for the printout (300 characters and a " ...")
@@ -85,9 +87,16 @@ def _render_splits(
         arrays[dialogues_npy] = np.stack([rendered.starts, rendered.lengths], axis=1)
         arrays[turns_npy] = rendered.turn_starts
         splits[name] = _dialogue_counts(dialogues, rendered)
+    arrays[dialogue_text_file("val")] = _jsonl_bytes(val)
     first_length = int(arrays[dialogue_files("train")[1]][0, 1])
     preview = tok.decode(arrays[bin_file("train")][: min(first_length, _PREVIEW_TOKENS)])
     return Built(tok, arrays, split_by, splits, sources, notes=notes, preview=preview)
+
+
+def _jsonl_bytes(dialogues: Dialogues) -> np.ndarray:
+    """One ``{"messages": [...]}`` line per dialogue, UTF-8, as bytes (uint8) written as they are."""
+    text = "".join(json.dumps({"messages": messages}, ensure_ascii=False) + "\n" for messages in dialogues)
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
 def _dialogue_counts(dialogues: Dialogues, rendered: Rendered) -> dict[str, int]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..common.errors import ZaizaiError
 from .building import Built, TokenizerChoice, output_errors, read_files, validation_mask, where
-from .corpus import decode_piece, iter_file_pieces, split_documents
+from .corpus import decode_counting, iter_file_pieces, split_documents
 from .tokendata import SPLITS, bin_file
 from .tokenizer import EOT_ID, UNK_ID, CharTokenizer, Tokenizer, code_points
 
@@ -45,17 +45,17 @@ def _init_worker(tokenizer: Tokenizer | None) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _scan_piece(task) -> tuple[int, int, str]:
-    """Pass 1: (documents, characters, first 100 characters) of a piece."""
-    path, offset, raw, encoding = task
-    text = decode_piece(raw, encoding, path, offset)
-    return len(split_documents(text)), len(text), text[:100]
+def _scan_piece(task) -> tuple[int, int, str, int]:
+    """Pass 1: (documents, characters, first 100 characters, characters that did not decode) of a piece."""
+    path, offset, raw, encoding, errors = task
+    text, bad = decode_counting(raw, encoding, name=path, errors=errors, offset=offset)
+    return len(split_documents(text)), len(text), text[:100], bad
 
 
 def _piece_split(task) -> tuple[list[str], list[str]]:
     """A piece's (training, validation) documents."""
-    path, offset, raw, encoding, is_val = task
-    documents = split_documents(decode_piece(raw, encoding, path, offset))
+    path, offset, raw, encoding, errors, is_val = task
+    documents = split_documents(decode_counting(raw, encoding, name=path, errors=errors, offset=offset)[0])
     assert len(documents) == len(is_val), "a piece splits the same way on every pass"
     train = [doc for doc, v in zip(documents, is_val) if not v]
     val = [doc for doc, v in zip(documents, is_val) if v]
@@ -138,8 +138,8 @@ class _Workers:
 class _Stream:
     """A plain corpus read piece by piece, in three passes (see the module doc)."""
 
-    def __init__(self, files: list[Path], encoding: str, workers: int | None, verbose: bool):
-        self.files, self.encoding, self.verbose = files, encoding, verbose
+    def __init__(self, files: list[Path], encoding: str, errors: str, workers: int | None, verbose: bool):
+        self.files, self.encoding, self.errors, self.verbose = files, encoding, errors, verbose
         self.total_bytes = 0
         for path in files:
             try:
@@ -168,28 +168,34 @@ class _Stream:
         """Pass 1: count documents per piece; return (characters, first 100 of them, sources)."""
         hashes = {path: hashlib.sha256() for path in self.files}
         sizes = dict.fromkeys(self.files, 0)
-        n_chars, head = 0, ""
+        n_chars, head, paths = 0, "", []
+        undecodable = dict.fromkeys(self.files, 0)
 
         def tasks(progress):
             for path, offset, raw in self.pieces(progress):
                 hashes[path].update(raw)
                 sizes[path] += len(raw)
-                yield path, offset, raw, self.encoding
+                paths.append(path)
+                yield path, offset, raw, self.encoding, self.errors
 
         with self.bar("扫描 scanning") as progress, _Workers(self.workers) as pool:
-            for n_docs, chars, first in pool.map(_scan_piece, tasks(progress)):
+            for i, (n_docs, chars, first, bad) in enumerate(pool.map(_scan_piece, tasks(progress))):
                 self.piece_docs.append(n_docs)
                 n_chars += chars
                 head += first[: 100 - len(head)]
+                undecodable[paths[i]] += bad
         sources = [{"path": path.as_posix(), "bytes": sizes[path], "sha256": hashes[path].hexdigest()}
                    for path in self.files]
+        if self.errors != "strict":
+            for source, path in zip(sources, self.files):
+                source["undecodable"] = undecodable[path]
         return n_chars, head, sources
 
     def split_tasks(self, progress=None):
         """Every piece with the validation flags of its documents."""
         starts = np.concatenate([[0], np.cumsum(self.piece_docs)])
         for i, (path, offset, raw) in enumerate(self.pieces(progress)):
-            yield path, offset, raw, self.encoding, self.is_val[starts[i] : starts[i + 1]]
+            yield path, offset, raw, self.encoding, self.errors, self.is_val[starts[i] : starts[i + 1]]
 
     def tokenizer(self, choice: TokenizerChoice, train_chars: float) -> Tokenizer:
         """Pass 2: the tokenizer, from the training documents only."""
@@ -249,15 +255,16 @@ class _Stream:
 
 def build_plain_streaming(
     files: list[Path], out_dir: Path, *, encoding: str, val_fraction: float, seed: int,
-    tokenizer: TokenizerChoice, workers: int | None, verbose: bool,
+    tokenizer: TokenizerChoice, workers: int | None, verbose: bool, errors: str = "strict",
 ) -> Built:
     """Plain text in three streamed passes (see the module doc). The bins are partial files in
-    ``out_dir`` that the writer renames into place."""
-    stream = _Stream(files, encoding, workers, verbose)
+    ``out_dir`` that the writer renames into place. ``errors``: for bytes that do not decode
+    (strict, replace or ignore)."""
+    stream = _Stream(files, encoding, errors, workers, verbose)
     n_chars, head, sources = stream.scan()
     n_documents = sum(stream.piece_docs)
     if n_documents < 2:  # nothing to stream: hold out lines or characters, in memory
-        return build_plain(read_files(files, encoding, verbose), files, val_fraction=val_fraction, seed=seed,
+        return build_plain(read_files(files, encoding, verbose, errors), files, val_fraction=val_fraction, seed=seed,
                            tokenizer=tokenizer)
     stream.is_val = validation_mask(n_documents, val_fraction, seed)
     tok = stream.tokenizer(tokenizer, train_chars=n_chars * (1 - val_fraction))

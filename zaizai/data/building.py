@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..common.errors import ZaizaiError
-from .corpus import decode_text, read_file_bytes
+from .corpus import decode_counting, read_file_bytes
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 _PROGRESS_MIN_FILES = 20  # show a progress bar when reading at least this many files
@@ -58,16 +58,22 @@ class Built:
     n_chars: int = 0  # characters read (plain text)
 
 
-def read_files(files: list[Path], encoding: str, verbose: bool) -> Iterator[tuple[Path, str, dict[str, Any]]]:
+def read_files(
+    files: list[Path], encoding: str, verbose: bool, errors: str = "strict"
+) -> Iterator[tuple[Path, str, dict[str, Any]]]:
     """Yield ``(path, text, source)`` file by file (one text in memory at a time); ``source`` is
-    the file's entry in meta.json's "sources"."""
+    the file's entry in meta.json's "sources" (with ``errors`` other than strict, also how many
+    characters did not decode: "undecodable")."""
     progress = tqdm(
         files, desc="读取 reading", unit="file", disable=not verbose or len(files) < _PROGRESS_MIN_FILES
     )
     for path in progress:
         raw = read_file_bytes(path)
         source = {"path": path.as_posix(), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-        yield path, decode_text(raw, encoding, name=path), source
+        text, bad = decode_counting(raw, encoding, name=path, errors=errors)
+        if errors != "strict":
+            source["undecodable"] = bad
+        yield path, text, source
 
 
 def validation_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:

@@ -5,7 +5,9 @@ The first arrow of the pipeline: files on disk -> clean Python strings -> docume
 - Encodings: UTF-8 by default. A UTF-8 byte-order mark is stripped; a UTF-16 one (what Windows
   Notepad calls "Unicode") is recognised and decoded as UTF-16. Anything else that is not valid
   UTF-8 is refused with one line naming the file and the byte offset, and suggesting
-  ``--encoding gbk`` (what Chinese Windows saves "ANSI" text as).
+  ``--encoding gbk`` (what Chinese Windows saves "ANSI" text as); a file that ends in the middle
+  of a character (cut short) is told apart. ``errors="replace"`` (``--errors replace``) turns
+  bytes that do not decode into U+FFFD instead, ``"ignore"`` drops them; either way they are counted.
 - Line endings: CRLF and lone CR become LF, so a corpus means the same on every OS.
 - Documents: blocks of lines separated by blank lines (the articles' layout: one dialogue per
   block). A line holding only whitespace counts as blank.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,6 +37,22 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")
 # Encodings a user can name on the command line, for error messages.
 _ENCODING_HINT = "utf-8, gbk, gb18030 or big5"
+ERRORS = ("strict", "replace", "ignore")  # what to do with bytes that do not decode (--errors)
+
+# Python's "replace" and "ignore", counting what they replace or drop (in this thread).
+_undecodable = threading.local()
+
+
+def _counting(replacement: str):
+    def handler(err: UnicodeError) -> tuple[str, int]:
+        _undecodable.count += 1
+        return replacement, err.end  # type: ignore[attr-defined]
+
+    return handler
+
+
+codecs.register_error("zaizai-replace", _counting("\ufffd"))
+codecs.register_error("zaizai-ignore", _counting(""))
 
 
 def check_encoding(encoding: str) -> str:
@@ -52,6 +71,13 @@ def check_encoding(encoding: str) -> str:
     except UnicodeDecodeError:
         pass  # a real text codec that wants more than one byte (utf-16, utf-32)
     return name
+
+
+def check_errors(errors: str) -> str:
+    """``errors`` if it is one of :data:`ERRORS`, else a ZaizaiError."""
+    if errors not in ERRORS:
+        raise ZaizaiError(f"--errors must be one of {', '.join(ERRORS)}, got {errors!r}")
+    return errors
 
 
 def _is_utf8(encoding_name: str) -> bool:
@@ -103,47 +129,95 @@ def list_text_files(
     return unique
 
 
-def decode_text(raw: bytes, encoding: str = "utf-8", *, name: PathLike = "<text>") -> str:
+def decode_text(
+    raw: bytes, encoding: str = "utf-8", *, name: PathLike = "<text>", errors: str = "strict"
+) -> str:
     """Decode the bytes of one file, strip its byte-order mark and normalise line endings to LF.
 
     ``name`` is only used in error messages. Byte offsets in those messages count from the start
-    of the file, byte-order mark included, so a hex editor finds the exact spot.
+    of the file, byte-order mark included, so a hex editor finds the exact spot. ``errors``:
+    ``"strict"`` refuses bytes that do not decode, ``"replace"`` turns them into U+FFFD,
+    ``"ignore"`` drops them.
     """
-    encoding = check_encoding(encoding)
-    if _is_utf8(encoding) and raw.startswith(_UTF16_BOMS):
+    return decode_counting(raw, encoding, name=name, errors=errors)[0]
+
+
+def decode_counting(
+    raw: bytes, encoding: str = "utf-8", *, name: PathLike = "<text>", errors: str = "strict", offset: int = 0
+) -> tuple[str, int]:
+    """:func:`decode_text`, also returning how many characters did not decode (replaced or
+    dropped; 0 with ``errors="strict"``, which raises instead).
+
+    ``raw`` starts at byte ``offset`` of the file: 0 for a whole file (its byte-order mark is
+    handled), more for a later piece of :func:`iter_file_pieces`.
+    """
+    encoding, errors = check_encoding(encoding), check_errors(errors)
+    if offset:  # a later piece: no byte-order mark
+        codec = "utf-8" if _is_utf8(encoding) else encoding
+        text, bad = _decode_or_explain(raw, codec, name, errors, offset=offset)
+    elif _is_utf8(encoding) and raw.startswith(_UTF16_BOMS):
         # Notepad's "Unicode": the BOM is a far stronger signal than the default flag.
-        text = _decode_or_explain(raw, "utf-16", name, offset=0)
+        text, bad = _decode_or_explain(raw, "utf-16", name, errors, offset=0)
     elif _is_utf8(encoding):
         bom = len(_UTF8_BOM) if raw.startswith(_UTF8_BOM) else 0
-        text = _decode_or_explain(raw[bom:], "utf-8", name, offset=bom, whole=raw)
+        text, bad = _decode_or_explain(raw[bom:], "utf-8", name, errors, offset=bom, whole=raw)
     else:
-        text = _decode_or_explain(raw, encoding, name, offset=0)
-    text = text.removeprefix("\ufeff")  # a BOM some codecs (utf-16-le, gb18030) leave as text
+        text, bad = _decode_or_explain(raw, encoding, name, errors, offset=0)
+    if not offset:
+        text = text.removeprefix("\ufeff")  # a BOM some codecs (utf-16-le, gb18030) leave as text
     if "\r" in text:  # CRLF (Windows) and lone CR (classic Mac) line endings
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+    return text, bad
 
 
 def _decode_or_explain(
-    data: bytes, encoding: str, name: PathLike, *, offset: int, whole: bytes | None = None
-) -> str:
-    """``data.decode(encoding)``, turning a decode error into a one-line ZaizaiError."""
+    data: bytes, encoding: str, name: PathLike, errors: str, *, offset: int, whole: bytes | None = None
+) -> tuple[str, int]:
+    """``data.decode(encoding, errors)`` and the number of characters replaced or dropped; a
+    decode error with ``errors="strict"`` becomes a one-line ZaizaiError."""
     try:
-        return data.decode(encoding)
+        return data.decode(encoding), 0
     except UnicodeDecodeError as err:
-        where = offset + err.start
-        if _is_utf8(encoding):
-            head = (whole if whole is not None else data)[:4096]
-            if head.count(0) > len(head) // 8:
-                # Many NUL bytes: UTF-16 saved without a byte-order mark.
-                hint = "it looks like UTF-16 without a byte-order mark: try --encoding utf-16"
-            else:
-                hint = "if it was saved on Chinese Windows try --encoding gbk"
-            raise ZaizaiError(f"{name}: not valid UTF-8 at byte {where}; {hint}") from None
-        raise ZaizaiError(
-            f"{name}: not valid {encoding} at byte {where}; check --encoding "
-            f"(common ones: {_ENCODING_HINT})"
-        ) from None
+        if errors != "strict":
+            _undecodable.count = 0
+            text = data.decode(encoding, f"zaizai-{errors}")
+            return text, _undecodable.count
+        raise _explain(err, data, encoding, name, offset, whole) from None
+
+
+def _explain(
+    err: UnicodeDecodeError, data: bytes, encoding: str, name: PathLike, offset: int, whole: bytes | None
+) -> ZaizaiError:
+    """The one-line error for bytes that do not decode, with what to try."""
+    where = offset + err.start
+    if _is_utf8(encoding):
+        head = (whole if whole is not None else data)[:4096]
+        if head.count(0) > len(head) // 8:
+            # Many NUL bytes: UTF-16 saved without a byte-order mark.
+            return ZaizaiError(f"{name}: not valid UTF-8 at byte {where}; it looks like UTF-16 without a "
+                               "byte-order mark: try --encoding utf-16")
+    if _ends_mid_character(err, data, encoding):
+        return ZaizaiError(
+            f"{name}: the file ends in the middle of a character at byte {where} (truncated?); "
+            "add --errors replace (keeps a U+FFFD in its place) or --errors ignore (drops it) to go on"
+        )
+    if _is_utf8(encoding):
+        return ZaizaiError(f"{name}: not valid UTF-8 at byte {where}; if it was saved on Chinese Windows "
+                           "try --encoding gbk, or add --errors replace to go on (bad bytes -> U+FFFD)")
+    return ZaizaiError(
+        f"{name}: not valid {encoding} at byte {where}; check --encoding (common ones: {_ENCODING_HINT}), "
+        "or add --errors replace to go on (bad bytes -> U+FFFD)"
+    )
+
+
+def _ends_mid_character(err: UnicodeDecodeError, data: bytes, encoding: str) -> bool:
+    """Whether the bytes that failed are the start of a character cut off by the end of ``data``."""
+    if err.end != len(data):
+        return False
+    try:
+        return codecs.getincrementaldecoder(encoding)().decode(data[err.start :], final=False) == ""
+    except UnicodeDecodeError:
+        return False
 
 
 def read_file_bytes(path: Path) -> bytes:
@@ -167,9 +241,10 @@ def iter_file_pieces(path: Path, encoding: str = "utf-8", piece_bytes: int = 16 
     """Read a file as ``(offset, raw bytes)`` pieces of about ``piece_bytes`` that each end at an
     empty line (or at the end of the file), so that whole documents never span two pieces.
 
-    Each piece decodes on its own (:func:`decode_piece`). A piece grows past ``piece_bytes`` when
-    no empty line follows (one huge document); files in encodings that cannot be cut safely
-    (UTF-16/32, or a UTF-16 byte-order mark) come as one piece.
+    Each piece decodes on its own (:func:`decode_counting` with the piece's offset), and only the
+    last can end in the middle of a character. A piece grows past ``piece_bytes`` when no empty
+    line follows (one huge document); files in encodings that cannot be cut safely (UTF-16/32,
+    or a UTF-16 byte-order mark) come as one piece.
     """
     try:
         with open(path, "rb") as f:
@@ -197,29 +272,20 @@ def _last_cut(data: bytes) -> int:
     return max((i + len(cut) for cut in _PIECE_CUTS if (i := data.rfind(cut)) >= 0), default=0)
 
 
-def decode_piece(raw: bytes, encoding: str, name: PathLike, offset: int) -> str:
-    """Decode a piece of :func:`iter_file_pieces` as :func:`decode_text` decodes a whole file."""
-    if offset == 0:
-        return decode_text(raw, encoding, name=name)
-    enc = "utf-8" if _is_utf8(check_encoding(encoding)) else encoding
-    text = _decode_or_explain(raw, enc, name, offset=offset)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
-
-
 def read_texts(
-    paths: PathLike | Iterable[PathLike], encoding: str = "utf-8"
+    paths: PathLike | Iterable[PathLike], encoding: str = "utf-8", errors: str = "strict"
 ) -> list[tuple[Path, str]]:
     """Read text files and folders of ``*.txt`` files into ``[(path, text), ...]``.
 
     Each text has its byte-order mark removed and LF line endings. Raises ZaizaiError for a
     missing path, a folder without ``.txt`` files, an unknown encoding, or bytes that are not
-    valid in ``encoding`` (naming the file and byte offset).
+    valid in ``encoding`` (naming the file and byte offset) unless ``errors`` is ``"replace"``
+    (they become U+FFFD) or ``"ignore"`` (dropped).
     """
     check_encoding(encoding)  # fail before touching any file
+    check_errors(errors)
     return [
-        (path, decode_text(read_file_bytes(path), encoding, name=path))
+        (path, decode_text(read_file_bytes(path), encoding, name=path, errors=errors))
         for path in list_text_files(paths)
     ]
 

@@ -25,7 +25,7 @@ from ..common.fileio import atomic_write
 from .build_dialogues import build_dialogues
 from .build_plain import build_plain_streaming
 from .building import Built, TokenizerChoice, output_errors, read_files
-from .corpus import PathLike, check_encoding, list_text_files
+from .corpus import PathLike, check_encoding, check_errors, list_text_files
 from .formats import FOLDER_SUFFIXES, TXT_HINT, check_format, resolve_format
 from .tokendata import META_FILE, META_VERSION, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, output_names
 from .tokenizer import Tokenizer, hf_tokenizer_config, load_tokenizer
@@ -44,6 +44,7 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 1337,
     encoding: str = "utf-8",
+    errors: str = "strict",
     verbose: bool = True,
     workers: int | None = None,
 ) -> dict[str, Any]:
@@ -73,6 +74,9 @@ def prepare(
     characters, as its trainer's memory grows with the text), and to encode. Dialogues are
     still read into memory.
 
+    ``errors``: bytes not valid in ``encoding`` are refused (``"strict"``, naming the byte), made
+    U+FFFD (``"replace"``) or dropped (``"ignore"``), counted in meta.json's "sources".
+
     ``skip_bad``: skip malformed dialogues (counted) instead of stopping at the first with
     ``file:line: what is wrong``.
 
@@ -85,7 +89,7 @@ def prepare(
     """
     val_fraction, seed = _check_split_options(val_fraction, seed)
     check_format(format)
-    encoding = check_encoding(encoding)
+    encoding, errors = check_encoding(encoding), check_errors(errors)
     files = list_text_files(paths, FOLDER_SUFFIXES[format])
     resolved = resolve_format(files, format)
     kind = "plain" if resolved == "plain" else "dialogue"
@@ -96,10 +100,10 @@ def prepare(
 
     if kind == "plain":
         built = build_plain_streaming(files, out_dir, encoding=encoding, val_fraction=val_fraction, seed=seed,
-                                      tokenizer=choice, workers=workers, verbose=verbose)
+                                      tokenizer=choice, workers=workers, verbose=verbose, errors=errors)
     else:
-        built = build_dialogues(read_files(files, encoding, verbose), files, format=resolved, skip_bad=skip_bad,
-                                val_fraction=val_fraction, seed=seed, tokenizer=choice)
+        built = build_dialogues(read_files(files, encoding, verbose, errors), files, format=resolved,
+                                skip_bad=skip_bad, val_fraction=val_fraction, seed=seed, tokenizer=choice)
 
     meta: dict[str, Any] = {
         "version": META_VERSION,
@@ -113,6 +117,7 @@ def prepare(
         "val_fraction": val_fraction,
         "seed": seed,
         "encoding": encoding,
+        **({"errors": errors} if errors != "strict" else {}),
         "split_by": built.split_by,
         "splits": built.splits,
         "sources": built.sources,
@@ -203,6 +208,12 @@ def _print_summary(meta: dict[str, Any], built: Built, *, n_files: int) -> None:
     if val["unknown"]:
         unseen = "the tokenizer lacks" if meta["tokenizer_from"] else "unseen in train"
         print(f"验证集里训练集没有的字符 val characters {unseen}: {val['unknown']:,} (-> <|unk|>)")
+    if meta.get("errors", "strict") != "strict":  # --errors replace or ignore: say how much it changed
+        bad = sum(source["undecodable"] for source in meta["sources"])
+        if meta["errors"] == "replace":
+            print(f"替换了 {bad:,} 个无法解码的字符 replaced {bad:,} undecodable character(s) with U+FFFD")
+        else:
+            print(f"丢弃了 {bad:,} 个无法解码的字符 dropped {bad:,} undecodable character(s) (--errors ignore)")
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -241,7 +252,7 @@ def _write_files(
             continue
         if name.endswith(".npy"):
             data: Any = _npy_bytes(array.astype("<i8", copy=False))
-        elif name.endswith("_roles.bin"):
+        elif name.endswith(("_roles.bin", ".jsonl")):  # one byte each: role codes, UTF-8 text
             data = np.ascontiguousarray(array, dtype=np.uint8)
         else:
             data = array.astype(little_endian, copy=False)

@@ -19,6 +19,9 @@ Dialogues (``"kind": "dialogue"``): besides ``tokenizer.json`` and ``meta.json``
       train_dialogues.npy   int64 (n_dialogues, 2): start and length of each dialogue in train.bin
       train_turns.npy       int64 (n_messages,): position of every message's role marker
       val.bin, val_roles.bin, val_dialogues.npy, val_turns.npy   the same for validation
+      val.jsonl             the validation dialogues' original text, one ``{"messages": [...]}`` a
+                            line, in the order of val_dialogues.npy (the bins lose characters the
+                            tokenizer never saw; evaluation scores replies against this text)
 
 ``TokenData`` opens such a folder with read-only memory maps, so training touches only the
 pages it samples, and several processes (data-parallel ranks, loader workers) can share it.
@@ -70,11 +73,17 @@ def dialogue_files(split: str) -> tuple[str, str, str]:
     return f"{split}_roles.bin", f"{split}_dialogues.npy", f"{split}_turns.npy"
 
 
+def dialogue_text_file(split: str) -> str:
+    """The original text of a dialogue split's conversations (written for ``val`` only)."""
+    return f"{split}.jsonl"
+
+
 def output_names(kind: str) -> list[str]:
     """Every file of a folder of ``kind``, in the order they are written (meta.json last)."""
     names = [bin_file(split) for split in SPLITS]
     if kind == "dialogue":
         names += [name for split in SPLITS for name in dialogue_files(split)]
+        names.append(dialogue_text_file("val"))
     return [*names, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, META_FILE]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import ZaizaiError
-from ..data.tokenizer import EOT_ID
+from ..data.tokenizer import EOT_ID, UNK_ID
 from ..inference.loaded import load
 from ..models.gpt import GPT
 from ..training.metrics import save_png
@@ -106,11 +106,26 @@ def plot_attention(weights: torch.Tensor, labels: list[str], path: str | Path, t
     return save_png(fig, path)
 
 
-def _label(tokenizer, i: int) -> str:
-    if i == EOT_ID:
-        return "⏎"
-    text = tokenizer.decode([i])
-    return {" ": "␣", "\n": "↵"}.get(text, text if len(text) <= 2 else text[2:-2][:4])
+SYMBOLS = {"⏎": "文档开头 start", "□": "词表外 unknown", "␣": "空格 space"}  # what label_key() explains
+
+
+def label_key(labels: list[str]) -> str:
+    """A short line explaining the symbols among ``labels`` (empty when there are none)."""
+    return " · ".join(f"{sym} {meaning}" for sym, meaning in SYMBOLS.items() if sym in labels)
+
+
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """One short axis label per token id: the text it stands for, or a symbol that :func:`label_key` explains."""
+    labels = []
+    for i in ids:
+        if i == EOT_ID:
+            labels.append("⏎")
+        elif i == UNK_ID:
+            labels.append("□")  # not "unk": two of them side by side would read as one word
+        else:
+            text = tokenizer.decode([i])
+            labels.append({" ": "␣", "\n": "\\n"}.get(text, text if len(text) <= 2 else text[2:-2][:4]))
+    return labels
 
 
 def attention_picture(out_dir: str | Path, text: str, path: str | Path | None = None, *, which: str = "auto",
@@ -127,6 +142,6 @@ def attention_picture(out_dir: str | Path, text: str, path: str | Path | None = 
     ids = [EOT_ID] + bot.tokenizer.encode(text)
     ids = ids[-bot.model_config.block_size:]
     weights = attention_weights(bot.model, ids)
-    labels = [_label(bot.tokenizer, i) for i in ids]
+    labels = token_labels(bot.tokenizer, ids)
     path = Path(path) if path else Path(out_dir) / "attention.png"
-    return plot_attention(weights, labels, path, title=f"{Path(out_dir).resolve().name}: 注意力 attention · {text}")
+    return plot_attention(weights, labels, path, title=f"{Path(out_dir).resolve().name}: 注意力 attention · {text}\n{label_key(labels)}".strip())

@@ -15,6 +15,7 @@ from ..inference.loaded import load
 from ..inference.sampling import SamplingConfig
 from ..training.loop import train
 from ..training.metrics import read_metrics, save_png
+from .evaluation import split_loss
 
 # Settings that suit each model (a bigram table is one lookup per token and needs a far larger lr).
 MODEL_SETTINGS: dict[str, dict[str, Any]] = {
@@ -45,10 +46,9 @@ def compare(data_dir: str | Path, out_dir: str | Path = "compare", *, max_time: 
             print(f"\n== {name}: {max_time:g} s → {folder}")
         settings = {**MODEL_SETTINGS[name], **options, "max_time": max_time, "max_iters": 0, "overwrite": overwrite}
         result = train(data_dir, folder, verbose=verbose, **settings)
-        bot = load(folder, which="last")
-        val_loss, bpc = result.full_val_loss, result.full_val_bpc
-        if val_loss is None:  # a split too large for train()'s own whole-split pass
-            val_loss, bpc = result.val_loss, data.bits_per_char("val", result.val_loss) if result.val_loss else None
+        bot = load(folder, which="best")  # each model at its best on val, as `eval` and `chat` load it
+        scores = split_loss(bot, data, "val")
+        val_loss, bpc = scores["loss"], scores["bits_per_char"]
         prompt = "" if data.kind == "plain" else None
         sample = (bot.generate(prompt, max_new_tokens=40, temperature=0.8, seed=0, stop_at_eot=True)
                   if prompt is not None else _chat_sample(bot))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_write_text
 from ..data.batches import Batches
 from ..data.dialogue import ROLES, ROLE_MARKER_IDS, loss_mask
-from ..data.tokendata import TokenData
+from ..data.tokendata import TokenData, dialogue_text_file
 from ..data.tokenizer import END_ID, EOT_ID, UNK_ID
 from ..inference.chat import ChatSession
 from ..inference.loaded import load
@@ -140,30 +141,94 @@ class Pair:
 
 
 def split_messages(data, split: str) -> list[list[dict]]:
-    """The conversations of a dialogue split as message lists (unknown characters become U+FFFD)."""
+    """The conversations of a dialogue split as message lists, in their original text where the folder keeps
+    it (``val.jsonl``), else decoded from the token ids (see :func:`held_out_conversations`)."""
+    return held_out_conversations(data, split)[0]
 
+
+def held_out_conversations(data, split: str) -> tuple[list[list[dict]], str | None]:
+    """(conversations, note): the original text from the folder's ``val.jsonl`` when it matches the bins;
+    otherwise the text decoded from the token ids, where characters unseen in training are U+FFFD, and a
+    one-line note saying so (None when the original text was used)."""
+    bodies = list(_message_bodies(data, split))
+    path = Path(data.data_dir) / dialogue_text_file(split)
+    if not path.is_file():
+        return _decoded(data.tokenizer, bodies), (
+            f"注意 note: 数据文件夹没有验证集原文 the data folder has no {path.name} (prepared by an older zaizai): "
+            "references are decoded from token ids, characters unseen in training show as \ufffd; run "
+            "zaizai prepare again to score against the original text")
+    original = _read_jsonl_messages(path)
+    if original is None or not _same_conversations(data.tokenizer, original, bodies):
+        return _decoded(data.tokenizer, bodies), (
+            f"注意 note: 数据文件夹的 {path.name} 与 token 文件不符 the data folder's {path.name} does not match its "
+            "token bins: references are decoded from token ids; run zaizai prepare again")
+    return original, None
+
+
+def decoded_messages(data, split: str) -> list[list[dict]]:
+    """The conversations of a dialogue split decoded from its token ids (unknown characters become U+FFFD)."""
+    return _decoded(data.tokenizer, _message_bodies(data, split))
+
+
+def _message_bodies(data, split: str):
+    """Per conversation: the role of each message and the token ids of its text, as (role, ids) pairs."""
     role_of = {marker: role for marker, role in zip(ROLE_MARKER_IDS, ROLES)}
     ids = np.asarray(data.split(split))
     turns = np.asarray(data.turn_starts(split))
-    conversations = []
     for start, length in np.asarray(data.dialogues(split)):
         inside = turns[(turns >= start) & (turns < start + length)]
         messages = []
         for j, marker in enumerate(inside):
             end = inside[j + 1] if j + 1 < len(inside) else start + length
-            body = np.asarray(ids[marker + 1:end - 1], dtype=np.int64)  # text between the role marker and <|end|>
+            # the text is between the role marker and <|end|>
+            messages.append((role_of[int(ids[marker])], np.asarray(ids[marker + 1:end - 1], dtype=np.int64)))
+        yield messages
+
+
+def _decoded(tokenizer, conversations) -> list[list[dict]]:
+    out = []
+    for messages in conversations:
+        out.append([])
+        for role, body in messages:
             pieces = np.split(body, np.flatnonzero(body == UNK_ID))
-            text = "\ufffd".join(data.tokenizer.decode(p[1:] if k else p) for k, p in enumerate(pieces))
-            messages.append({"role": role_of[int(ids[marker])], "content": text})
-        conversations.append(messages)
-    return conversations
+            text = "\ufffd".join(tokenizer.decode(p[1:] if k else p) for k, p in enumerate(pieces))
+            out[-1].append({"role": role, "content": text})
+    return out
 
 
-def dialogue_pairs(data, split: str = "val", max_pairs: int = 200, seed: int = 0) -> list[Pair]:
+def _read_jsonl_messages(path: Path) -> list[list[dict]] | None:
+    """The conversations of a ``val.jsonl`` written by prepare; None if it cannot be read as one."""
+    try:
+        # split on "\n" only: JSON escapes it inside strings, not other line separators such as U+2028
+        lines = path.read_text(encoding="utf-8").split("\n")
+        conversations = [json.loads(line)["messages"] for line in lines if line]
+        if all(isinstance(m, dict) and isinstance(m.get("content"), str) for c in conversations for m in c):
+            return [[{"role": m.get("role"), "content": m["content"]} for m in c] for c in conversations]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _same_conversations(tokenizer, original: list[list[dict]], bodies: list) -> bool:
+    """True when ``original`` is the text the split's bins were rendered from (same roles, same token ids)."""
+    if len(original) != len(bodies):
+        return False
+    for conversation, messages in zip(original, bodies):
+        if [m["role"] for m in conversation] != [role for role, _ in messages]:
+            return False
+        for m, (_, body) in zip(conversation, messages):
+            if not np.array_equal(tokenizer.encode_array(m["content"]), body):
+                return False
+    return True
+
+
+def dialogue_pairs(data, split: str = "val", max_pairs: int = 200, seed: int = 0,
+                   conversations: list[list[dict]] | None = None) -> list[Pair]:
     """(context -> reference reply) pairs: every assistant turn that answers a user message, with all the
-    messages before it; at most ``max_pairs``, chosen with ``seed`` (the same pairs every time)."""
+    messages before it; at most ``max_pairs``, chosen with ``seed`` (the same pairs every time).
+    ``conversations``: the split's, if already read (:func:`split_messages`)."""
     pairs = []
-    for messages in split_messages(data, split):
+    for messages in split_messages(data, split) if conversations is None else conversations:
         for k in range(1, len(messages)):
             if messages[k]["role"] == "assistant" and messages[k - 1]["role"] == "user":
                 pairs.append(Pair(messages[:k], messages[k]["content"]))
@@ -185,12 +250,16 @@ def dialogue_metrics(bot, data, split: str = "val", max_pairs: int = 200, seed: 
                      settings: dict[str, SamplingConfig] | None = None, samples: int = 5,
                      verbose: bool = False) -> dict[str, Any]:
     """Generate a reply for each held-out pair under each decoding setting; score them."""
-    pairs = dialogue_pairs(data, split, max_pairs, seed)
+    conversations, note = held_out_conversations(data, split)
+    pairs = dialogue_pairs(data, split, max_pairs, seed, conversations=conversations)
     if not pairs:
         raise ZaizaiError(f"the {split} split has no user -> assistant exchanges to score")
     settings = settings or {"greedy": GREEDY, "sampled": SAMPLED}
     references = [p.reference for p in pairs]
-    results: dict[str, Any] = {"pairs": len(pairs), "pair_seed": seed, "repeat_n": REPEAT_N, "runs": {}}
+    results: dict[str, Any] = {"pairs": len(pairs), "pair_seed": seed, "repeat_n": REPEAT_N,
+                               "references_from": "token ids" if note else dialogue_text_file(split), "runs": {}}
+    if note:
+        results["references_note"] = note
     iterator = pairs
     for name, base in settings.items():
         if verbose:
@@ -294,35 +363,57 @@ def format_loss(m: dict) -> str:
 
 
 def format_dialogue(d: dict, max_chars: int = 40) -> str:
+    """The dialogue metrics as Markdown (also read in a terminal): a table of the scores, the decoding settings
+    and the sacrebleu signature as a list, then a table of sample exchanges; blank lines keep them apart."""
     lines = [f"对话指标 dialogue metrics: {d['pairs']} held-out (context -> reply) pairs (chosen with seed "
-             f"{d['pair_seed']})",
-             "| decoding | BLEU-2 | BLEU-4 | distinct-1 | distinct-2 | avg chars | repeated "
-             f"{d['repeat_n']}-gram |", "|---|---|---|---|---|---|---|"]
+             f"{d['pair_seed']})", ""]
+    if d.get("references_note"):
+        lines += [md_text(d["references_note"]), ""]
+    lines += ["| decoding | BLEU-2 | BLEU-4 | distinct-1 | distinct-2 | avg chars | repeated "
+              f"{d['repeat_n']}-gram |", "|---|---|---|---|---|---|---|"]
     for name, r in d["runs"].items():
-        lines.append(f"| {name} | {r['bleu2']:.2f} | {r['bleu4']:.2f} | {r['distinct1']:.3f} | "
+        lines.append(f"| {md_text(name)} | {r['bleu2']:.2f} | {r['bleu4']:.2f} | {r['distinct1']:.3f} | "
                      f"{r['distinct2']:.3f} | {r['avg_reply_chars']:.1f} | {r['repeated_ngram_share']:.1%} |")
     ref = d["reference"]
-    lines.append(f"| (references) | | | {ref['distinct1']:.3f} | {ref['distinct2']:.3f} | "
-                 f"{ref['avg_reply_chars']:.1f} | |")
+    lines += [f"| (references) | | | {ref['distinct1']:.3f} | {ref['distinct2']:.3f} | "
+              f"{ref['avg_reply_chars']:.1f} | |", ""]
     for name, r in d["runs"].items():
         settings = ", ".join(f"{k}={v}" for k, v in r["decoding"].items())
-        lines.append(f"{name}: {settings}")
+        lines.append(f"- {md_text(name)}: {md_code(settings)}")
     first = next(iter(d["runs"].values()))
-    lines.append(f"sacrebleu signature: {first['bleu_signature']['bleu4']} (max_ngram_order 2 and 4)")
-    lines.append("")
+    lines += [f"- sacrebleu signature (max_ngram_order 2 and 4): {md_code(first['bleu_signature']['bleu4'])}", ""]
     lines.append(sample_table(d, max_chars))
     return "\n".join(lines)
 
 
+# Characters that Markdown reads as syntax inside a line: escaped with a backslash, so text shows as it is.
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~&"})
+
+
+def md_text(text: str) -> str:
+    """``text`` as one line of literal Markdown text (line breaks become " / "; safe inside a table cell)."""
+    return " / ".join(text.splitlines()).translate(_MD_SPECIAL)
+
+
+def md_code(text: str) -> str:
+    """``text`` as an inline code span, shown exactly (``|`` included; not for table cells, which split at any
+    unescaped ``|``)."""
+    text = " ".join(text.splitlines())
+    fence = "`" * (1 + max(map(len, re.findall("`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _short(text: str, n: int) -> str:
-    text = text.replace("\n", " ").replace("|", "｜")
-    return text if len(text) <= n else text[:n - 1] + "…"
+    text = " ".join(text.splitlines())
+    return md_text(text if len(text) <= n else text[:n - 1] + "…")
 
 
 def sample_table(d: dict, max_chars: int = 40) -> str:
     """A markdown table of sample exchanges: the last user message, the reference and each run's reply."""
     names = list(d["runs"])
-    lines = ["| 用户 user | 参考 reference | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    lines = ["| 用户 user | 参考 reference | " + " | ".join(md_text(n) for n in names) + " |",
+             "|---" * (2 + len(names)) + "|"]
     first = d["runs"][names[0]]["samples"]
     for k, s in enumerate(first):
         replies = [_short(d["runs"][n]["samples"][k]["reply"], max_chars) for n in names]

@@ -8,6 +8,7 @@ loss-curve picture.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..inference.chat import ChatSession
 from ..inference.loaded import load
 from ..inference.sampling import SamplingConfig
 from ..training.metrics import LOSS_PNG, plot_losses, read_metrics
-from .evaluation import evaluate, format_dialogue, load_eval
+from .evaluation import evaluate, format_dialogue, load_eval, md_code, md_text
 
 REPORT_MD = "report.md"
 SAMPLE_PROMPTS = ("", "春", "你好")
@@ -41,17 +42,19 @@ def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, dev
         plot_losses(out, records)
 
     mcfg, tcfg, meta, state = config["model"], config["train"], config.get("data", {}), bot.state
-    lines = [f"# 崽崽 zaizai 模型报告 model card: {out.resolve().name}", ""]
+    lines = [f"# 崽崽 zaizai 模型报告 model card: {md_text(out.resolve().name)}", ""]
     lines += ["## 模型 Model", "",
               f"- {mcfg['model']} · **{bot.num_params():,}** 参数 parameters · {mcfg.get('n_layer')} layers · "
               f"{mcfg.get('n_head')} heads · n_embd {mcfg.get('n_embd')} · block_size {mcfg.get('block_size')} · "
               f"vocab {mcfg.get('vocab_size'):,}",
-              f"- checkpoint: `{Path(results.get('checkpoint', bot.path)).name}` at step {state.get('step')}", ""]
-    lines += ["## 数据 Data", "", f"- folder: `{results.get('data_dir', tcfg.get('data_dir'))}` · kind "
+              f"- checkpoint: {md_code(Path(results.get('checkpoint', bot.path)).name)} at step "
+              f"{state.get('step')}", ""]
+    data_dir = str(results.get("data_dir", tcfg.get("data_dir")))
+    lines += ["## 数据 Data", "", f"- folder: {md_code(data_dir)} · kind "
               f"{meta.get('kind', 'plain')} · tokenizer {meta.get('tokenizer')} · vocab {meta.get('vocab_size'):,}", ""]
     lines += ["| split | tokens | chars | documents / dialogues | unknown |", "|---|---|---|---|---|"]
     for split, info in meta.get("splits", {}).items():
-        lines.append(f"| {split} | {info.get('tokens', 0):,} | {info.get('chars', 0):,} | "
+        lines.append(f"| {md_text(split)} | {info.get('tokens', 0):,} | {info.get('chars', 0):,} | "
                      f"{info.get('documents', info.get('dialogues', 0)):,} | {info.get('unknown', 0):,} |")
     lines += ["", "## 训练 Training", ""]
     # the whole run (the evaluated checkpoint may be `best`, saved earlier)
@@ -71,8 +74,10 @@ def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, dev
                      + (f" · best val {best:.4f}" if best is not None else ""))
     if (out / LOSS_PNG).is_file():
         lines += ["", f"![loss curves]({LOSS_PNG})"]
-    lines += ["", "<details><summary>config.json</summary>", "", "```json",
-              json.dumps({"model": mcfg, "train": tcfg}, ensure_ascii=False, indent=2), "```", "", "</details>", ""]
+    config_json = json.dumps({"model": mcfg, "train": tcfg}, ensure_ascii=False, indent=2)
+    fence = "`" * max(3, 1 + max(map(len, re.findall("`+", config_json)), default=0))
+    lines += ["", "<details><summary>config.json</summary>", "", fence + "json", config_json, fence, "",
+              "</details>", ""]
 
     loss = results["loss"]
     lines += ["## 评估 Evaluation", "",
@@ -87,7 +92,7 @@ def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, dev
     lines += _samples(bot)
     if (out / "attention.png").is_file():
         lines += ["", "## 注意力 Attention", "", "![attention](attention.png)"]
-    lines += ["", f"_zaizai {config.get('zaizai_version', '')} · `zaizai report {out}`_", ""]
+    lines += ["", f"_zaizai {md_text(str(config.get('zaizai_version', '')))} · {md_code(f'zaizai report {out}')}_", ""]
     path = out / REPORT_MD
     atomic_write_text(path, "\n".join(lines))
     if verbose:
@@ -100,17 +105,19 @@ def _num(x: Any) -> str:
 
 
 def _samples(bot) -> list[str]:
+    """A sentence, a blank line and a list of seeded samples (each one line of escaped text)."""
     lines = []
     if bot.is_chat_model:
+        lines += ["Chat replies (temperature 0.7, top-p 0.9, seeded):", ""]
         for k, message in enumerate(("你好", "你是谁？", "你喜欢什么？")):
             session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=60, temperature=0.7, top_p=0.9,
                                                                seed=k))
-            lines.append(f"- 你 you: {message} → 崽崽: {session.say(message).strip() or '(空 empty)'}")
-        lines.insert(0, "Chat replies (temperature 0.7, top-p 0.9, seeded):\n")
+            reply = session.say(message).strip()
+            lines.append(f"- 你 you: {md_text(message)} → 崽崽: {md_text(reply) if reply else '(空 empty)'}")
     else:
-        lines.append("Continuations (temperature 0.8, seeded; the prompt in bold):\n")
+        lines += ["Continuations (temperature 0.8, seeded; the prompt in bold):", ""]
         for k, prompt in enumerate(SAMPLE_PROMPTS):
             text = bot.generate(prompt, max_new_tokens=80, temperature=0.8, seed=k, stop_at_eot=True)
-            shown = f"**{prompt}**" if prompt else "(空提示 empty prompt) "
-            lines.append(f"- {shown}{text.strip()}".replace("\n", " / "))
+            shown = f"**{md_text(prompt)}**" if prompt else "(空提示 empty prompt) "
+            lines.append(f"- {shown}{md_text(text.strip())}")
     return lines

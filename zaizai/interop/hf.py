@@ -138,19 +138,7 @@ def export_hf(model_dir: str | os.PathLike, to: str | os.PathLike, *, overwrite:
         "model_max_length": c.block_size,
         "chat_template": chat_template(names),
     }
-    step = bot.state.get("step")
-    card = (f"# {Path(to).name}\n\nA GPT-2 trained with [zaizai](https://pypi.org/project/zaizai/) "
-            f"({c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads, context {c.block_size}, "
-            f"{tok.type} vocabulary of {c.vocab_size}, step {step}).\n\n"
-            "```python\nfrom transformers import AutoTokenizer, GPT2LMHeadModel\n"
-            "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = GPT2LMHeadModel.from_pretrained(PATH)\n")
-    if chat:
-        card += ("ids = tok.apply_chat_template([{'role': 'user', 'content': '你好'}], add_generation_prompt=True,"
-                 " return_tensors='pt')\n")
-    else:
-        card += f"ids = tok({names[EOT_ID]!r} + '床前明月光', return_tensors='pt').input_ids\n"
-    card += ("out = model.generate(ids, max_new_tokens=50, do_sample=False)\n"
-             "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n")
+    card = _model_card(bot, Path(to).name, names, chat, step=bot.state.get("step"))
 
     from safetensors.torch import save_file
 
@@ -165,6 +153,36 @@ def export_hf(model_dir: str | os.PathLike, to: str | os.PathLike, *, overwrite:
         print(f"已导出 exported {bot.path} -> {to} (GPT2LMHeadModel, {bot.num_params() / 1e6:.2f}M parameters"
               f"{', chat template' if chat else ''})")
     return Path(to)
+
+
+def _model_card(bot, name: str, names: list[str], chat: bool, *, step) -> str:
+    """The export's README.md: what the model is and a snippet that runs it in transformers."""
+    from ..data.dialogue import render_conversation
+
+    c, tok = bot.model_config, bot.tokenizer
+    card = (f"# {name}\n\nA GPT-2 trained with [zaizai](https://pypi.org/project/zaizai/) "
+            f"({c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads, context {c.block_size}, "
+            f"{tok.type} vocabulary of {c.vocab_size}, step {step}).\n\n"
+            "```python\nfrom transformers import AutoTokenizer, GPT2LMHeadModel\n\n"
+            f"PATH = {name!r}  # the path of this folder\n"
+            "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = GPT2LMHeadModel.from_pretrained(PATH)\n")
+    # The snippet runs on transformers 4.4x and 5.x: it asks for a dict (5.x returns one from apply_chat_template
+    # anyway) and passes input_ids and attention_mask by name, not **inputs: some 4.x tokenizers add token_type_ids,
+    # which GPT-2 would add to its input embeddings.
+    if chat:
+        message = [{"role": "user", "content": "你好"}]
+        prompt = render_conversation(tok, message, add_generation_prompt=True)[0]
+        card += (f"inputs = tok.apply_chat_template({message!r}, add_generation_prompt=True,\n"
+                 "                                 return_dict=True, return_tensors='pt')\n")
+    else:
+        prompt = [EOT_ID] + tok.encode("床前明月光")
+        card += f"inputs = tok({names[EOT_ID]!r} + '床前明月光', return_tensors='pt')\n"
+    n_new = max(1, min(50, c.block_size - len(prompt)))  # what fits in the context after the prompt
+    return card + ("ids = inputs['input_ids']\n"
+                   f"out = model.generate(ids, attention_mask=inputs['attention_mask'], max_new_tokens={n_new}, "
+                   "do_sample=False)\n"
+                   "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))  # the new tokens only\n"
+                   "```\n")
 
 
 # --------------------------------------------------------------------------------------------------------

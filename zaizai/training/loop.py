@@ -218,9 +218,12 @@ def _describe(run: Run, resuming_at: int | None) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
     precision = {None: "float32", torch.bfloat16: "bfloat16 autocast",
                  torch.float16: "float16 autocast"}[run.amp_dtype]
-    print(f"模型 model: {mcfg.model} · {n_params / 1e6:.2f}M 参数 parameters · {mcfg.n_layer} layers · "
-          f"n_embd {mcfg.n_embd} · block {mcfg.block_size} · vocab {mcfg.vocab_size}")
-    print(f"设备 device: {run.device} · {precision} · {torch.get_num_threads()} threads · preset {cfg.preset}"
+    shape = ("a vocab x vocab table" if mcfg.model == "bigram"  # it has no layers or width
+             else f"{mcfg.n_layer} layers · n_embd {mcfg.n_embd}")
+    print(f"模型 model: {mcfg.model} · {n_params / 1e6:.2f}M 参数 parameters · {shape} · block {mcfg.block_size} · "
+          f"vocab {mcfg.vocab_size}")
+    threads = torch.get_num_threads()
+    print(f"设备 device: {run.device} · {precision} · {threads} thread{'' if threads == 1 else 's'} · preset {cfg.preset}"
           + (f" · {dist.world_size} processes (DDP, {torch.distributed.get_backend()}), batch "
              f"{cfg.batch_size} per process" if dist.enabled else "")
           + (f" · resuming at step {resuming_at}" if resuming_at is not None else ""))
