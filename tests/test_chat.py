@@ -160,3 +160,121 @@ def test_chat_commands(capsys):
     run_command(session, "/")
     assert "unknown command" in capsys.readouterr().out
     assert run_command(session, "/quit") is True
+
+
+# -- history: no more earlier exchanges than the model was trained on ---------------------------------------------
+
+PAIRS = [("你好", "你好，我是崽崽。"), ("你会什么", "我会聊天。"), ("早上好", "早上好！"), ("晚安", "晚安，做个好梦。")]
+
+
+@pytest.fixture(scope="module")
+def single_turn_model(tmp_path_factory):
+    """A tiny chat model trained on one-exchange dialogues (the articles' format: one question, one answer)."""
+    from util import write_pairs
+
+    tmp = tmp_path_factory.mktemp("single")
+    zaizai.prepare([write_pairs(tmp / "pairs.jsonl", PAIRS * 10)], tmp / "data", val_fraction=0.2, verbose=False)
+    zaizai.train(tmp / "data", tmp / "out", max_iters=60, verbose=False, **dict(TINY, block_size=32, lr=1e-2))
+    return tmp / "out"
+
+
+def _exchange(user, assistant):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def test_a_single_turn_model_answers_each_message_on_its_own(single_turn_model):
+    bot = zaizai.load(single_turn_model)
+    assert bot.trained_exchanges == 1
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0)
+    session = ChatSession(bot, sampling=greedy)
+    first = session.say("你好")
+    second_ids = session.prompt_ids("晚安")
+    second = session.say("晚安")
+    fresh = ChatSession(bot, sampling=greedy)
+    assert second_ids == fresh.prompt_ids("晚安")  # the first exchange is not fed ...
+    assert second == fresh.say("晚安")
+    assert session.history == _exchange("你好", first) + _exchange("晚安", second)  # ... but still kept and shown
+    assert session.history_note() and "--history N" in session.history_note()
+
+    # --history 1 feeds the previous exchange
+    kept = ChatSession(bot, sampling=greedy, keep_history=1)
+    kept.history = _exchange("你好", first)
+    expected, _ = render_conversation(bot.tokenizer, kept.history + [{"role": "user", "content": "晚安"}],
+                                      add_generation_prompt=True)
+    assert kept.prompt_ids("晚安") == expected and kept.history_note() is None
+    with pytest.raises(ZaizaiError, match="--history"):
+        ChatSession(bot, keep_history=-1)
+
+
+def test_chat_cli_says_once_that_a_single_turn_model_answers_each_message_alone(single_turn_model):
+    r = run_cli("chat", single_turn_model, "--temperature", "0", input="你好\n晚安\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("每句话单独回答") == 1 and "--history N" in r.stderr
+    fresh = run_cli("chat", single_turn_model, "--temperature", "0", "--message", "晚安")
+    assert r.stdout.splitlines()[1] == fresh.stdout.strip()
+    kept = run_cli("chat", single_turn_model, "--temperature", "0", "--history", "1", "--message", "你好")
+    assert kept.returncode == 0, kept.stderr
+    assert "单独回答" not in kept.stderr
+
+
+def test_a_multi_turn_model_keeps_the_history_it_was_trained_on(chat_model):
+    bot = zaizai.load(chat_model)
+    assert bot.trained_exchanges == 2  # DIALOGUES have up to two exchanges: one earlier exchange is kept
+    session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=4, temperature=0))
+    assert session.max_history == 1 and session.history_note() is None
+    session.history = _exchange("你好", "你好") + _exchange("你会什么", "我会聊天。")
+    expected, _ = render_conversation(bot.tokenizer, session.history[2:] + [{"role": "user", "content": "再见"}],
+                                      add_generation_prompt=True)
+    assert session.prompt_ids("再见") == expected and session.dropped_turns == 2
+
+
+def test_unknown_turn_counts_keep_the_whole_history(chat_model, tmp_path):
+    import json
+    import shutil
+
+    from zaizai.data.tokendata import trained_exchanges
+    from zaizai.inference.prompt import fit_conversation, history_limit
+
+    bot = fake_bot(block_size=200)  # no trained_exchanges: as a model whose data folder is gone
+    assert history_limit(bot) is None and history_limit(bot, 3) == 3
+    messages = _exchange("你好", "你好！") * 3 + [{"role": "user", "content": "晚安"}]
+    full, dropped = fit_conversation(bot.tokenizer, messages, 200, 10)
+    assert dropped == 0 and full == render_conversation(bot.tokenizer, messages, add_generation_prompt=True)[0]
+    assert fit_conversation(bot.tokenizer, messages, 200, 10, max_history=1)[1] == 4
+    # data prepared by an older zaizai (no count in meta.json), or no data folder at all
+    data = tmp_path / "data"
+    shutil.copytree(zaizai.load(chat_model).train_config["data_dir"], data)
+    assert trained_exchanges(data) == 2
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    del meta["splits"]["train"]["max_exchanges"]
+    (data / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert trained_exchanges(data) is None and trained_exchanges(tmp_path / "gone") is None
+
+
+def test_the_api_keeps_the_same_history_as_chat(single_turn_model):
+    from zaizai.serve.endpoints import CHAT, Server
+    from zaizai.serve.schemas import ChatRequest
+
+    bot = zaizai.load(single_turn_model)
+    server = Server(bot, scheduler=None, model_name="m", token_cap=8)
+    conversation = _exchange("你好", "你好，我是崽崽。") + [{"role": "user", "content": "晚安"}]
+    ids, _ = CHAT.prompt(server, ChatRequest(messages=conversation, max_tokens=8))
+    alone, _ = CHAT.prompt(server, ChatRequest(messages=conversation[-1:], max_tokens=8))
+    session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=8))
+    session.history = conversation[:2]
+    assert ids == alone == session.prompt_ids("晚安")
+    server.history = 1  # an explicit setting keeps the exchange, as `zaizai chat --history 1` does
+    ids, _ = CHAT.prompt(server, ChatRequest(messages=conversation, max_tokens=8))
+    assert ids == render_conversation(bot.tokenizer, conversation, add_generation_prompt=True)[0]
+
+
+def test_serve_history_flag_reaches_the_server(single_turn_model):
+    from zaizai.cli import build_parser
+    from zaizai.serve.app import create_app
+
+    bot = zaizai.load(single_turn_model)
+    assert build_parser().parse_args(["serve", str(single_turn_model), "--history", "2"]).history == 2
+    assert create_app(bot, history=2).state.server.history == 2
+    assert create_app(bot).state.server.history is None
+    with pytest.raises(ZaizaiError, match="--history"):
+        create_app(bot, history=-1)

@@ -56,12 +56,24 @@ def test_broken_config_file(tmp_path):
     ("batch_size", 0, "--batch-size must be at least 1"),
     ("lr", 0.0, "--lr must be positive"),
     ("max_time", -1.0, "--max-time must not be negative"),
+    ("eval_interval", -1, "--eval-interval must not be negative"),
 ])
 def test_train_config_validation(field, value, message):
     cfg = TrainConfig(max_iters=10)
     setattr(cfg, field, value)
     with pytest.raises(ZaizaiError, match=message):
         cfg.validate()
+
+
+def test_the_eval_interval_is_fitted_unless_given(tmp_path):
+    # No preset sets it: 0 (fit about 20 evaluations to the run) unless a flag or config file gives it.
+    assert all("eval_interval" not in table for table in PRESETS.values())
+    for name in PRESETS:
+        assert resolve_config({"preset": name})[1].eval_interval == 0
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text("eval_interval = 7\n", encoding="utf-8")
+    assert resolve_config({}, cfg_file)[1].eval_interval == 7
+    assert resolve_config({"eval_interval": 3}, cfg_file)[1].eval_interval == 3
 
 
 def test_a_stopping_point_is_required():

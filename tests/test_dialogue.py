@@ -193,6 +193,8 @@ def test_text_layout_with_bom_and_crlf(tmp_path):
         _rendered_text(_messages(("user", "早上好"), ("assistant", "早！"), ("user", "吃了吗")), data.tokenizer),
     ])
     assert meta["splits"]["train"]["turns"] + meta["splits"]["val"]["turns"] == 5
+    # one user -> assistant exchange each (a last question with no answer is no exchange)
+    assert {meta["splits"][s]["max_exchanges"] for s in ("train", "val")} == {1}
 
 
 def test_jsonl_with_system_extra_keys_blank_lines_and_crlf(tmp_path):
@@ -402,6 +404,15 @@ def test_dialogue_folder_layout_and_meta(dialogue_dir, capsys):
     assert meta["splits"]["val"]["dialogues"] == 8
     total_turns = sum(map(len, conversations))
     assert meta["splits"]["train"]["turns"] + meta["splits"]["val"]["turns"] == total_turns
+    # the turn count chat keeps history by: user -> assistant exchanges per dialogue, largest and median
+    val_lines = set((dialogue_dir / "val.jsonl").read_text(encoding="utf-8").splitlines())
+    for split, chosen in (("val", True), ("train", False)):
+        exchanges = [len(c) // 2 for c in conversations
+                     if (json.dumps({"messages": c}, ensure_ascii=False) in val_lines) == chosen]
+        assert len(exchanges) == meta["splits"][split]["dialogues"]
+        assert meta["splits"][split]["max_exchanges"] == max(exchanges)
+        assert meta["splits"][split]["median_exchanges"] == float(np.median(exchanges))
+    assert meta["splits"]["train"]["max_exchanges"] == 3
 
     prepare([dialogue_dir.parent / "chat.jsonl"], dialogue_dir, val_fraction=0.2, verbose=True)
     out = capsys.readouterr().out

@@ -277,19 +277,22 @@ def test_the_page_is_self_contained(server):
     assert "崽崽" in r.text
     for outside in ('src="http', "src='http", 'href="http', "href='http", "@import", "url("):
         assert outside not in r.text
-    assert httpx.get(server.url + "/docs").status_code == 200
+    # no Swagger UI / ReDoc page: theirs load from a CDN, blank offline; the OpenAPI schema itself stays
+    assert httpx.get(server.url + "/docs").status_code == 404
+    assert httpx.get(server.url + "/redoc").status_code == 404
     assert "/v1/chat/completions" in httpx.get(server.url + "/openapi.json").json()["paths"]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "/openapi.json" in readme and "接口文档在 `/docs`" not in readme and "page at `/docs`" not in readme
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-def test_chat_in_a_real_headless_chromium(server):
+@pytest.fixture
+def browser():
+    """A headless Debian Chromium driven by selenium, with its own throwaway profile."""
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("needs Debian's chromium and chromium-driver (make test installs them as root)")
     profile = tempfile.mkdtemp(prefix="zaizai-chromium-")
@@ -302,41 +305,127 @@ def test_chat_in_a_real_headless_chromium(server):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     try:
-        driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 20)
-        wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))
-        # a long reply (the page's own max-tokens setting), so that the stream is seen while it grows
-        driver.execute_script("document.getElementById('max_tokens').value = 16;"
-                              "document.getElementById('temperature').value = 0;")
-        # record every text the reply bubble shows, to see it streamed piece by piece rather than at once
-        driver.execute_script("""window.shown = []; new MutationObserver((records) => {
-              for (const r of records) for (const n of r.addedNodes)
-                if (n.nodeType === Node.TEXT_NODE && r.target.classList.contains('assistant')) shown.push(n.data);
-            }).observe(document.getElementById('log'), {subtree: true, childList: true});""")
-        box = driver.find_element(By.ID, "input")
-        box.send_keys("你好")
-        driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.user"))
-        assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "你好"
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant:not(.streaming)"))
-        reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant").text
-        assert reply and reply != "(…)" and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
-        assert driver.find_element(By.ID, "send").is_enabled()
-        shown = driver.execute_script("return window.shown")
-        assert len(shown) > 1 and shown[-1] == reply, shown
-        assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(shown, shown[1:])), shown
-        TEST_OUTPUT.mkdir(exist_ok=True)
-        driver.save_screenshot(str(TEST_OUTPUT / "chat-page.png"))
-        # new chat clears the conversation
-        driver.find_element(By.ID, "new-chat").click()
-        assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
-        external = driver.execute_script(
-            "return performance.getEntriesByType('resource').map(e => e.name)"
-            ".filter(u => !u.startsWith(location.origin))")
-        assert external == []
+        yield driver
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def screenshot(driver, name):
+    TEST_OUTPUT.mkdir(exist_ok=True)
+    path = TEST_OUTPUT / name
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+
+
+def test_chat_in_a_real_headless_chromium(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    driver.get(server.url + "/")
+    wait = WebDriverWait(driver, 20)
+    wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))
+    # a long reply (the page's own max-tokens setting), so that the stream is seen while it grows
+    driver.execute_script("document.getElementById('max_tokens').value = 16;"
+                          "document.getElementById('temperature').value = 0;")
+    # record every text the reply bubble shows, to see it streamed piece by piece rather than at once
+    driver.execute_script("""window.shown = []; new MutationObserver((records) => {
+          for (const r of records) for (const n of r.addedNodes)
+            if (n.nodeType === Node.TEXT_NODE && r.target.classList.contains('assistant')) shown.push(n.data);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true});""")
+    box = driver.find_element(By.ID, "input")
+    box.send_keys("你好")
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.user"))
+    assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "你好"
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant:not(.streaming)"))
+    reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant").text
+    assert reply and reply != "(…)" and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+    assert driver.find_element(By.ID, "send").is_enabled()
+    shown = driver.execute_script("return window.shown")
+    assert len(shown) > 1 and shown[-1] == reply, shown
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(shown, shown[1:])), shown
+    screenshot(driver, "chat-page.png")
+    # new chat clears the conversation
+    driver.find_element(By.ID, "new-chat").click()
+    assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
+    external = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+        ".filter(u => !u.startsWith(location.origin))")
+    assert external == []
+
+
+LAYOUT = """const box = (el) => el.getBoundingClientRect();
+  // the header's lines of text: one rectangle per line fragment of every text node shown in it
+  const walker = document.createTreeWalker(document.querySelector('header'), NodeFilter.SHOW_TEXT);
+  const pieces = [];
+  for (let node; (node = walker.nextNode());) {
+    if (!node.data.trim() || !node.parentElement.checkVisibility()) continue;   // (the closed settings panel)
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    pieces.push(...[...range.getClientRects()].filter((r) => r.width > 0));
+  }
+  const lines = pieces.sort((a, b) => a.top - b.top)   // a new line starts below the last one's bottom
+    .reduce((rows, r) => r.top >= rows.bottom - 2 ? {n: rows.n + 1, bottom: r.bottom}
+                                                  : {n: rows.n, bottom: Math.max(rows.bottom, r.bottom)},
+            {n: 0, bottom: -Infinity}).n;
+  const input = document.getElementById('input');
+  return {width: innerWidth, header: box(document.querySelector('header')).height, lines,
+          input: box(input).width, placeholder: input.placeholder,
+          overflow: document.documentElement.scrollWidth > innerWidth};"""
+
+
+def at_size(driver, width, height):
+    """The viewport of a phone (mobile, touch) or of a desktop window, set through the DevTools protocol."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+    return driver.execute_script(LAYOUT)
+
+
+def test_the_page_fits_a_phone_and_keeps_the_desktop_look(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))
+    desktop = at_size(browser, 1280, 800)
+    screenshot(browser, "chat-page-1280.png")
+    phone = at_size(browser, 390, 844)
+    screenshot(browser, "chat-page-390.png")
+    assert desktop["width"] == 1280 and phone["width"] == 390
+    # the desktop: the header on one line, the keyboard hint in the input box
+    assert desktop["lines"] == 1 and "Shift" in desktop["placeholder"], desktop
+    # the phone: the header on at most two lines, the input box across (nearly) the whole width, no Shift+Enter hint
+    assert phone["lines"] <= 2 and phone["header"] <= 2 * desktop["header"], (phone, desktop)
+    assert phone["input"] >= 0.8 * phone["width"] and not phone["overflow"], phone
+    assert "Shift" not in phone["placeholder"], phone
+
+
+def test_a_stopped_server_gets_one_error_line_and_the_text_back(bot, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    live = LiveServer(create_app(bot, max_tokens=16))   # its own server, to stop while the page is open
+    try:
+        browser.get(live.url + "/")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))
+    finally:
+        live.stop()
+    at_size(browser, 390, 844)
+    for attempt in range(2):   # a second try neither stacks error lines nor loses the text
+        box = browser.find_element(By.ID, "input")
+        if attempt == 0:
+            box.send_keys("你好，在吗")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled() and d.find_elements(By.CSS_SELECTOR, ".error"))
+        errors = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.error")]
+        assert len(errors) == 1 and "连不上服务器" in errors[0] and "zaizai serve" in errors[0], errors
+        assert "Failed to fetch" not in errors[0]
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.user")   # no empty bubble left
+        assert box.get_attribute("value") == "你好，在吗"
+    screenshot(browser, "chat-page-server-stopped.png")
 
 
 # --- schemathesis -------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ FIELD_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "clip the global gradient norm (0 = off)",
-    "eval_interval": "steps between evaluations and `last` checkpoints",
+    "eval_interval": "steps between evaluations and `last` checkpoints (default: about 20 over the run)",
     "eval_iters": "batches per loss estimate",
     "device": "auto | cpu | cuda | mps",
     "dtype": "auto | float32 | bfloat16 | float16",
@@ -144,6 +144,9 @@ def _add_generation_commands(sub) -> None:
     cp.add_argument("--message", "-m", action="append", default=None,
                     help="say this and print the reply (repeat for several turns); no interactive prompt")
     cp.add_argument("--system", default=None, help="a system message that starts the conversation")
+    cp.add_argument("--history", type=int, default=None, metavar="N",
+                    help="earlier exchanges to feed the model, 0 = none (default: as many as its training "
+                         "dialogues had before their last: none for one-question-one-answer data; all if unknown)")
     _add_sampling_flags(cp, max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 
 
@@ -156,6 +159,8 @@ def _add_generation_commands(sub) -> None:
     vp.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask (<= 4096)")
     vp.add_argument("--max-active", type=int, default=4, help="generations run interleaved at once (default 4)")
     vp.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429 (default 64)")
+    vp.add_argument("--history", type=int, default=None, metavar="N",
+                    help="earlier exchanges a chat prompt keeps (default: as many as the model's training dialogues had)")
     vp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
     vp.add_argument("--device", default="auto")
 
@@ -275,7 +280,9 @@ def cmd_chat(args) -> int:
                               no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
     sampling.validate()
     bot = load(args.out_dir, which=args.checkpoint, device=args.device)
-    session = ChatSession(bot, system=args.system, sampling=sampling)
+    session = ChatSession(bot, system=args.system, sampling=sampling, keep_history=args.history)
+    if session.history_note():
+        print(session.history_note(), file=sys.stderr)
     if not session.is_chat_model:
         print("注意 note: this model was not trained on dialogues: it continues what you type (completion mode); "
               "fine-tune it on dialogues with `zaizai train DATA --init-from MODEL`", file=sys.stderr)
@@ -347,7 +354,8 @@ def cmd_serve(args) -> int:
     from .serve.app import serve
 
     serve(args.out_dir, host=args.host, port=args.port, api_key=args.api_key, which=args.checkpoint,
-          device=args.device, max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting)
+          device=args.device, max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting,
+          history=args.history)
     return 0
 
 

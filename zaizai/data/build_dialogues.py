@@ -17,7 +17,7 @@ import numpy as np
 
 from ..common.errors import ZaizaiError
 from .building import Built, TokenizerChoice, validation_mask, where
-from .dialogue import ASSISTANT, ASSISTANT_TARGET, PROMPT, Dialogues, Rendered, render_dialogues
+from .dialogue import ASSISTANT, ASSISTANT_TARGET, PROMPT, USER, Dialogues, Rendered, render_dialogues
 from .formats import Problems, parse_dialogues
 from .tokendata import bin_file, dialogue_files, dialogue_text_file
 from .tokenizer import UNK_ID, Tokenizer
@@ -102,6 +102,7 @@ def _jsonl_bytes(dialogues: Dialogues) -> np.ndarray:
 def _dialogue_counts(dialogues: Dialogues, rendered: Rendered) -> dict[str, int]:
     """Sizes of a rendered dialogue split; "chars" and "assistant_chars" feed bits_per_char."""
     roles = np.frombuffer(bytes(dialogues.roles), dtype=np.uint8)
+    exchanges = _exchanges_per_dialogue(dialogues, roles)
     text_lengths = np.fromiter(map(len, dialogues.contents), dtype=np.int64, count=dialogues.n_messages)
     is_assistant = roles == ASSISTANT
     return {
@@ -115,4 +116,19 @@ def _dialogue_counts(dialogues: Dialogues, rendered: Rendered) -> dict[str, int]
         "chars": int(text_lengths.sum()) + dialogues.n_messages,
         "assistant_chars": int(text_lengths[is_assistant].sum()) + int(is_assistant.sum()),
         "unknown": int(np.count_nonzero(rendered.ids == UNK_ID)),
+        # how many turns the model learns to follow: chat keeps no more history than this (zaizai.inference.prompt)
+        "max_exchanges": int(exchanges.max()) if exchanges.size else 0,
+        "median_exchanges": float(np.median(exchanges)) if exchanges.size else 0.0,
     }
+
+
+def _exchanges_per_dialogue(dialogues: Dialogues, roles: np.ndarray) -> np.ndarray:
+    """The user -> assistant exchanges of each dialogue: its assistant messages that answer a user message."""
+    sizes = np.asarray(dialogues.sizes, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    answers = np.zeros(roles.size + 1, dtype=np.int64)  # one spare, so that reduceat may start at the end
+    answers[1:-1] = (roles[1:] == ASSISTANT) & (roles[:-1] == USER)
+    answers[starts] = 0  # a dialogue's first message answers nothing
+    counts = np.add.reduceat(answers, starts) if sizes.size else sizes
+    counts[sizes == 0] = 0
+    return counts

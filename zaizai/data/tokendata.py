@@ -128,6 +128,20 @@ def load_meta(data_dir: PathLike) -> dict[str, Any]:
     return meta
 
 
+def trained_exchanges(data_dir: PathLike, vocab_size: int | None = None) -> int | None:
+    """The most user -> assistant exchanges in one training dialogue of ``data_dir`` (meta.json's
+    ``splits.train.max_exchanges``), or None when that is unknown: not a dialogue folder, prepared before
+    zaizai counted them, gone or unreadable, or (``vocab_size`` given) prepared with another tokenizer."""
+    try:
+        meta = load_meta(data_dir)
+    except ZaizaiError:
+        return None
+    count = meta["splits"]["train"].get("max_exchanges")
+    if meta["kind"] != "dialogue" or not isinstance(count, int) or (vocab_size not in (None, meta["vocab_size"])):
+        return None
+    return count
+
+
 class TokenData:
     """A prepared data folder: its metadata, tokenizer and token bins.
 

@@ -3,7 +3,10 @@
 The prompt is rendered by :func:`zaizai.data.dialogue.render_conversation`, the very function that rendered the
 training data, so what the model sees when chatting is exactly what it learned from. When the history grows,
 the oldest turns are dropped so that the prompt plus the reply budget fits in the model's block_size
-(:func:`zaizai.inference.prompt.fit_conversation`, as the server does).
+(:func:`zaizai.inference.prompt.fit_conversation`, as the server does). It also keeps no more earlier
+exchanges than the model was trained to follow (:func:`zaizai.inference.prompt.history_limit`, or
+``keep_history=N``): a model trained on one-exchange dialogues answers each message on its own, while
+``history`` (and ``/history``) still holds the whole conversation.
 
 A model trained on plain text (not dialogues) works in completion mode: each message is continued as text.
 """
@@ -22,8 +25,13 @@ from .sampling import SamplingConfig
 class ChatSession:
     """Multi-turn chat with a loaded model (see :func:`zaizai.load`)."""
 
-    def __init__(self, bot, *, system: str | None = None, sampling: SamplingConfig | None = None):
+    def __init__(self, bot, *, system: str | None = None, sampling: SamplingConfig | None = None,
+                 keep_history: int | None = None):
+        if keep_history is not None and keep_history < 0:
+            raise ZaizaiError(f"--history must be 0 or more earlier exchanges, got {keep_history}")
         self.bot = bot
+        self.history_setting = keep_history  # --history N; None: as the model was trained (prompt.history_limit)
+        self.max_history = prompt.history_limit(bot, keep_history)  # earlier exchanges fed to the model; None: all
         self.system = system or None
         self.sampling = sampling or SamplingConfig(max_new_tokens=100, temperature=0.7, top_p=0.9,
                                                    repetition_penalty=1.1)
@@ -33,6 +41,15 @@ class ChatSession:
     @property
     def is_chat_model(self) -> bool:
         return self.bot.is_chat_model
+
+    def history_note(self) -> str | None:
+        """What to tell the user once, at the start: that each message is answered on its own, when the
+        model was trained on one-exchange dialogues (and no ``keep_history`` was asked for); else None."""
+        if self.history_setting is not None or self.max_history != 0 or not self.is_chat_model:
+            return None
+        return ("注意 note: 这个模型只在单轮对话上训练过，每句话单独回答 — "
+                "trained on one exchange per dialogue: each message is answered on its own; "
+                "--history N to keep N earlier exchanges")
 
     def reset(self) -> None:
         self.history.clear()
@@ -63,7 +80,8 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         messages = system + list(self.history) + [{"role": "user", "content": user_text}]
         ids, self.dropped_turns = prompt.fit_conversation(self.bot.tokenizer, messages,
-                                                          self.bot.model_config.block_size, self.reply_budget())
+                                                          self.bot.model_config.block_size, self.reply_budget(),
+                                                          self.max_history)
         return ids
 
     def send(self, user_text: str) -> Iterator[str]:

@@ -4,12 +4,14 @@ and ``stream_ids``/``stream_text`` (token ids in, e.g. a rendered conversation).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from ..common.device import resolve_device
 from ..common.errors import ZaizaiError
+from ..data.tokendata import trained_exchanges
 from ..data.tokenizer import EOT_ID, load_tokenizer
 from ..models import ModelConfig, build_model
 from ..training.checkpoint import find_checkpoint, load_checkpoint
@@ -43,6 +45,17 @@ class Zaizai:
     def unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the tokenizer does not know (they become the unknown token)."""
         return self.tokenizer.unknown_chars(text)
+
+    @cached_property
+    def trained_exchanges(self) -> int | None:
+        """The most user -> assistant exchanges in one of the dialogues it was trained on, read from the
+        meta.json of the data folder its train config names (``zaizai prepare`` counts them); None if it is
+        not a chat model or that is unknown (folder moved or gone, prepared by an older zaizai): then chat
+        keeps the whole history, as before (see :func:`zaizai.inference.prompt.history_limit`)."""
+        data_dir = self.train_config.get("data_dir")
+        if not self.is_chat_model or not data_dir:
+            return None
+        return trained_exchanges(data_dir, vocab_size=self.model_config.vocab_size)
 
     @property
     def is_chat_model(self) -> bool:

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP API and a chat page for a trained model: ``zaizai serve OUT_DIR``.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions`` (both also
-streamed as server-sent events), ``GET /health``, the chat page at ``/`` and the OpenAPI page at ``/docs``.
+streamed as server-sent events), ``GET /health``, the chat page at ``/`` and the OpenAPI schema at ``/openapi.json``
+(no ``/docs`` page: Swagger UI would load from a CDN, and this server works offline).
 
 Safe by default: it binds 127.0.0.1; with an API key (``--api-key`` or ``ZAIZAI_API_KEY``) every ``/v1``
 call needs ``Authorization: Bearer KEY``. Request bodies, messages and ``max_tokens`` are capped, and every
@@ -36,14 +37,19 @@ WEB_DIR = Path(__file__).parent / "web"
 
 
 def create_app(bot, *, api_key: str | None = None, model_name: str | None = None, max_tokens: int = MAX_TOKENS_LIMIT,
-               max_active: int = 4, max_waiting: int = 64, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving ``bot`` (a :class:`zaizai.inference.loaded.Zaizai`)."""
+               max_active: int = 4, max_waiting: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
+               history: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``bot`` (a :class:`zaizai.inference.loaded.Zaizai`). ``history``: earlier exchanges a
+    chat prompt keeps (None: as many as the model's training dialogues had)."""
+    if history is not None and history < 0:
+        raise ZaizaiError(f"--history must be >= 0 (earlier exchanges to keep), got {history}")
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise ZaizaiError(f"--max-tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}")
     model_name = model_name or f"zaizai-{Path(bot.path).parent.name or 'model'}"
     scheduler = Scheduler(max_active=max_active, max_waiting=max_waiting)
-    app = FastAPI(title="zaizai", version="1", description=__doc__.split("\n\n")[0], lifespan=lifespan)
-    app.state.server = Server(bot, scheduler, model_name, token_cap=max_tokens, api_key=api_key)
+    app = FastAPI(title="zaizai", version="1", description=__doc__.split("\n\n")[0], lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # their pages load from a CDN; /openapi.json stays
+    app.state.server = Server(bot, scheduler, model_name, token_cap=max_tokens, api_key=api_key, history=history)
     app.state.scheduler = scheduler  # (a short name for its stats(), which /health reports)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     for error, handler in ERROR_HANDLERS.items():
@@ -183,7 +189,7 @@ class BodyLimit:
 
 def serve(out_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           which: str = "auto", device: str = "auto", max_tokens: int = MAX_TOKENS_LIMIT, max_active: int = 4,
-          max_waiting: int = 64) -> None:
+          max_waiting: int = 64, history: int | None = None) -> None:
     """Load the model in ``out_dir`` and serve it until interrupted (see the module docstring)."""
     try:
         import uvicorn
@@ -193,10 +199,11 @@ def serve(out_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     bot = load(out_dir, which=which, device=device)
-    app = create_app(bot, api_key=api_key, max_tokens=max_tokens, max_active=max_active, max_waiting=max_waiting)
+    app = create_app(bot, api_key=api_key, max_tokens=max_tokens, max_active=max_active, max_waiting=max_waiting,
+                     history=history)
     shown = f"[{host}]" if ":" in host else host
     print(f"崽崽 zaizai · {bot}\n聊天页面 chat page: http://{shown}:{port}/   API: http://{shown}:{port}/v1   "
-          f"docs: http://{shown}:{port}/docs")
+          f"OpenAPI: http://{shown}:{port}/openapi.json")
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"注意 note: serving on {host} without an API key: anyone who can reach it can use it "
               f"(set --api-key or {API_KEY_ENV})")

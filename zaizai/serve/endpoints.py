@@ -6,8 +6,10 @@ rest the same way for both: check the request, start its :class:`Generation`, an
 or stream it as chunks (``data: {json}`` events, then ``data: [DONE]``).
 
 The chat prompt is built by :func:`zaizai.inference.prompt.fit_conversation`: the rendering the trainer used,
-oldest turns dropped so that prompt + reply budget fit the model's block_size. A plain-text prompt is cut
-by :func:`zaizai.inference.prompt.fit_text`, keeping its end.
+no more earlier exchanges than the model was trained to follow (as ``zaizai chat`` keeps: none for a model of
+one-exchange dialogues; :attr:`Server.history` overrides), oldest turns dropped so that prompt + reply budget
+fit the model's block_size. A plain-text prompt is cut by :func:`zaizai.inference.prompt.fit_text`, keeping
+its end.
 """
 
 from __future__ import annotations
@@ -38,10 +40,15 @@ class Server:
     model_name: str
     token_cap: int  # --max-tokens
     api_key: str | None = None
+    history: int | None = None  # earlier exchanges a chat prompt keeps; None: as the model was trained
 
     @property
     def block_size(self) -> int:
         return self.bot.model_config.block_size
+
+    @property
+    def max_history(self) -> int | None:
+        return prompt.history_limit(self.bot, self.history)
 
 
 # --- what differs between the endpoints ---------------------------------------------------------------------------
@@ -85,7 +92,7 @@ class Chat(Endpoint):
         if not server.bot.is_chat_model:  # a plain-text model continues the last message, as `zaizai chat` does
             return prompt.fit_text(server.bot.tokenizer, messages[-1]["content"], block_size, reply), {EOT_ID}
         try:
-            ids, _ = prompt.fit_conversation(server.bot.tokenizer, messages, block_size, reply)
+            ids, _ = prompt.fit_conversation(server.bot.tokenizer, messages, block_size, reply, server.max_history)
         except ZaizaiError as e:
             raise APIError(400, str(e), param="messages") from None
         if len(ids) >= block_size:

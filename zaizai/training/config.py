@@ -38,8 +38,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0            # max global grad norm; 0 = off
-    eval_interval: int = 250          # steps between train/val loss estimates (and `last` checkpoints)
-    eval_iters: int = 20              # batches per loss estimate
+    eval_interval: int = 0            # steps between train/val loss estimates (and `last` checkpoints);
+                                      # 0 = fitted to the run: about 20 estimates (see cadence.py)
+    eval_iters: int = 20              # batches per loss estimate (a fitted cadence may use fewer: cadence.py)
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16 (autocast)
     compile: bool = False             # torch.compile the model (slow start, faster steps)
@@ -54,11 +55,11 @@ class TrainConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters")
+        positive = ("batch_size", "grad_accum", "eval_iters")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ZaizaiError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "threads"):
+        for name in ("max_iters", "warmup_iters", "threads", "eval_interval"):
             if getattr(self, name) < 0:
                 raise ZaizaiError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if self.max_time < 0:
@@ -90,24 +91,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tang corpus, 210 s on 2 cores (AMD EPYC with bf16, 2026-12-02): whole-val 5.00 nats/char, nanoGPT's recipe 5.44;
     # an earlier day's CPU gave 4.68 at lr 3e-3 vs 4.73 at lr 2e-3 (and 5.33 for nanoGPT's recipe).
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-                batch_size=32, lr=3e-3, warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20),
+                batch_size=32, lr=3e-3, warmup_iters=100, beta2=0.99, eval_iters=20),
     # About a million parameters with a few-thousand-character vocabulary: the smallest useful model.
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0,
-                 batch_size=32, lr=3e-3, warmup_iters=50, beta2=0.99, eval_interval=100),
+                 batch_size=32, lr=3e-3, warmup_iters=50, beta2=0.99),
     # The built-in demo: a small chat model on a few thousand dialogue lines, minutes on a CPU.
     "demo": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-                 batch_size=16, lr=3e-3, warmup_iters=50, beta2=0.99, eval_interval=200, eval_iters=10),
+                 batch_size=16, lr=3e-3, warmup_iters=50, beta2=0.99, eval_iters=10),
     # nanoGPT's README recipe for a CPU (the reference the cpu preset must beat).
     "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
                         lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, max_iters=2000,
-                        eval_interval=250, eval_iters=20, dtype="float32"),
+                        eval_iters=20, dtype="float32"),
     # nanoGPT's shakespeare-char shape: good on a GPU, slow but fine on a patient CPU.
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
-                  batch_size=64, lr=1e-3, warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=50),
+                  batch_size=64, lr=1e-3, warmup_iters=100, beta2=0.99, eval_iters=50),
     # GPT-2 small, 124M parameters with GPT-2's vocabulary (fewer with a char vocabulary): for a GPU.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0,
                  batch_size=16, grad_accum=8, lr=6e-4, warmup_iters=700, beta2=0.95,
-                 eval_interval=500, eval_iters=50),
+                 eval_iters=50),
 }
 
 

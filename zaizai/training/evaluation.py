@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -20,8 +21,10 @@ def forward(model, x, y, segments):
 
 
 @torch.no_grad()
-def estimate_loss(model, batches: Batches, cfg: TrainConfig, device, amp_dtype) -> dict:
-    """Mean loss over ``eval_iters`` fixed batches of each split (the same batches at every evaluation)."""
+def estimate_loss(model, batches: Batches, cfg: TrainConfig, device, amp_dtype, eval_iters: int | None = None) -> dict:
+    """Mean loss over ``eval_iters`` (default ``cfg.eval_iters``) fixed batches of each split (the same batches
+    at every evaluation)."""
+    eval_iters = eval_iters or cfg.eval_iters
     model.eval()
     out: dict[str, float | None] = {}
     data = batches.data
@@ -33,7 +36,7 @@ def estimate_loss(model, batches: Batches, cfg: TrainConfig, device, amp_dtype) 
             out[split] = evaluate_split(model, batches, split, cfg.batch_size, device, amp_dtype)
             continue
         losses = []
-        for k in range(cfg.eval_iters):
+        for k in range(eval_iters):
             rng = np.random.default_rng([cfg.seed, 1_000_000 + split_no, k])
             x, y, seg = batches.get(split, cfg.batch_size, rng)
             with autocast(device, amp_dtype):
@@ -45,13 +48,29 @@ def estimate_loss(model, batches: Batches, cfg: TrainConfig, device, amp_dtype) 
     return out
 
 
-@torch.no_grad()
 def evaluate_split(model, batches: Batches, split: str, batch_size: int, device, amp_dtype=None) -> float:
     """Mean loss per target token over the whole of ``split``."""
+    return evaluate_split_until(model, batches, split, batch_size, device, amp_dtype)[0]
+
+
+@torch.no_grad()
+def evaluate_split_until(model, batches: Batches, split: str, batch_size: int, device, amp_dtype=None, *,
+                         deadline: float | None = None, progress: bool = False) -> tuple[float, float]:
+    """Mean loss per target token over ``split`` from its start, stopping after the batch that passes
+    ``deadline`` (a ``time.perf_counter()`` time); returns (loss, the share of the split's tokens it covered:
+    1.0 = all of it). ``progress`` shows a tqdm bar over the split's tokens."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, seen, n_tokens = 0.0, 0, 0, max(1, batches.data.num_tokens(split))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"评估 eval {split}", dynamic_ncols=True)
     for x, y, seg in batches.whole_split(split, batch_size):
+        if deadline is not None and count and time.perf_counter() >= deadline:
+            break
+        step_tokens = x.numel()
         x, y = x.to(device), y.to(device)
         with autocast(device, amp_dtype):
             logits, _ = model(x) if seg is None else model(x, segments=seg.to(device))
@@ -59,7 +78,16 @@ def evaluate_split(model, batches: Batches, split: str, batch_size: int, device,
                                                 ignore_index=IGNORE_INDEX, reduction="sum")
         total += nll.item()
         count += int((y != IGNORE_INDEX).sum())
+        if bar is not None:
+            bar.update(max(0, min(step_tokens, n_tokens - seen)))
+        seen += step_tokens
+    else:  # the whole split
+        if bar is not None:
+            bar.update(n_tokens - bar.n)
+        seen = n_tokens
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     if count == 0:
         raise ZaizaiError(f"the {split} split has no tokens to evaluate")
-    return total / count
+    return total / count, min(1.0, seen / n_tokens)

@@ -32,10 +32,11 @@ from ..common.fileio import atomic_write_text
 from ..data.batches import Batches
 from ..data.tokendata import TokenData
 from ..models import build_model
+from .cadence import SAVE_SECONDS, fit_to_steps, fit_to_time, time_to_probe
 from .checkpoint import BEST, LAST, save_checkpoint
 from .config import ModelConfig, TrainConfig
-from .evaluation import estimate_loss, evaluate_split, forward
-from .metrics import append_metrics, plot_losses, truncate_metrics
+from .evaluation import estimate_loss, evaluate_split_until, forward
+from .metrics import PlotThrottle, append_metrics, truncate_metrics
 from .optim import configure_optimizer
 from .plan import Plan, plan_run, prepare_out_dir
 from .progress import ProgressBar, StopFlag
@@ -59,6 +60,7 @@ class TrainResult:
     full_val_bpc: float | None
     stopped_by: str                 # max_iters | max_time | interrupt
     replica_max_diff: float | None = None  # under torchrun: largest parameter difference between ranks (0)
+    full_val_share: float | None = None    # the share of the val split full_val_loss covers (< 1: --max-time cut it)
 
 
 @dataclass
@@ -72,12 +74,17 @@ class RunState:
     data_kind: str = "plain"               # the data's kind: plain | dialogue (a chat model)
     replica_max_diff: float | None = None  # under torchrun, measured at the end of the run
     full_val_loss: float | None = None     # over the whole val split, at the end of the run
+    eval_interval: int | None = None       # the cadence in use (fitted, see cadence.py, or --eval-interval) ...
+    eval_iters: int | None = None          # ... so that a resumed run keeps it
+    final_reserve: float = 0.0             # seconds of --max-time kept for the final evaluation
 
     def to_dict(self) -> dict:
-        """The checkpoint's ``state``; the two end-of-run figures only once measured."""
+        """The checkpoint's ``state``; the cadence once chosen, the two end-of-run figures once measured."""
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                  "best_val_loss": self.best_val_loss, "data_kind": self.data_kind}
-        for name in ("replica_max_diff", "full_val_loss"):
+        if self.final_reserve:
+            state["final_reserve"] = self.final_reserve
+        for name in ("eval_interval", "eval_iters", "replica_max_diff", "full_val_loss"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
         return state
@@ -102,6 +109,7 @@ class Run:
     amp_dtype: torch.dtype | None
     dist: Distributed
     out: Path
+    plots: PlotThrottle             # redraws loss.png, at most a small share of the run's time
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -116,12 +124,13 @@ def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     return warm * (lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * p)))
 
 
-def _progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
+def _progress(step: int, elapsed: float, cfg: TrainConfig, final_reserve: float = 0.0) -> float:
+    """How far the run is, 0..1; a --max-time run's training ends ``final_reserve`` s before the budget."""
     parts = []
     if cfg.max_iters:
         parts.append(step / cfg.max_iters)
     if cfg.max_time:
-        parts.append(elapsed / cfg.max_time)
+        parts.append(elapsed / max(cfg.max_time - final_reserve, 1e-9))
     return max(parts)
 
 
@@ -141,6 +150,7 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
     optimizer step; returning True stops the run as Ctrl-C does (evaluate, save ``last``, return).
     Returns a :class:`TrainResult`.
     """
+    started = time.perf_counter()  # a --max-time budget is the call's wall time: setup and final pass included
     plan = plan_run(data_dir, out_dir, config_file, options)
     cfg = plan.train_config
     dist = distributed_from_env()
@@ -152,9 +162,9 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
     device = distributed_device(cfg.device, dist) if dist.enabled else resolve_device(cfg.device)
     with process_group(dist, device):
         run, state = _setup(plan, dist, device, verbose)
-        stopped_by, last_eval, replica_diff = _loop(run, state, verbose=verbose, on_step=on_step)
+        stopped_by, last_eval, replica_diff, deadline = _loop(run, state, started, verbose=verbose, on_step=on_step)
         return _finish(run, state, stopped_by=stopped_by, last_eval=last_eval, replica_diff=replica_diff,
-                       verbose=verbose)
+                       deadline=deadline, verbose=verbose)
 
 
 def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -> tuple[Run, RunState]:
@@ -188,6 +198,11 @@ def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -
         state = RunState.from_dict({**state.to_dict(), **resume.state})
         if dist.is_main:
             truncate_metrics(out, state.step)
+    if cfg.eval_interval:  # given (flag, config file, call): it wins, also over a resumed run's
+        state.eval_interval, state.eval_iters = cfg.eval_interval, cfg.eval_iters
+    elif state.eval_interval is None and not cfg.max_time:  # a --max-time run fits once it has timed a few steps
+        fitted = fit_to_steps(cfg, cfg.max_iters)
+        state.eval_interval, state.eval_iters = fitted.eval_interval, fitted.eval_iters
     step_model = torch.compile(model) if cfg.compile else model
     if dist.enabled:
         step_model = replicate(step_model, device)
@@ -195,6 +210,7 @@ def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -
         _write_run_files(out, mcfg, cfg, data, dist)
 
     run = Run(mcfg, cfg, model, step_model, optimizer, device=device, amp_dtype=amp_dtype, dist=dist, out=out,
+              plots=PlotThrottle(),
               batches=Batches(data, mcfg.block_size, packed=bool(getattr(model, "supports_segments", False)),
                               loss_on=cfg.loss_on))
     if verbose and dist.is_main:
@@ -229,12 +245,13 @@ def _describe(run: Run, resuming_at: int | None) -> None:
           + (f" · resuming at step {resuming_at}" if resuming_at is not None else ""))
 
 
-def _loop(run: Run, state: RunState, *, verbose: bool,
-          on_step: Callable[[dict], bool | None] | None) -> tuple[str, dict, float | None]:
+def _loop(run: Run, state: RunState, started: float, *, verbose: bool,
+          on_step: Callable[[dict], bool | None] | None) -> tuple[str, dict, float | None, float | None]:
     """Optimizer steps until a stopping point, evaluating and saving every ``eval_interval`` steps and at the end.
 
-    Returns why it stopped (max_iters | max_time | interrupt), the last metrics record, and under torchrun the
-    largest parameter difference between the ranks.
+    Returns why it stopped (max_iters | max_time | interrupt), the last metrics record, under torchrun the
+    largest parameter difference between the ranks, and the --max-time budget's end (a perf_counter time).
+    The run's clock starts at ``started`` (when :func:`train` was called), so the setup counts too.
     """
     cfg, dist = run.cfg, run.dist
     tokens_per_step = cfg.batch_size * dist.world_size * run.model_config.block_size * cfg.grad_accum
@@ -243,14 +260,18 @@ def _loop(run: Run, state: RunState, *, verbose: bool,
     train_time_since_eval, tokens_since_eval = 0.0, 0
     stop = StopFlag()
     run.model.train()
+    first_step, probe = state.step, None  # probe: (step, elapsed) after this process's first (warm-up) step
     with stop.installed():
-        t_start = time.perf_counter() - state.elapsed
+        t_start = started - state.elapsed
         while True:
             elapsed, stop.requested = agree(dist, time.perf_counter() - t_start, stop.requested, run.device)
-            stopped_by = _stop_reason(cfg, state.step, elapsed, stop.requested)
+            if cfg.max_time and not state.final_reserve and state.step > first_step:  # agreed: ranks fit alike
+                probe = probe or (state.step, elapsed)
+                _fit_to_time(run, state, probe, elapsed)
+            stopped_by = _stop_reason(cfg, state.step, elapsed, stop.requested, state.final_reserve)
             if stopped_by is not None:
                 break
-            lr = lr_at(state.step, _progress(state.step, elapsed, cfg), cfg)
+            lr = lr_at(state.step, _progress(state.step, elapsed, cfg, state.final_reserve), cfg)
             t0 = time.perf_counter()
             torch.manual_seed(_step_seed(cfg.seed, state.step, dist.rank))
             loss = train_step(run.step_model, run.optimizer, _micro_batches(run, state.step), lr=lr,
@@ -271,7 +292,7 @@ def _loop(run: Run, state: RunState, *, verbose: bool,
             if on_step is not None and on_step(state.to_dict()):
                 stop.requested = True
 
-            if state.step % cfg.eval_interval == 0:
+            if state.eval_interval and state.step % state.eval_interval == 0:
                 last_eval = evaluate_and_save(run, state, lr=lr, bar=bar,
                                               tokens_per_second=tokens_since_eval / max(train_time_since_eval, 1e-9))
                 train_time_since_eval, tokens_since_eval = 0.0, 0
@@ -282,14 +303,34 @@ def _loop(run: Run, state: RunState, *, verbose: bool,
         if last_eval.get("step") != state.step and state.step > 0:
             last_eval = evaluate_and_save(run, state, lr=lr_at(state.step, 1.0, cfg), bar=bar,
                                           tokens_per_second=tokens_since_eval / max(train_time_since_eval, 1e-9))
+        on_main(dist, lambda: run.plots.flush(run.out))
         bar.close()
-    return stopped_by, last_eval, replica_diff
+    return stopped_by, last_eval, replica_diff, (t_start + cfg.max_time if cfg.max_time else None)
 
 
-def _stop_reason(cfg: TrainConfig, step: int, elapsed: float, stop_requested: bool) -> str | None:
+def _fit_to_time(run: Run, state: RunState, probe: tuple[int, float], elapsed: float) -> None:
+    """Once a --max-time run has timed a few steps: the time kept for its final evaluation, and its cadence
+    unless one was given or resumed (until then it does not evaluate)."""
+    cfg, steps_timed = run.cfg, state.step - probe[0]
+    if not time_to_probe(cfg, steps_timed, elapsed - probe[1]):
+        return
+    step_seconds = (elapsed - probe[1]) / steps_timed
+    tokens_per_step = cfg.batch_size * run.dist.world_size * run.model_config.block_size * cfg.grad_accum
+    val_tokens = run.batches.data.num_tokens("val")
+    final_tokens = 2 * cfg.eval_iters * cfg.batch_size * run.model_config.block_size  # the last estimate
+    if 1 < val_tokens <= FULL_EVAL_MAX_TOKENS:
+        final_tokens += val_tokens
+    fitted = fit_to_time(cfg, state.step, elapsed, step_seconds, final_tokens, tokens_per_step)
+    state.final_reserve = fitted.final_reserve
+    if state.eval_interval is None:
+        state.eval_interval, state.eval_iters = fitted.eval_interval, fitted.eval_iters
+
+
+def _stop_reason(cfg: TrainConfig, step: int, elapsed: float, stop_requested: bool,
+                 final_reserve: float = 0.0) -> str | None:
     if cfg.max_iters and step >= cfg.max_iters:
         return "max_iters"
-    if cfg.max_time and elapsed >= cfg.max_time:
+    if cfg.max_time and elapsed >= cfg.max_time - final_reserve:
         return "max_time"
     if stop_requested:
         return "interrupt"
@@ -349,7 +390,8 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def evaluate_and_save(run: Run, state: RunState, *, lr: float, tokens_per_second: float, bar: ProgressBar) -> dict:
     """Estimate the losses, save ``best`` (when they improved) and ``last``, append the metrics record and
-    redraw loss.png. Rank 0 alone does this; the others wait and take its best loss. Returns the record."""
+    redraw loss.png (not more often than a small share of the time: the loop draws the last one). Rank 0 alone
+    does this; the others wait and take its best loss. Returns the record."""
     record, state.best_val_loss = on_main(run.dist, lambda: _evaluate_and_save_here(
         run, state, lr=lr, tokens_per_second=tokens_per_second, bar=bar))
     return record
@@ -358,7 +400,7 @@ def evaluate_and_save(run: Run, state: RunState, *, lr: float, tokens_per_second
 def _evaluate_and_save_here(run: Run, state: RunState, *, lr: float, tokens_per_second: float,
                             bar: ProgressBar) -> tuple[dict, float | None]:
     data, cfg = run.batches.data, run.cfg
-    losses = estimate_loss(run.model, run.batches, cfg, run.device, run.amp_dtype)
+    losses = estimate_loss(run.model, run.batches, cfg, run.device, run.amp_dtype, eval_iters=state.eval_iters)
     record = {
         "step": state.step,
         "tokens": state.tokens_seen,
@@ -377,7 +419,7 @@ def _evaluate_and_save_here(run: Run, state: RunState, *, lr: float, tokens_per_
         _save(run, state, BEST, with_optimizer=False)
     _save(run, state, LAST, with_optimizer=True)
     append_metrics(run.out, record)
-    plot_losses(run.out)
+    run.plots.redraw(run.out)
     val = (f"val {losses['val']:.4f} nats · {record['val_bpc']:.3f} bits/char"
            if losses["val"] is not None else "no val split")
     bar.write(f"step {state.step:>6} · train {losses['train']:.4f} · {val} · "
@@ -392,20 +434,27 @@ def _save(run: Run, state: RunState, name: str, *, with_optimizer: bool) -> None
 
 
 def _finish(run: Run, state: RunState, *, stopped_by: str, last_eval: dict, replica_diff: float | None,
-            verbose: bool) -> TrainResult:
-    """Evaluate the whole validation split (when small enough), say how the run ended, and sum it up."""
+            deadline: float | None, verbose: bool) -> TrainResult:
+    """Evaluate the whole validation split (when small enough; a --max-time run's pass stops at the budget's
+    ``deadline``, leaving room to save, and then is a sample), say how the run ended, and sum it up."""
     cfg, data, out, world = run.cfg, run.batches.data, run.out, run.dist.world_size
     say = print if verbose and run.dist.is_main else (lambda *a, **k: None)
-    full_val = full_bpc = None
+    full_val = full_bpc = share = None
     if 1 < data.num_tokens("val") <= FULL_EVAL_MAX_TOKENS and state.step > 0:
         def full_eval():
-            loss = evaluate_split(run.model, run.batches, "val", max(cfg.batch_size, 16), run.device, run.amp_dtype)
-            state.full_val_loss = loss
+            cutoff = None if deadline is None else deadline - SAVE_SECONDS
+            loss, share = evaluate_split_until(run.model, run.batches, "val", max(cfg.batch_size, 16), run.device,
+                                               run.amp_dtype, deadline=cutoff, progress=verbose)
+            state.full_val_loss = loss if share == 1.0 else None
             _save(run, state, LAST, with_optimizer=True)
-            return loss, data.bits_per_char("val", loss, loss_on=cfg.loss_on)
+            return loss, data.bits_per_char("val", loss, loss_on=cfg.loss_on), share
 
-        full_val, full_bpc = on_main(run.dist, full_eval)
-        say(f"整个验证集 whole val split: {full_val:.4f} nats/token · {full_bpc:.4f} bits/char")
+        full_val, full_bpc, share = on_main(run.dist, full_eval)
+        if share == 1.0:
+            say(f"整个验证集 whole val split: {full_val:.4f} nats/token · {full_bpc:.4f} bits/char")
+        else:
+            say(f"验证集样本 val sample (the first {share:.0%} of the split; --max-time ran out): "
+                f"{full_val:.4f} nats/token · {full_bpc:.4f} bits/char")
     if replica_diff is not None:
         say(f"{world} 个进程参数一致 replicas agree: max |Δparam| = {replica_diff:g}" if replica_diff == 0 else
             f"警告 warning: the {world} processes' parameters differ by up to {replica_diff:g}")
@@ -416,4 +465,4 @@ def _finish(run: Run, state: RunState, *, stopped_by: str, last_eval: dict, repl
     return TrainResult(out_dir=out, step=state.step, tokens_seen=state.tokens_seen, elapsed=state.elapsed,
                        train_loss=last_eval.get("train_loss"), val_loss=last_eval.get("val_loss"),
                        best_val_loss=state.best_val_loss, full_val_loss=full_val, full_val_bpc=full_bpc,
-                       stopped_by=stopped_by, replica_max_diff=replica_diff)
+                       stopped_by=stopped_by, replica_max_diff=replica_diff, full_val_share=share)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ..common.errors import ZaizaiError
@@ -49,6 +50,27 @@ def truncate_metrics(out_dir: Path, after_step: int) -> None:
         return
     keep = [r for r in read_metrics(out_dir) if r.get("step", 0) <= after_step]
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+
+
+class PlotThrottle:
+    """Redraws ``loss.png`` during a run, at most about ``share`` of the time (a redraw takes a good part of a
+    second, many times a tiny model's evaluation); :meth:`flush` draws the one left out at the end."""
+
+    def __init__(self, share: float = 0.1):
+        self.share, self.next_at, self.pending = share, 0.0, False
+
+    def redraw(self, out_dir: Path) -> None:
+        now = time.perf_counter()
+        if now < self.next_at:
+            self.pending = True
+            return
+        plot_losses(out_dir)
+        self.pending, self.next_at = False, now + (time.perf_counter() - now) / self.share
+
+    def flush(self, out_dir: Path) -> None:
+        if self.pending:
+            self.next_at = 0.0
+            self.redraw(out_dir)
 
 
 def plot_losses(out_dir: Path, records: list[dict] | None = None, path: Path | None = None) -> Path | None:

@@ -41,6 +41,7 @@ class ProgressBar:
         self.by_time = not cfg.max_iters
         self.bar = None
         self.tps = None
+        self.enabled = enabled
         if not enabled:
             return
         from tqdm.auto import tqdm
@@ -64,7 +65,8 @@ class ProgressBar:
 
     def write(self, text: str) -> None:
         if self.bar is None:
-            print(text)
+            if self.enabled:  # quiet (verbose=False) runs print nothing
+                print(text)
         else:
             self.bar.write(text)
 
