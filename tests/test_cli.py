@@ -109,3 +109,25 @@ def test_help_shows_the_defaults_each_command_really_uses():
     train = " ".join(run_cli("train", "--help").stdout.split())
     min_lr = train[train.index("--min-lr FLOAT final"):][:110]
     assert min_lr.count("default") == 1 and "lr/10" in min_lr
+
+
+def test_every_command_is_explained_in_chinese_first():
+    listing = run_cli("--help").stdout
+    for command, chinese in (("prepare", "准备数据"), ("train", "训练"), ("chat", "聊天"), ("eval", "评估"),
+                             ("export", "导出"), ("import-hf", "导入")):
+        assert chinese in listing.split(command, 1)[1], command
+
+
+def test_a_terminal_hears_from_zaizai_before_pytorch_is_loaded():
+    import io
+
+    from zaizai.cli import starting_note
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    starting_note(terminal)
+    starting_note(pipe)
+    assert "starting" in terminal.getvalue() and pipe.getvalue() == ""

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_commands(sub) -> None:
     """prepare, train, demo: from text to a trained model."""
-    pp = sub.add_parser("prepare", help="text file(s) -> tokenizer + train/val token bins")
+    pp = sub.add_parser("prepare", help="准备数据：文本 → 词表 + 训练/验证 token 文件 · "
+        "text file(s) -> tokenizer + train/val token bins")
     pp.add_argument("corpus", nargs="+", help="text files or folders of .txt files")
     pp.add_argument("--out", required=True, help="data folder to write")
     pp.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
@@ -113,19 +114,20 @@ def _add_data_commands(sub) -> None:
                          "jsonl (OpenAI messages), lccc (JSON lists of utterances); auto: by file extension")
     pp.add_argument("--tokenizer", default="char", metavar="char|bpe|PATH",
                     help="char (default: one token per character), bpe (byte-level BPE of --vocab-size tokens, "
-                         "for plain text and dialogues), or a tokenizer.json / data or model folder to reuse, e.g. to fine-tune "
-                         "that model (an existing file or folder wins over the names)")
+                         "for plain text and dialogues), or a tokenizer.json / data or model folder to reuse, e.g. "
+                         "to fine-tune that model (an existing file or folder wins over the names)")
     pp.add_argument("--vocab-size", type=int, default=8000, help="tokens of a new bpe tokenizer (default 8000)")
     pp.add_argument("--skip-bad", action="store_true", help="skip malformed dialogues (and count them)")
 
-    tp = sub.add_parser("train", help="train a model on a prepared data folder")
+    tp = sub.add_parser("train", help="训练 · train a model on a prepared data folder")
     tp.add_argument("data_dir", nargs="?", help="folder written by `zaizai prepare` (optional with --resume)")
     tp.add_argument("--out", dest="out_dir", default=None, help="output folder (default out)")
     tp.add_argument("--config", dest="config_file", default=None, help="TOML or JSON file of options")
     _add_config_flags(tp)
 
 
-    dp = sub.add_parser("demo", help="train a small chat model on the built-in corpus and show it")
+    dp = sub.add_parser("demo", help="演示：在内置语料上训练一个小对话模型并聊几句 · "
+        "train a small chat model on the built-in corpus and show it")
     dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
     dp.add_argument("--max-time", type=float, default=60.0, help="training budget in seconds (default 60)")
     dp.add_argument("--retrain", action="store_true", help="train again even if the demo model exists")
@@ -133,13 +135,13 @@ def _add_data_commands(sub) -> None:
 
 def _add_generation_commands(sub) -> None:
     """sample, chat, serve: a trained model talks."""
-    sp = sub.add_parser("sample", help="generate text from a trained model, streamed")
+    sp = sub.add_parser("sample", help="续写 · generate text from a trained model, streamed")
     sp.add_argument("out_dir", help="folder written by `zaizai train`")
     sp.add_argument("--prompt", default="", help="text to continue")
     _add_sampling_flags(sp, max_new_tokens=200, temperature=0.8, top_p=1.0, repetition_penalty=1.0)
     sp.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
 
-    cp = sub.add_parser("chat", help="talk with a trained model in the terminal (or answer --message / stdin)")
+    cp = sub.add_parser("chat", help="聊天 · talk with a trained model in the terminal (or answer --message / stdin)")
     cp.add_argument("out_dir", help="folder written by `zaizai train`")
     cp.add_argument("--message", "-m", action="append", default=None,
                     help="say this and print the reply (repeat for several turns); no interactive prompt")
@@ -150,7 +152,8 @@ def _add_generation_commands(sub) -> None:
     _add_sampling_flags(cp, max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 
 
-    vp = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a chat page in the browser")
+    vp = sub.add_parser("serve", help="网页聊天 + OpenAI 兼容接口 · "
+        "an OpenAI-compatible HTTP API and a chat page in the browser")
     vp.add_argument("out_dir", help="folder written by `zaizai train`")
     vp.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     vp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -160,14 +163,16 @@ def _add_generation_commands(sub) -> None:
     vp.add_argument("--max-active", type=int, default=4, help="generations run interleaved at once (default 4)")
     vp.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429 (default 64)")
     vp.add_argument("--history", type=int, default=None, metavar="N",
-                    help="earlier exchanges a chat prompt keeps (default: as many as the model's training dialogues had)")
+                    help="earlier exchanges a chat prompt keeps "
+                         "(default: as many as the model's training dialogues had)")
     vp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
     vp.add_argument("--device", default="auto")
 
 
 def _add_evaluation_commands(sub) -> None:
     """eval, report, attention, compare: how good is it, and what does it look at."""
-    ep = sub.add_parser("eval", help="loss, perplexity, bits per char/byte on the whole val split (+ dialogue metrics)")
+    ep = sub.add_parser("eval", help="评估 · "
+        "loss, perplexity, bits per char/byte on the whole val split (+ dialogue metrics)")
     ep.add_argument("out_dir", help="folder written by `zaizai train`")
     ep.add_argument("--data", default=None, help="prepared data folder (default: the one the model was trained on)")
     ep.add_argument("--max-pairs", type=int, default=200, help="held-out dialogue pairs to score (default 200)")
@@ -176,20 +181,22 @@ def _add_evaluation_commands(sub) -> None:
     ep.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
     ep.add_argument("--device", default="auto")
 
-    rp = sub.add_parser("report", help="write report.md: a model card with config, data, losses, metrics, samples")
+    rp = sub.add_parser("report", help="模型报告 · "
+        "write report.md: a model card with config, data, losses, metrics, samples")
     rp.add_argument("out_dir", help="folder written by `zaizai train`")
     rp.add_argument("--data", default=None, help="prepared data folder (default: the one the model was trained on)")
     rp.add_argument("--max-pairs", type=int, default=200, help="held-out dialogue pairs to score (default 200)")
     rp.add_argument("--reevaluate", action="store_true", help="evaluate again even if eval.json exists")
     rp.add_argument("--device", default="auto")
 
-    ap = sub.add_parser("attention", help="draw the attention weights (layers x heads) of a gpt over a text")
+    ap = sub.add_parser("attention", help="注意力图 · draw the attention weights (layers x heads) of a gpt over a text")
     ap.add_argument("out_dir", help="folder written by `zaizai train`")
     ap.add_argument("--text", required=True, help="the text to look at, e.g. 你好，我是崽崽")
     ap.add_argument("--png", default=None, help="picture to write (default OUT_DIR/attention.png)")
     ap.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
 
-    mp = sub.add_parser("compare", help="train bigram, rnn and gpt for the same time and compare them")
+    mp = sub.add_parser("compare", help="比较 bigram / rnn / gpt · "
+        "train bigram, rnn and gpt for the same time and compare them")
     mp.add_argument("data_dir", help="folder written by `zaizai prepare`")
     mp.add_argument("--max-time", type=float, default=120.0, help="seconds of training per model (default 120)")
     mp.add_argument("--out", default="compare", help="folder for compare-<model>/ runs and the plot (default compare)")
@@ -200,7 +207,8 @@ def _add_evaluation_commands(sub) -> None:
 
 def _add_interop_commands(sub) -> None:
     """export, import-hf: models to and from other tools."""
-    xp = sub.add_parser("export", help="write a gpt for other tools: a Hugging Face folder or a GGUF file (llama.cpp)")
+    xp = sub.add_parser("export", help="导出 · "
+        "write a gpt for other tools: a Hugging Face folder or a GGUF file (llama.cpp)")
     xp.add_argument("out_dir", help="folder written by `zaizai train` (or `zaizai import-hf`)")
     xp.add_argument("--format", required=True, choices=["hf", "gguf"],
                     help="hf: a transformers GPT2LMHeadModel folder; gguf: one file for llama.cpp / ollama")
@@ -208,10 +216,18 @@ def _add_interop_commands(sub) -> None:
     xp.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="gguf weights (default f16)")
     xp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --to folder (hf)")
 
-    ip = sub.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a zaizai model folder")
+    ip = sub.add_parser("import-hf", help="导入 · a local Hugging Face GPT-2 folder -> a zaizai model folder")
     ip.add_argument("hf_dir", help="folder with config.json, model.safetensors and the tokenizer files")
     ip.add_argument("--out", required=True, help="zaizai model folder to write")
     ip.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+
+
+def starting_note(stream=None) -> None:
+    """Say something at once on a terminal: importing PyTorch takes seconds on a laptop, and a silent terminal
+    looks hung. (Not when the output goes to a file or a script: it would only be noise there.)"""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        print("zaizai: 启动中 starting (loading PyTorch) …", file=stream, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    starting_note()
     try:
         return COMMANDS[args.command](args) or 0
     except ZaizaiError as e:

@@ -23,10 +23,15 @@ from .training.checkpoint import LAST
 from .training.loop import train
 
 DEMO_PROMPTS = ["你好", "你是谁", "你叫什么名字", "谢谢", "再见"]
+# What a first-time user should not meet in the demo bot's answers: chatterbot-corpus's politics and gossip files,
+# and conversations about addicts, drunks, killers and guns (its bot profile answers 你是个瘾君子 with 这是千真万确的).
+SKIPPED_FILES = ("politics.yml", "gossip.yml")
+SKIPPED_WORDS = ("瘾君子", "酒鬼", "杀人", "杀手", "枪", "傻瓜", "蠢")
 
 
 def chatterbot_dialogues(language: str = "chinese") -> list[list[str]]:
-    """All conversations of chatterbot-corpus's ``language`` folder, as lists of turns."""
+    """The conversations of chatterbot-corpus's ``language`` folder, as lists of turns, without SKIPPED_FILES and
+    without any conversation that has one of SKIPPED_WORDS."""
     import yaml
 
     try:
@@ -36,13 +41,13 @@ def chatterbot_dialogues(language: str = "chinese") -> list[list[str]]:
                           "(or pip install chatterbot-corpus)") from None
     dialogues = []
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if not entry.name.endswith(".yml"):
+        if not entry.name.endswith(".yml") or entry.name in SKIPPED_FILES:
             continue
         doc = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations") or []:
             turns = [" ".join(str(t).split()) for t in conv if t is not None]
             turns = [t for t in turns if t]
-            if len(turns) >= 2:
+            if len(turns) >= 2 and not any(word in turn for turn in turns for word in SKIPPED_WORDS):
                 dialogues.append(turns)
     return dialogues
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 
 import torch
 
@@ -107,6 +108,44 @@ def enable_tf32() -> None:
     """Let fp32 matmuls and convolutions on CUDA use TF32 tensor cores (what autocast leaves in fp32)."""
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.allow_tf32 = True
+
+
+def idle_cpus(sample_seconds: float = 0.2) -> float | None:
+    """How many of this machine's cores other programs leave idle, measured over ``sample_seconds`` from
+    /proc/stat (Linux); None where that cannot be read. This process's own CPU time is not counted as busy: its
+    OpenMP threads may still be spinning after the work it just did."""
+    def totals() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # all, idle + iowait (jiffies)
+
+    try:
+        all0, idle0 = totals()
+        own0 = time.process_time()
+        time.sleep(sample_seconds)
+        all1, idle1 = totals()
+        own = (time.process_time() - own0) * os.sysconf("SC_CLK_TCK")  # this process's jiffies
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    cpus = os.cpu_count() or 1
+    if all1 <= all0:
+        return None
+    busy_elsewhere = max(0.0, (all1 - all0) - (idle1 - idle0) - own)  # jiffies, summed over the cores
+    return cpus - cpus * busy_elsewhere / (all1 - all0)
+
+
+def default_threads() -> int:
+    """Threads for a run that did not choose: PyTorch's default, but no more than the cores that are idle.
+
+    On a busy machine (another CPU-bound program on one of 2 cores) two threads make every parallel op wait at
+    its barrier for the thread that was descheduled: measured 5x slower than one thread. OMP_NUM_THREADS, when set,
+    is the user's choice and is kept.
+    """
+    threads = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS") or threads <= 1:
+        return threads
+    idle = idle_cpus()
+    return threads if idle is None else max(1, min(threads, int(idle + 0.5)))
 
 
 def available_cpus() -> int:

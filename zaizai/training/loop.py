@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..common.device import (autocast, autocast_dtype, available_cpus, enable_tf32, resolve_device,
+from ..common.device import (autocast, autocast_dtype, available_cpus, default_threads, enable_tf32, resolve_device,
                              tune_glibc_malloc)
 from ..common.distributed import (Distributed, agree, distributed_device, distributed_from_env, gradient_sync,
                                   mean_over_replicas, on_main, process_group, replica_max_diff, replicate)
@@ -159,6 +159,8 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
     elif dist.enabled:
         # torchrun sets OMP_NUM_THREADS=1; share the node's cores among its processes instead.
         torch.set_num_threads(max(1, available_cpus() // dist.local_world_size))
+    else:
+        torch.set_num_threads(default_threads())
     device = distributed_device(cfg.device, dist) if dist.enabled else resolve_device(cfg.device)
     with process_group(dist, device):
         run, state = _setup(plan, dist, device, verbose)
