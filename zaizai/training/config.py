@@ -88,11 +88,12 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # Tuned to learn the most per second on a laptop CPU (2 cores, bf16 where the CPU has it):
     # see bench/train_speed.py --mode preset.
-    # Tang corpus, 210 s on 2 cores (AMD EPYC with bf16, 2026-12-02): whole-val 5.00 nats/char, nanoGPT's recipe 5.44;
-    # an earlier day's CPU gave 4.68 at lr 3e-3 vs 4.73 at lr 2e-3 (and 5.33 for nanoGPT's recipe).
+    # Tang corpus, 210 s of wall time on 2 cores (AMD EPYC with bf16, 2026-12-02; about 20 evaluations and the final
+    # whole-val pass inside the budget): whole-val 5.22 nats/char, nanoGPT's recipe 5.50. An earlier day's CPU, with
+    # evaluations every 250 steps and the final pass after the budget, gave 4.68 at lr 3e-3 vs 4.73 at lr 2e-3.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
                 batch_size=32, lr=3e-3, warmup_iters=100, beta2=0.99, eval_iters=20),
-    # About a million parameters with a few-thousand-character vocabulary: the smallest useful model.
+    # The smallest useful model: 2 x 64 wide, most parameters in the vocabulary (0.42M with 5,000 characters).
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0,
                  batch_size=32, lr=3e-3, warmup_iters=50, beta2=0.99),
     # The built-in demo: a small chat model on a few thousand dialogue lines, minutes on a CPU.
