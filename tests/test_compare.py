@@ -37,3 +37,13 @@ def test_attention_labels_show_unknown_characters_apart_and_say_what_symbols_mea
     labels = token_labels(tok, [EOT_ID] + tok.encode("你龘龘"))
     assert labels == ["⏎", "你", "□", "□"]
     assert label_key(labels) == "⏎ 文档开头 start · □ 词表外 unknown"
+
+
+def test_report_asks_a_traditional_chinese_model_in_traditional_chinese():
+    from zaizai.data.tokenizer import CharTokenizer
+    from zaizai.evals.report import CHAT_QUESTIONS, chat_questions
+
+    traditional = CharTokenizer.from_text("你好，我是崽崽。你是誰？我喜歡什麼都聊。")
+    simplified = CharTokenizer.from_text("你好，我是崽崽。你是谁？我喜欢什么都聊。")
+    assert chat_questions(traditional) == CHAT_QUESTIONS["traditional"]
+    assert chat_questions(simplified) == CHAT_QUESTIONS["simplified"]

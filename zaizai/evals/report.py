@@ -22,6 +22,13 @@ from .evaluation import evaluate, format_dialogue, load_eval, md_code, md_text
 
 REPORT_MD = "report.md"
 SAMPLE_PROMPTS = ("", "春", "你好")
+# The chat questions in both scripts: a model trained on traditional Chinese is asked in traditional Chinese.
+CHAT_QUESTIONS = {"simplified": ("你好", "你是谁？", "你喜欢什么？"), "traditional": ("你好", "你是誰？", "你喜歡什麼？")}
+
+
+def chat_questions(tokenizer) -> tuple[str, ...]:
+    """The sample questions in the script the tokenizer knows better (fewer unknown characters; simplified on a tie)."""
+    return min(CHAT_QUESTIONS.values(), key=lambda qs: len(tokenizer.unknown_chars("".join(qs))))
 
 
 def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, device: str = "auto",
@@ -109,7 +116,7 @@ def _samples(bot) -> list[str]:
     lines = []
     if bot.is_chat_model:
         lines += ["Chat replies (temperature 0.7, top-p 0.9, seeded):", ""]
-        for k, message in enumerate(("你好", "你是谁？", "你喜欢什么？")):
+        for k, message in enumerate(chat_questions(bot.tokenizer)):
             session = ChatSession(bot, sampling=SamplingConfig(max_new_tokens=60, temperature=0.7, top_p=0.9,
                                                                seed=k))
             reply = session.say(message).strip()
