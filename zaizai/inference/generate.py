@@ -45,7 +45,7 @@ class Engine:
         # the longest prompt the model can take at once: a KV cache's length; unbounded for a recurrent state
         self.max_prompt = self.block_size if self.cache is None else getattr(self.cache, "max_len", None)
         self.keep = max(1, self.block_size * 3 // 4)  # tokens kept when the window slides
-        self.window: list[int] = []  # the tokens in a KV cache, in order (to slide it)
+        self.window: list[int] = []  # the tokens in a bounded (KV) cache, in order, to slide it when full
 
     def _run(self, ids: list[int]) -> torch.Tensor:
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
@@ -65,7 +65,7 @@ class Engine:
         """Feed one more token; the logits (1, V) of the token after it."""
         if self.cache is not None and self.cache.full:
             return self.prefill(self.window[len(self.window) - self.keep + 1:] + [token])
-        if self.cache is not None:
+        if self.cache is not None and self.max_prompt is not None:  # a cache that can fill up: remember its tokens
             self.window.append(token)
         return self._run([token])
 

@@ -111,6 +111,11 @@ class Run:
     out: Path
     plots: PlotThrottle             # redraws loss.png, at most a small share of the run's time
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on, all processes together."""
+        return self.cfg.batch_size * self.dist.world_size * self.model_config.block_size * self.cfg.grad_accum
+
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     """Linear warmup over ``warmup_iters`` steps, times a cosine from lr down to min_lr over progress 0..1.
@@ -256,7 +261,7 @@ def _loop(run: Run, state: RunState, started: float, *, verbose: bool,
     The run's clock starts at ``started`` (when :func:`train` was called), so the setup counts too.
     """
     cfg, dist = run.cfg, run.dist
-    tokens_per_step = cfg.batch_size * dist.world_size * run.model_config.block_size * cfg.grad_accum
+    tokens_per_step = run.tokens_per_step
     bar = ProgressBar(cfg, state.step, state.elapsed, enabled=verbose and dist.is_main)
     last_eval: dict = {}
     train_time_since_eval, tokens_since_eval = 0.0, 0
@@ -317,12 +322,11 @@ def _fit_to_time(run: Run, state: RunState, probe: tuple[int, float], elapsed: f
     if not time_to_probe(cfg, steps_timed, elapsed - probe[1]):
         return
     step_seconds = (elapsed - probe[1]) / steps_timed
-    tokens_per_step = cfg.batch_size * run.dist.world_size * run.model_config.block_size * cfg.grad_accum
     val_tokens = run.batches.data.num_tokens("val")
     final_tokens = 2 * cfg.eval_iters * cfg.batch_size * run.model_config.block_size  # the last estimate
     if 1 < val_tokens <= FULL_EVAL_MAX_TOKENS:
         final_tokens += val_tokens
-    fitted = fit_to_time(cfg, state.step, elapsed, step_seconds, final_tokens, tokens_per_step)
+    fitted = fit_to_time(cfg, state.step, elapsed, step_seconds, final_tokens, run.tokens_per_step)
     state.final_reserve = fitted.final_reserve
     if state.eval_interval is None:
         state.eval_interval, state.eval_iters = fitted.eval_interval, fitted.eval_iters
