@@ -1,54 +1,77 @@
-"""Generation speed of zaizai's GPT, side by side with Hugging Face transformers on the same weights.
+"""Generation speed of zaizai's GPT next to Hugging Face transformers and llama.cpp on the same weights.
 
     .venv/bin/python bench/generate_speed.py                  # both sizes, torch's default thread count
     .venv/bin/python bench/generate_speed.py --threads 1      # one core
-    .venv/bin/python bench/generate_speed.py --dtype bfloat16 # both models' weights in bf16
+    .venv/bin/python bench/generate_speed.py --sizes small --rounds 5 --new-tokens 200   # a short run
     .venv/bin/python bench/generate_speed.py --corpus ../shared/corpora/tang.txt.xz  # the README's figures
 
 For a 4-layer/128-wide (4 heads) and a 6-layer/384-wide (6 heads) GPT with random weights, block_size 1024,
 and the ``--corpus`` vocabulary (its distinct characters + 6 special tokens): 9,706 for the 4.5M-character
 Tang-poetry corpus the README's figures came from; without --corpus, the built-in demo corpus's
-(chatterbot-corpus Chinese + 崽崽's introduction; see ``bench/corpus.py``). Greedy generation of ``--new-tokens`` tokens (500) at batch 1 after a
-``--prompt-tokens`` (200) token history, a char tokenizer's 200 characters.
+(chatterbot-corpus Chinese + 崽崽's introduction; see ``bench/corpus.py``).
 
-- zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, temperature 0).
+Batch 1: greedy generation of ``--new-tokens`` (500) tokens after a ``--prompt-tokens`` (200) token history.
+
+- zaizai: :func:`zaizai.inference.generate.generate_ids` (its decode step over a preallocated KV cache).
 - transformers: ``GPT2LMHeadModel.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`` with its
   own KV cache, SDPA attention, on a copy of the same weights (the four Conv1D weights transposed).
+- llama.cpp (where llama-cpp-python is installed): the model exported by ``zaizai export --format gguf`` as
+  F16, ``Llama.generate(temp=0)`` (see bench/gguf_speed.py); its KV cache is F16 too.
 
 tokens/s counts the new tokens over the whole call, prompt processing included; time to first token (TTFT)
-is the time from the call to the first new token (transformers: ``max_new_tokens=1``). Both run under
-``torch.inference_mode()`` in interleaved rounds (order alternating, one warm-up call each), and the median
-round is reported. The last column says whether both produced the same greedy tokens.
+is the time from the call to the first new token. All run under the same thread count in interleaved rounds
+(order alternating, one warm-up call each), and the median round is reported, with the ratios taken round by
+round (the machine may be shared: a ratio measured within a round is steadier than either figure). "same" says
+whether transformers produced the same greedy tokens (llama.cpp: the share of tokens equal to zaizai's up to
+the first difference; F16 weights can flip near-ties of random weights).
+
+Batch N: ``--batch-new-tokens`` (100) greedy tokens for each of N sequences (prompts of different lengths,
+``--prompt-tokens`` on average) through :class:`zaizai.inference.batch.Batch`, all joining at once: aggregate
+new tokens per second over the whole run, prefills included, and its ratio to batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from zaizai.data.tokenizer import CharTokenizer
+from zaizai.inference.batch import Batch
 from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig
-from zaizai.models import ModelConfig, build_model
 
 from corpus import N_SPECIAL_TOKENS, add_corpus_argument, load_corpus
+from gguf_speed import model_folder, run_llama
 
 SIZES = [(4, 4, 128), (6, 6, 384)]  # (n_layer, n_head, n_embd)
 
 
-def models(vocab: int, n_layer: int, n_head: int, n_embd: int, block_size: int, dtype: torch.dtype):
-    """A random zaizai GPT and a transformers GPT2LMHeadModel holding the same weights."""
+def cpu_name() -> str:
+    """The CPU's model name and whether it has native bf16 (what the figures depend on)."""
+    name, flags = platform.processor() or "unknown CPU", ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}{', avx512_bf16' if 'avx512_bf16' in flags else ''}"
+
+
+def hf_copy(ours, dtype: torch.dtype):
+    """A transformers GPT2LMHeadModel holding ``ours``'s weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = ModelConfig(model="gpt", vocab_size=vocab, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                      n_embd=n_embd, dropout=0.0, bias=True)
-    torch.manual_seed(0)
-    ours = build_model(cfg).eval()
-    hf_cfg = GPT2Config(vocab_size=vocab, n_positions=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                        pad_token_id=0)
+    cfg = ours.config
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
     hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").eval()
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     state = ours.state_dict()
@@ -57,14 +80,13 @@ def models(vocab: int, n_layer: int, n_head: int, n_embd: int, block_size: int, 
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # old transformers versions keep the causal mask as a buffer
             p.copy_(state[name].t() if name.endswith(conv1d) else state[name])
-    return ours.to(dtype), hf.to(dtype)
+    return hf.to(dtype)
 
 
 def run_zaizai(model, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
     """(seconds to the first token, seconds for all n, the tokens)."""
-    cfg = SamplingConfig(max_new_tokens=n, temperature=0)
     t0 = time.perf_counter()
-    stream = generate_ids(model, prompt, cfg)
+    stream = generate_ids(model, prompt, SamplingConfig(max_new_tokens=n, temperature=0))
     tokens = [next(stream)]
     ttft = time.perf_counter() - t0
     tokens += stream
@@ -80,66 +102,154 @@ def run_hf(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, out[0, len(prompt):].tolist()
 
 
-def measure(vocab: int, size: tuple[int, int, int], args, dtype: torch.dtype) -> dict:
-    ours, hf = models(vocab, *size, args.block_size, dtype)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(N_SPECIAL_TOKENS, vocab, (args.prompt_tokens,), generator=g).tolist()
+def run_llama_timed(llm, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    ttft = run_llama(llm, prompt, 1)[0]
+    total, out = run_llama(llm, prompt, n)
+    return ttft, total, out
+
+
+def run_batch(model, prompts: list[list[int]], n: int) -> float:
+    """Seconds to generate n greedy tokens for every prompt, all in one batch."""
+    t0 = time.perf_counter()
+    batch = Batch(model, rows=len(prompts))
+    for p in prompts:
+        batch.add(p, SamplingConfig(max_new_tokens=n, temperature=0))
+    while batch:
+        batch.step()
+    return time.perf_counter() - t0
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same / max(1, len(a))
+
+
+def measure(ours, hf, llm, prompt: list[int], args) -> dict:
+    """Batch-1 figures: interleaved rounds, medians of each figure and of the round-by-round ratios."""
     run_zaizai(ours, prompt, 20)  # warm-up: first calls allocate and pick kernels
     run_hf(hf, prompt, 20)
-    ours_total, ours_ttft, hf_total, hf_ttft = [], [], [], []
-    same = True
+    if llm is not None:
+        run_llama(llm, prompt, 20)
+    runs: dict[str, list] = {"zaizai": [], "hf": [], "llama": []}
     for r in range(args.rounds):
-        for who in ("zaizai", "hf") if r % 2 == 0 else ("hf", "zaizai"):
+        order = ["zaizai", "hf", "llama"] if r % 2 == 0 else ["llama", "hf", "zaizai"]
+        for who in order:
             if who == "zaizai":
-                ttft, total, tokens = run_zaizai(ours, prompt, args.new_tokens)
-                ours_ttft.append(ttft)
-                ours_total.append(total)
-                ours_tokens = tokens
-            else:
-                total, hf_tokens = run_hf(hf, prompt, args.new_tokens)
-                hf_total.append(total)
-                hf_ttft.append(run_hf(hf, prompt, 1)[0])
-        same = same and ours_tokens == hf_tokens
+                runs[who].append(run_zaizai(ours, prompt, args.new_tokens))
+            elif who == "hf":
+                total, tokens = run_hf(hf, prompt, args.new_tokens)
+                runs[who].append((run_hf(hf, prompt, 1)[0], total, tokens))
+            elif llm is not None:
+                runs[who].append(run_llama_timed(llm, prompt, args.new_tokens))
     n = args.new_tokens
-    return dict(
-        ours_tps=n / statistics.median(ours_total), hf_tps=n / statistics.median(hf_total),
-        ours_ttft=statistics.median(ours_ttft), hf_ttft=statistics.median(hf_ttft), same=same,
-    )
+    m = {}
+    for who, rs in runs.items():
+        if rs:
+            m[who] = dict(tps=n / statistics.median(r[1] for r in rs), ttft=statistics.median(r[0] for r in rs),
+                          tokens=rs[-1][2])
+    m["vs_hf"] = statistics.median(h[1] / z[1] for z, h in zip(runs["zaizai"], runs["hf"]))
+    if runs["llama"]:
+        m["vs_llama"] = statistics.median(ll[1] / z[1] for z, ll in zip(runs["zaizai"], runs["llama"]))
+    return m
+
+
+def measure_batches(ours, vocab: int, args) -> dict[int, float]:
+    """Aggregate tokens/s at each batch size, rounds interleaved, medians."""
+    g = torch.Generator().manual_seed(2)
+    prompts = {}
+    for b in args.batches:
+        lengths = torch.randint(args.prompt_tokens // 2, args.prompt_tokens * 3 // 2 + 1, (b,), generator=g).tolist()
+        prompts[b] = [torch.randint(N_SPECIAL_TOKENS, vocab, (n,), generator=g).tolist() for n in lengths]
+    run_batch(ours, prompts[args.batches[0]], 5)  # warm-up
+    times: dict[int, list[float]] = {b: [] for b in args.batches}
+    for r in range(args.rounds):
+        for b in args.batches if r % 2 == 0 else args.batches[::-1]:
+            times[b].append(run_batch(ours, prompts[b], args.batch_new_tokens))
+    return {b: b * args.batch_new_tokens / statistics.median(t) for b, t in times.items()}
+
+
+def load_llama(folder: Path, tmp: Path, threads: int):
+    """llama.cpp on the F16 GGUF export of the model folder, or None without llama-cpp-python."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from zaizai.interop.gguf import export_gguf
+
+    path = tmp / f"{folder.name}-f16.gguf"
+    export_gguf(folder, path, dtype="f16", verbose=False)
+    return Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                 verbose=False)
+
+
+def print_size(name: str, m: dict, batch: dict[int, float] | None) -> None:
+    z, h = m["zaizai"], m["hf"]
+    line = (f"{name:<9} {z['tps']:>8,.0f} {h['tps']:>8,.0f} {m['vs_hf']:>6.2f}x  ")
+    if "llama" in m:
+        ll = m["llama"]
+        line += f"{ll['tps']:>8,.0f} {m['vs_llama']:>6.2f}x  "
+    else:
+        line += f"{'-':>8} {'-':>7}  "
+    line += f"{z['ttft'] * 1e3:>7.1f} {h['ttft'] * 1e3:>7.1f} "
+    line += f"{m['llama']['ttft'] * 1e3:>7.1f}" if "llama" in m else f"{'-':>7}"
+    line += f" {'yes' if z['tokens'] == h['tokens'] else 'no':>5}"
+    if "llama" in m:
+        line += f" {agreement(z['tokens'], m['llama']['tokens']):>5.0%}"
+    print(line, flush=True)
+    if batch:
+        base = batch[min(batch)]
+        print("          aggregate tok/s: " + " · ".join(f"batch {b}: {v:,.0f} ({v / base:.1f}x)"
+                                                       for b, v in batch.items()), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--prompt-tokens", type=int, default=200)
-    ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--sizes", default="all", choices=("all", "small", "large"))
+    ap.add_argument("--batches", default="1,8,32", help="batch sizes for the aggregate figures ('' = none)")
+    ap.add_argument("--batch-new-tokens", type=int, default=100)
+    ap.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
     add_corpus_argument(ap)
     args = ap.parse_args()
-    if args.prompt_tokens + args.new_tokens > args.block_size:
-        ap.error("--prompt-tokens + --new-tokens must fit in --block-size")
+    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.prompt_tokens * 3 // 2 + max(args.new_tokens, args.batch_new_tokens) > 1024:
+        ap.error("--prompt-tokens x 1.5 + --new-tokens must fit in block_size 1024")
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
     corpus = load_corpus(args.corpus)
-    vocab, source = corpus.vocab_size, corpus.name
+    tok = CharTokenizer.from_text(corpus.text)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     sizes = {"all": SIZES, "small": SIZES[:1], "large": SIZES[1:]}[args.sizes]
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(N_SPECIAL_TOKENS, tok.vocab_size, (args.prompt_tokens,), generator=g).tolist()
     print(corpus.header())
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.dtype}; vocab {vocab} ({source}), block {args.block_size}; batch 1, greedy, "
-          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; median of {args.rounds} rounds")
-    print(f"{'model':<12} {'zaizai tok/s':>12} {'transformers tok/s':>18} {'ratio':>6} "
-          f"{'zaizai TTFT':>11} {'transformers TTFT':>17} {'same tokens':>11}")
-    for size in sizes:
-        m = measure(vocab, size, args, dtype)
-        name = f"{size[0]}L/{size[2]}d"
-        print(f"{name:<12} {m['ours_tps']:>12,.0f} {m['hf_tps']:>18,.0f} {m['ours_tps'] / m['hf_tps']:>5.2f}x "
-              f"{m['ours_ttft'] * 1e3:>8.1f} ms {m['hf_ttft'] * 1e3:>14.1f} ms {'yes' if m['same'] else 'no':>11}",
-              flush=True)
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.dtype}; block 1024; batch 1 greedy, {args.prompt_tokens}-token "
+          f"prompt, {args.new_tokens} new tokens; median of {args.rounds} interleaved rounds")
+    print(f"{'model':<9} {'tok/s: zaizai':>13} {'HF':>4} {'zaizai/HF':>9}  {'llama.cpp F16':>13} {'z/llama':>7}"
+          f"  {'TTFT ms: zaizai':>15} {'HF':>3} {'llama':>7} {'same':>4} {'llama':>5}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_layer, n_head, n_embd in sizes:
+            folder = Path(tmp) / f"{n_layer}x{n_embd}"
+            ours = model_folder(folder, tok, n_layer, n_head, n_embd, 1024).eval()
+            hf = hf_copy(ours, dtype)
+            ours = ours.to(dtype)
+            llm = None if args.no_llama or dtype != torch.float32 else load_llama(folder, Path(tmp), torch.get_num_threads())
+            m = measure(ours, hf, llm, prompt, args)
+            batch = measure_batches(ours, tok.vocab_size, args) if args.batches else None
+            print_size(f"{n_layer}L/{n_embd}d", m, batch)
+            if llm is not None:
+                llm.close()
 
 
 if __name__ == "__main__":

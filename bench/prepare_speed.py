@@ -68,7 +68,7 @@ def measure(method: str, path: Path) -> dict:
         out_dir = path.parent / "prepared"  # inside the parent's temporary folder
 
         def run():
-            return prepare([path], out_dir, verbose=False)
+            return prepare([path], out_dir, verbose=False, overwrite=True)
 
     else:
 

@@ -1,6 +1,7 @@
 """The command line: one-line errors without tracebacks, streaming samples, flags and config files."""
 
 import json
+import os
 
 import pytest
 
@@ -54,7 +55,6 @@ def test_config_file_with_flag_override(trained):
     (["train", "{tmp}/nowhere", "--out", "{tmp}/x", "--max-iters", "1"], "zaizai prepare"),
     (["train", "{data}", "--out", "{tmp}/x", "--model", "lstm", "--max-iters", "1"], "unknown model 'lstm'"),
     (["sample", "{tmp}/nowhere"], "does not exist"),
-    (["sample", "{tmp}/out", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["train", "{data}", "--out", "{tmp}/out", "--max-iters", "1"], "already holds a trained model"),
 ])
 def test_user_errors_are_one_line_without_traceback(trained, args, message):
@@ -101,13 +101,13 @@ def test_help_does_not_import_torch(command):
 
 
 def test_help_shows_the_defaults_each_command_really_uses():
-    chat = run_cli("chat", "--help").stdout
+    chat = " ".join(run_cli("chat", "--help").stdout.split())
     for shown in ("(default 0.7)", "(default 0.9)", "(default 1.1)", "(default 100)"):
         assert shown in chat
     sample = " ".join(run_cli("sample", "--help").stdout.split())
     assert "0 = greedy (default 0.8)" in sample and "(default 200)" in sample
     train = " ".join(run_cli("train", "--help").stdout.split())
-    min_lr = train[train.index("--min-lr FLOAT final"):][:110]
+    min_lr = train[train.rindex("--min-lr FLOAT"):][:110]  # the help line, not the usage
     assert min_lr.count("default") == 1 and "lr/10" in min_lr
 
 
@@ -131,3 +131,126 @@ def test_a_terminal_hears_from_zaizai_before_pytorch_is_loaded():
     starting_note(terminal)
     starting_note(pipe)
     assert "starting" in terminal.getvalue() and pipe.getvalue() == ""
+
+
+def test_every_option_of_every_command_is_explained_in_chinese():
+    import argparse
+    import re
+
+    from zaizai.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}"
+               for name, p in [("zaizai", parser), *sub.choices.items()]
+               for a in p._actions if not isinstance(a, argparse._SubParsersAction)
+               if not re.search(r"[\u4e00-\u9fff]", a.help or "")]
+    assert not missing, missing
+
+
+def in_process(argv, capsys):
+    """``zaizai.cli.main(argv)`` -> (exit code, stderr); argparse's SystemExit counts as an exit code."""
+    from zaizai.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:  # would end the whole test session
+        pytest.fail("Ctrl-C escaped zaizai.cli.main")
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "d", "--max-time", "nan"], "--max-time"),
+    (["train", "d", "--max-time", "inf"], "--max-time"),
+    (["train", "d", "--seed", str(2**70)], "--seed"),
+    (["eval", "m", "--max-pairs", "-1"], "--max-pairs"),
+    (["sample", "m", "--temperature", "nan"], "--temperature"),
+    (["sample", "m", "--top-p", "1.5"], "--top-p"),
+    (["sample", "m", "--top-k", "-3"], "--top-k"),
+    (["chat", "m", "--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_bad_numbers_are_refused_by_argparse_in_one_line(argv, flag, capsys):
+    code, err = in_process(argv, capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"zaizai {argv[0]}: error: argument {flag}: ")
+
+
+@pytest.mark.parametrize("error, words", [
+    (PermissionError(13, "Permission denied", "/ro/hf/config.json"), "cannot write or read /ro/hf/config.json"),
+    (OSError(28, "No space left on device", "/full/hf"), "cannot write /full/hf: No space left on device"),
+    (NotADirectoryError(20, "Not a directory", "/a/file/hf"), "cannot access /a/file/hf"),
+])
+def test_a_refused_write_is_one_line_not_a_traceback(monkeypatch, capsys, error, words):
+    def export_hf(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("zaizai.interop.hf.export_hf", export_hf)
+    code, err = in_process(["export", "m", "--format", "hf", "--to", "/ro/hf"], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith("zaizai: ") and words in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        code, err = in_process(["prepare", write_corpus(tmp_path / "c.txt"), "--out", tmp_path / "ro" / "d"], capsys)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert code == 2 and "cannot write" in err and err.strip().count("\n") == 0
+
+
+class Interrupt:
+    """A meta-path finder that presses Ctrl-C while ``name`` is imported (as a slow `import torch` might see)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+@pytest.mark.parametrize("where", ["parser", "lazy import"])
+def test_ctrl_c_during_startup_is_one_line_and_exit_130(monkeypatch, capsys, where):
+    import sys
+
+    if where == "parser":
+        def build_parser():
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr("zaizai.cli.build_parser", build_parser)
+    else:
+        monkeypatch.delitem(sys.modules, "zaizai.inference.loaded", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [Interrupt("zaizai.inference.loaded"), *sys.meta_path])
+    code, err = in_process(["sample", "m"], capsys)
+    assert code == 130 and err.strip() == "zaizai: 已中断 interrupted"
+
+
+def test_new_flags_reach_the_library(monkeypatch, capsys):
+    seen = {}
+
+    def record(name):
+        def fake(*args, **kwargs):
+            seen[name] = kwargs
+
+        return fake
+
+    monkeypatch.setattr("zaizai.serve.app.serve", record("serve"))
+    monkeypatch.setattr("zaizai.interop.gguf.export_gguf", record("gguf"))
+    monkeypatch.setattr("zaizai.data.preparation.prepare", record("prepare"))
+    assert in_process(["serve", "m", "--allowed-host", "a.example", "--allowed-host", "b.example",
+                       "--api-key-file", "key.txt"], capsys)[0] == 0
+    assert seen["serve"]["allowed_hosts"] == ["a.example", "b.example"] and seen["serve"]["api_key_file"] == "key.txt"
+    assert in_process(["serve", "m"], capsys)[0] == 0
+    assert seen["serve"]["allowed_hosts"] == [] and seen["serve"]["api_key_file"] is None
+    assert in_process(["export", "m", "--format", "gguf", "--to", "m.gguf", "--overwrite"], capsys)[0] == 0
+    assert seen["gguf"]["overwrite"] is True
+    assert in_process(["prepare", "c.txt", "--out", "d"], capsys)[0] == 0
+    assert seen["prepare"]["overwrite"] is False
+    serve_help = " ".join(run_cli("serve", "--help").stdout.split())
+    assert "ps" in serve_help and "ZAIZAI_API_KEY" in serve_help and "--api-key-file" in serve_help

@@ -114,3 +114,50 @@ def test_the_gpt2_preset_is_gpt2_small():
     mcfg, _ = resolve_config({"preset": "gpt2"})
     mcfg.vocab_size = 50257
     assert gpt2_parameter_count(mcfg) == 124_439_808  # GPT-2 small, as Hugging Face counts it
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_iters = 1e400\n", "max_iters expects a finite int, got inf"),      # TOML reads 1e400 as inf
+    ("lr = 1e400\n", "lr expects a finite float, got inf"),
+    ("lr = -1e400\n", "lr expects a finite float, got -inf"),
+    ("max_time = nan\n", "max_time expects a finite float, got nan"),
+    ("[model]\nn_embd = inf\n", "n_embd expects a finite int, got inf"),
+    ("[model]\ndropout = nan\n", "dropout expects a finite float"),
+    ("max_iters = true\n", "max_iters expects a int, got True"),
+    ("lr = false\n", "lr expects a float, got False"),
+    ("device = 5\n", "device expects a str, got 5"),
+    ("[model]\nmodel = [\"gpt\"]\n", "model expects a str"),
+    ("max_iters = [10]\n", "max_iters expects a int"),
+    ("max_iters = {a = 1}\n", "unknown option"),                 # a nested table flattens to its keys
+])
+def test_config_file_values_of_the_wrong_type_or_not_finite_are_one_line(tmp_path, text, message):
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text(text, encoding="utf-8")
+    with pytest.raises(ZaizaiError, match=message) as info:
+        resolve_config({}, cfg_file)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e400])
+def test_non_finite_flags_are_refused(value):
+    with pytest.raises(ZaizaiError, match="max_time expects a finite float"):
+        resolve_config({"max_time": value})
+    with pytest.raises(ZaizaiError, match="max_iters expects a finite int"):
+        resolve_config({"max_iters": value})
+
+
+def test_a_json_config_with_nan_or_huge_numbers_is_one_line(tmp_path):
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text('{"lr": NaN}', encoding="utf-8")
+    with pytest.raises(ZaizaiError, match="lr expects a finite float, got nan"):
+        resolve_config({}, cfg_file)
+    cfg_file.write_text('{"batch_size": 1e999}', encoding="utf-8")
+    with pytest.raises(ZaizaiError, match="batch_size expects a finite int"):
+        resolve_config({}, cfg_file)
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, 2**63])
+def test_seeds_out_of_range_are_refused(seed):
+    cfg = resolve_config({"seed": seed, "max_iters": 1})[1]
+    with pytest.raises(ZaizaiError, match=r"--seed must be in \[0, 2\*\*63\)"):
+        cfg.validate()

@@ -119,9 +119,9 @@ def test_bad_bytes_in_the_middle_are_replaced_or_dropped_and_counted(tmp_path):
         read_texts([path])
     raw = path.read_bytes()
     # a U+FFFD in the file itself is text, not an undecodable character
-    assert decode_counting(raw, errors="replace") == ("一\n\ufffd\ufffd\ufffd\n三\ufffd", 3)
-    assert decode_counting(raw, errors="ignore") == ("一\n\n三\ufffd", 3)
-    assert decode_counting("三".encode(), errors="replace") == ("三", 0)
+    assert decode_counting(raw, errors="replace") == ("一\n\ufffd\ufffd\ufffd\n三\ufffd", 3, 0)
+    assert decode_counting(raw, errors="ignore") == ("一\n\n三\ufffd", 3, 0)
+    assert decode_counting("三".encode(), errors="replace") == ("三", 0, 0)
 
 
 def test_unknown_errors_value_is_refused(tiny_corpus):

@@ -359,9 +359,9 @@ def test_a_folder_stands_for_its_files_of_the_format(tmp_path):
     assert meta["format"] == "jsonl"
     assert [Path(s["path"]).name for s in meta["sources"]] == ["a.jsonl", "b.jsonl"]
     (folder / "notes.txt").write_text("a note\n\nanother", encoding="utf-8")
-    meta = prepare([folder], tmp_path / "data", format="jsonl", verbose=False)
+    meta = prepare([folder], tmp_path / "data", format="jsonl", verbose=False, overwrite=True)
     assert [Path(s["path"]).name for s in meta["sources"]] == ["a.jsonl", "b.jsonl"]
-    meta = prepare([folder], tmp_path / "data", verbose=False)  # auto: .txt files come first
+    meta = prepare([folder], tmp_path / "data", verbose=False, overwrite=True)  # auto: .txt files come first
     assert meta["format"] == "plain"
     assert [Path(s["path"]).name for s in meta["sources"]] == ["notes.txt"]
 
@@ -414,7 +414,7 @@ def test_dialogue_folder_layout_and_meta(dialogue_dir, capsys):
         assert meta["splits"][split]["median_exchanges"] == float(np.median(exchanges))
     assert meta["splits"]["train"]["max_exchanges"] == 3
 
-    prepare([dialogue_dir.parent / "chat.jsonl"], dialogue_dir, val_fraction=0.2, verbose=True)
+    prepare([dialogue_dir.parent / "chat.jsonl"], dialogue_dir, val_fraction=0.2, verbose=True, overwrite=True)
     out = capsys.readouterr().out
     train = meta["splits"]["train"]
     share = train["assistant_tokens"] / train["tokens"]
@@ -449,7 +449,7 @@ def test_reused_tokenizer_keeps_ids_identical(tmp_path, tiny_corpus, capsys):
                      _messages(("user", "今天天气怎么样？"), ("assistant", "晴天"))]
     corpus = _write_jsonl(tmp_path / "sft.jsonl", conversations)
     for given in (pretrain, pretrain / "tokenizer.json"):
-        meta = prepare([corpus], tmp_path / "sft", tokenizer=given, val_fraction=0.3, verbose=True)
+        meta = prepare([corpus], tmp_path / "sft", tokenizer=given, val_fraction=0.3, verbose=True, overwrite=True)
         assert load_tokenizer(tmp_path / "sft" / "tokenizer.json") == original
         assert meta["vocab_size"] == original.vocab_size
         assert meta["tokenizer_from"] == (pretrain / "tokenizer.json").as_posix()
@@ -469,7 +469,7 @@ def test_reused_tokenizer_keeps_ids_identical(tmp_path, tiny_corpus, capsys):
 
 
 def test_preparing_plain_text_over_dialogue_data_removes_the_dialogue_files(dialogue_dir, tiny_corpus):
-    prepare([tiny_corpus], dialogue_dir, verbose=False)
+    prepare([tiny_corpus], dialogue_dir, verbose=False, overwrite=True)
     assert sorted(p.name for p in dialogue_dir.iterdir()) == ["meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
     assert TokenData(dialogue_dir).kind == "plain"
 

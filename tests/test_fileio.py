@@ -41,3 +41,35 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids are checked with POSIX signals")
+def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from zaizai.common.fileio import remove_stale_temps, temp_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its id names no process now
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ours = temp_name(tmp_path / "last.safetensors")
+        ours.write_bytes(b"being written")
+        stale_file = tmp_path / f".last.safetensors.{dead.pid}.0123abcd.tmp"
+        stale_file.write_bytes(b"half a checkpoint")
+        stale_folder = tmp_path / f".export.{dead.pid}.89abcdef.tmp"   # hf.py writes folders this way
+        (stale_folder / "sub").mkdir(parents=True)
+        (stale_folder / "sub" / "model.safetensors").write_bytes(b"x")
+        other = tmp_path / f".config.json.{live.pid}.00ff00ff.tmp"
+        other.write_bytes(b"another live run's")
+        keep = ["last.safetensors", ".hidden", f".x.{dead.pid}.zz.tmp", f"x.{dead.pid}.0123abcd.tmp"]
+        for name in keep:
+            (tmp_path / name).write_bytes(b"not a temporary of ours")
+        removed = remove_stale_temps(tmp_path)
+        assert sorted(removed) == sorted([stale_file, stale_folder])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ours.name, other.name, *keep])
+        assert remove_stale_temps(tmp_path / "absent") == []
+    finally:
+        live.kill()
+        live.wait()

@@ -223,11 +223,32 @@ def test_an_existing_file_is_replaced_only_by_a_complete_export(models, tmp_path
     with monkeypatch.context() as m:
         m.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
         with pytest.raises(ZaizaiError, match="cannot write .*No space left"):
-            export_gguf(models["char"], target, verbose=False)
+            export_gguf(models["char"], target, overwrite=True, verbose=False)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left behind
-    assert export_gguf(models["char"], target, verbose=False) == target
+    with pytest.raises(ZaizaiError, match="--overwrite"):
+        export_gguf(models["char"], target, verbose=False)
+    assert target.read_bytes() == b"old"
+    assert export_gguf(models["char"], target, overwrite=True, verbose=False) == target
     assert _fields(target)[0]["general.architecture"] == "gpt2"
+
+
+@pytest.mark.parametrize("name", ["last.safetensors", "tokenizer.json", "config.json", "metrics.jsonl", "notes.txt"])
+def test_never_written_over_a_model_folders_own_files_or_other_files(models, tmp_path, name):
+    """The audit's case: `export m1 --format gguf --to m1/last.safetensors` replaced the checkpoint."""
+    model = tmp_path / "m1"
+    shutil.copytree(models["char"], model)
+    (model / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    for overwrite in (False, True):  # an existing file that is no GGUF is never replaced, even with --overwrite
+        with pytest.raises(ZaizaiError):
+            export_gguf(model, model / name, overwrite=overwrite, verbose=False)
+    r = run_cli("export", model, "--format", "gguf", "--to", model / name)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert zaizai.load(model).model_config.n_embd == MODEL["n_embd"]
+    with pytest.raises(ZaizaiError, match="folder"):
+        export_gguf(model, model, overwrite=True, verbose=False)
 
 
 # -- llama.cpp runs the file -----------------------------------------------------------------------------------

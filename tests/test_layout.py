@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "zaizai"
 # A module may import from its own stage and the stages before it, never from a later or a sibling one.
 RANK = {"common": 0, "data": 1, "models": 2, "training": 3, "inference": 4, "serve": 5, "evals": 5, "interop": 5,
-        "terminal": 6, "demo": 7, "cli": 8, "__main__": 9}
+        "terminal": 6, "demo": 7, "cli_args": 7, "cli": 8, "__main__": 9}
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 100
 

@@ -141,7 +141,7 @@ def test_num_params(name):
 def test_invalid_configs_refused_with_clear_messages():
     with pytest.raises(ZaizaiError, match="divisible by n_head"):
         build_model(ModelConfig(model="gpt", vocab_size=10, n_embd=30, n_head=4))
-    with pytest.raises(ZaizaiError, match="unknown model 'lstm'.*bigram, gpt, rnn"):
+    with pytest.raises(ZaizaiError, match="unknown model 'lstm'.*bigram, gpt, (modern, )?rnn"):
         build_model(ModelConfig(model="lstm", vocab_size=10))
     with pytest.raises(ZaizaiError, match="vocab_size"):
         build_model(ModelConfig(model="gpt", vocab_size=0))

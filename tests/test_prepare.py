@@ -114,7 +114,7 @@ def test_tokenizer_is_built_from_the_training_split_only(tmp_path):
     documents = [f"文档{i}" for i in range(9)] + ["独一无二"]
     corpus = _write_docs(tmp_path / "corpus.txt", documents)
     for seed in range(20):  # find a seed that holds out the special document
-        meta = prepare([corpus], tmp_path / "data", val_fraction=0.1, seed=seed, verbose=False)
+        meta = prepare([corpus], tmp_path / "data", val_fraction=0.1, seed=seed, verbose=False, overwrite=True)
         if _split_of_each_document(tmp_path / "data", documents)[-1] == "val":
             break
     else:
@@ -132,7 +132,7 @@ def test_tokenizer_is_built_from_the_training_split_only(tmp_path):
 def test_same_seed_gives_identical_bins_and_another_seed_another_split(tmp_path, tiny_corpus):
     def bins(seed: int, name: str) -> tuple[bytes, bytes]:
         out = tmp_path / name
-        prepare([tiny_corpus], out, val_fraction=0.2, seed=seed, verbose=False)
+        prepare([tiny_corpus], out, val_fraction=0.2, seed=seed, verbose=False, overwrite=True)
         return (out / "train.bin").read_bytes(), (out / "val.bin").read_bytes()
 
     assert bins(1, "a") == bins(1, "b")
@@ -290,10 +290,10 @@ def test_errors_apply_to_dialogues_too(tmp_path):
 def test_strict_clean_files_record_no_errors_setting(tmp_path, tiny_corpus):
     meta = prepare([tiny_corpus], tmp_path / "data", verbose=False)
     assert "errors" not in meta and "undecodable" not in meta["sources"][0]
-    meta = prepare([tiny_corpus], tmp_path / "data", errors="replace", verbose=False)
+    meta = prepare([tiny_corpus], tmp_path / "data", errors="replace", verbose=False, overwrite=True)
     assert meta["errors"] == "replace" and meta["sources"][0]["undecodable"] == 0
     with pytest.raises(ZaizaiError, match="--errors must be one of strict, replace, ignore"):
-        prepare([tiny_corpus], tmp_path / "data", errors="surrogateescape", verbose=False)
+        prepare([tiny_corpus], tmp_path / "data", errors="surrogateescape", verbose=False, overwrite=True)
 
 
 def test_cli_errors_flag_and_messages(tmp_path, capsys):
@@ -325,15 +325,17 @@ def test_cli_errors_flag_and_messages(tmp_path, capsys):
 def test_output_folder_that_is_a_file_is_refused(tmp_path, tiny_corpus):
     blocker = tmp_path / "data"
     blocker.write_text("", encoding="utf-8")
-    with pytest.raises(ZaizaiError, match="exists and is not a folder"):
+    with pytest.raises(ZaizaiError, match="is a file; give a folder"):
         prepare([tiny_corpus], blocker, verbose=False)
 
 
 def test_outputs_never_overwrite_an_input(tmp_path):
     corpus = tmp_path / "meta.json"
     corpus.write_text("一\n\n二\n", encoding="utf-8")
-    with pytest.raises(ZaizaiError, match="is both an input and an output"):
+    with pytest.raises(ZaizaiError, match="already exists; add --overwrite"):
         prepare([corpus], tmp_path, verbose=False)
+    with pytest.raises(ZaizaiError, match="is both an input and an output"):
+        prepare([corpus], tmp_path, verbose=False, overwrite=True)
     assert corpus.read_text(encoding="utf-8") == "一\n\n二\n"
 
 
@@ -379,7 +381,7 @@ def test_a_crash_while_writing_leaves_no_half_file_and_no_meta(tmp_path, tiny_co
     # A crash while the streamed bins are written (to partial files) leaves the old folder whole.
     monkeypatch.setattr(zaizai.data.tokenizer.os, "fsync", crash)
     with pytest.raises(ZaizaiError, match="cannot write there \\(No space left on device\\)"):
-        prepare([tiny_corpus], out, seed=2, verbose=False)
+        prepare([tiny_corpus], out, seed=2, verbose=False, overwrite=True)
     assert (out / "train.bin").read_bytes() == old_train  # the old file, whole
     assert sorted(p.name for p in out.iterdir()) == files  # no partial file left
     assert load_meta(out) == old_meta
@@ -392,7 +394,7 @@ def test_a_crash_while_writing_leaves_no_half_file_and_no_meta(tmp_path, tiny_co
 
     monkeypatch.setattr(zaizai.data.tokenizer.CharTokenizer, "save", crash_saving)
     with pytest.raises(ZaizaiError, match="cannot write there \\(No space left on device\\)"):
-        prepare([tiny_corpus], out, seed=2, verbose=False)
+        prepare([tiny_corpus], out, seed=2, verbose=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == files[1:]  # no partial file, no meta.json
     with pytest.raises(ZaizaiError, match="not a prepared data folder"):
         load_meta(out)

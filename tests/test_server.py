@@ -1,6 +1,7 @@
 """The HTTP server: the official openai client in both modes, bad input answered 4xx in OpenAI's shape,
 disconnects stop generation, a bounded queue, the chat page in a real headless Chromium, and schemathesis."""
 
+import asyncio
 import json
 import os
 import shutil
@@ -20,9 +21,10 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
 import zaizai  # noqa: E402
+from zaizai.data.tokenizer import SYSTEM_ID  # noqa: E402
 from zaizai.inference.chat import ChatSession  # noqa: E402
 from zaizai.inference.sampling import SamplingConfig  # noqa: E402
-from zaizai.serve.app import create_app  # noqa: E402
+from zaizai.serve.app import create_app, server_config  # noqa: E402
 from zaizai.serve.schemas import GREEDY_BELOW_TEMPERATURE, MAX_TOKENS_LIMIT, APIError, ChatRequest  # noqa: E402
 from test_chat import train_chat_model  # noqa: E402
 
@@ -30,15 +32,16 @@ TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
 class LiveServer:
-    """A real uvicorn server on a free 127.0.0.1 port, in a background thread."""
+    """A real uvicorn server on a free 127.0.0.1 port, in a background thread, configured as `zaizai serve` does
+    (``config``: :func:`zaizai.serve.app.server_config`'s keywords, e.g. ``header_timeout_s``)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         self.app = app
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(server_config(app, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 10
@@ -249,6 +252,95 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(slow_server):
     assert slow_server.stats["cancelled"] >= 1
 
 
+class Repeating(SlowBot):
+    """A stand-in model that says ``token`` every 10 ms (a visible character, or a special token that shows no
+    text) until its reply is long enough; ``pace(n)`` waits those 10 ms before the n-th token."""
+
+    def __init__(self, bot, token: int, pace=None):
+        super().__init__(bot)
+        self.token, self.pace, self.made = token, pace or (lambda n: time.sleep(0.01)), 0
+
+    def stream_ids(self, ids, sampling, stop_ids=None):
+        for n in range(sampling.max_new_tokens):
+            self.pace(n)
+            self.made += 1
+            yield self.token
+
+
+def test_a_non_streamed_request_stops_when_its_real_client_leaves(bot):
+    """Through uvicorn and a real socket: a client that gives up on a 2048-token reply (20 s) frees the slot at
+    once (given 2 s here, for a busy machine; before, a generation that made text ran on to its end)."""
+    live = LiveServer(create_app(Repeating(bot, bot.tokenizer.encode("好")[0]), max_active=1, max_waiting=0))
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{live.url}/v1/chat/completions", timeout=httpx.Timeout(10, read=0.3),
+                       json={**LONG, "stream": False})
+        wait_for(lambda: live.stats["active"] == 0, timeout=2)
+        assert live.stats["cancelled"] == 1
+    finally:
+        live.stop()
+
+
+def asgi_scope(method: str, path: str, body: bytes = b"", host: bytes = b"127.0.0.1:8000") -> dict:
+    """The scope an ASGI server gives the app for one HTTP/1.1 request."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+            "headers": [(b"host", host), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]}
+
+
+@pytest.mark.parametrize("shown", ["text", "no text"])
+def test_a_non_streamed_request_stops_generating_when_its_client_leaves(bot, shown):
+    """The client leaves after 5 tokens of a 400-token reply (the server's receive() says http.disconnect); the
+    model makes a token every 10 ms until stopped: the generation stops within a few tokens, its slot freed, whether
+    its tokens show text or not. (Before: a disconnect was looked for only after 0.5 s without a piece of text, and
+    a job stopped only between pieces: all 400 tokens were made either way.)"""
+    jobs = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        left = asyncio.Event()
+
+        def pace(n):
+            if n == 5:
+                loop.call_soon_threadsafe(left.set)  # the client goes away
+            if n >= 5:
+                jobs[0].cancelled.wait(0.01)  # 10 ms a token (less once the job is stopped)
+
+        token = bot.tokenizer.encode("好")[0] if shown == "text" else SYSTEM_ID
+        model = Repeating(bot, token, pace)
+        app = create_app(model, max_active=1, max_waiting=0)
+        scheduler = app.state.scheduler
+        submit = scheduler.submit
+        scheduler.submit = lambda job: (jobs.append(job), submit(job))[1]
+        body = json.dumps({"messages": USER, "max_tokens": 400, "ignore_eos": True}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        try:
+            await app(asgi_scope("POST", "/v1/chat/completions", body), receive, send)
+            deadline = time.time() + 10
+            while scheduler.stats()["active"]:  # the worker drops the job at its next turn
+                assert time.time() < deadline, "the slot was not freed"
+                await asyncio.sleep(0.01)
+        finally:
+            scheduler.close()
+        return model.made, scheduler.stats()
+
+    made, stats = asyncio.run(main())
+    assert 5 <= made < 50, made
+    assert stats["cancelled"] == 1 and stats["completed"] == 0 and stats["active"] == stats["waiting"] == 0
+
+
 def test_a_full_queue_answers_429_and_concurrent_requests_all_complete(slow_server, server):
     with httpx.stream("POST", f"{slow_server.url}/v1/chat/completions", json=LONG, timeout=30) as r:
         lines = r.iter_lines()  # (kept: a dropped line iterator closes the connection when collected)
@@ -354,6 +446,38 @@ def test_chat_in_a_real_headless_chromium(server, browser):
         "return performance.getEntriesByType('resource').map(e => e.name)"
         ".filter(u => !u.startsWith(location.origin))")
     assert external == []
+
+
+def test_the_page_keeps_the_api_key_only_when_asked_and_runs_under_its_csp(server, browser):
+    """The key stays with the tab (sessionStorage) unless "remember" is ticked; the Content-Security-Policy lets
+    the page's own script and style run (it styled itself and filled in the model's name)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def stored():
+        return browser.execute_script("return [localStorage.getItem('zaizai.api_key'), "
+                                      "sessionStorage.getItem('zaizai.api_key'), $('remember_key').checked]")
+
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))   # the script ran
+    assert browser.execute_script("return getComputedStyle(document.body).backgroundColor") == "rgb(246, 246, 243)"
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    browser.find_element(By.ID, "api_key").send_keys("k1")
+    assert stored() == [None, "k1", False]            # not in localStorage by default
+    browser.find_element(By.ID, "remember_key").click()
+    assert stored() == ["k1", "k1", True]
+    browser.refresh()
+    wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))
+    assert browser.find_element(By.ID, "api_key").get_attribute("value") == "k1" and stored()[2] is True
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    browser.find_element(By.ID, "remember_key").click()   # forget it: gone from localStorage at once
+    assert stored() == [None, "k1", False]
+    # an older page kept the key in localStorage unasked: moved to the tab's storage
+    browser.execute_script("localStorage.setItem('zaizai.api_key', 'old'); sessionStorage.clear()")
+    browser.refresh()
+    wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("zaizai-"))
+    assert stored() == [None, "old", False]
 
 
 LAYOUT = """const box = (el) => el.getBoundingClientRect();

@@ -206,3 +206,154 @@ def test_compile_trains_and_saves_plain_weight_names(tmp_path, data_dir):
     assert result.step == 6 and math.isfinite(result.val_loss)
     names = set(load_checkpoint(out / LAST).model_state)
     assert "transformer.wte.weight" in names and not any("_orig_mod" in n for n in names)
+
+
+def test_train_out_is_a_model_folder_checked_before_any_work(tmp_path, data_dir):
+    """Never into a data folder (not even with --overwrite); any other non-empty folder needs --overwrite;
+    and the refusal comes before the data is read (a missing data folder is not what it complains about)."""
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    for overwrite in (False, True):
+        with pytest.raises(ZaizaiError, match="already is a data folder.*choose another --out"):
+            zaizai.train(tmp_path / "no-such-data", data_dir, max_iters=2, overwrite=overwrite, verbose=False, **TINY)
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(ZaizaiError, match="already exists.*--overwrite"):
+        zaizai.train(tmp_path / "no-such-data", mine, max_iters=2, verbose=False, **TINY)
+    zaizai.train(data_dir, mine, max_iters=2, overwrite=True, verbose=False, **TINY)
+    assert (mine / "notes.txt").read_text() == "my notes" and (mine / LAST).is_file()
+    with pytest.raises(ZaizaiError, match="is a file; give a folder"):
+        zaizai.train(data_dir, mine / "notes.txt", max_iters=2, verbose=False, **TINY)
+    with pytest.raises(ZaizaiError, match="cannot create --out"):     # a traceback before
+        zaizai.train(data_dir, mine / "notes.txt" / "sub", max_iters=2, verbose=False, **TINY)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_without_overwrite(tmp_path, data_dir):
+    out = tmp_path / "out"
+    zaizai.train(data_dir, out, max_iters=2, verbose=False, **TINY)
+    for name in (LAST, BEST, "metrics.jsonl", "loss.png"):   # what a kill during the first steps leaves
+        (out / name).unlink()
+    (out / f".{LAST}.999999999.0123abcd.tmp").write_bytes(b"half")
+    assert zaizai.train(data_dir, out, max_iters=2, verbose=False, **TINY).step == 2
+    (out / "config.json").write_text('{"not": "a run config"}')   # someone else's config.json: not ours
+    for name in (LAST, BEST, "metrics.jsonl", "loss.png"):
+        (out / name).unlink()
+    with pytest.raises(ZaizaiError, match="already exists.*--overwrite"):
+        zaizai.train(data_dir, out, max_iters=2, verbose=False, **TINY)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX process ids")
+def test_starting_or_resuming_removes_the_temporaries_of_killed_writers_only(tmp_path, data_dir):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [out / f".{LAST}.{dead.pid}.0123abcd.tmp", out / f".metrics.jsonl.{dead.pid}.89abcdef.tmp"]
+    for path in stale:
+        path.write_bytes(b"left by a kill")
+    live = out / f".{BEST}.{os.getppid()}.00ff00ff.tmp"   # a live process's: never touched
+    live.write_bytes(b"being written")
+    zaizai.train(out_dir=out, resume=True, max_iters=10, verbose=False)
+    assert not any(p.exists() for p in stale) and live.read_bytes() == b"being written"
+    stale[0].write_bytes(b"again")
+    zaizai.train(data_dir, out, max_iters=5, overwrite=True, verbose=False, **TINY)
+    assert not stale[0].exists() and live.exists()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") and p != live]
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, data_dir, capsys):
+    out = tmp_path / "out"
+    first = zaizai.train(data_dir, out, max_iters=10, verbose=False, **TINY)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    for _ in range(3):
+        again = zaizai.train(out_dir=out, resume=True, verbose=True)
+        assert again.step == 10 and again.stopped_by == "max_iters"
+        assert again.val_loss == first.val_loss and again.full_val_loss == first.full_val_loss
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files     # no metrics record appended, no rewrite
+    assert "nothing to do" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10]
+    longer = zaizai.train(out_dir=out, resume=True, max_iters=15, verbose=False)   # more steps: it trains
+    assert longer.step == 15
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [5, 10, 15]
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_with_exactly_one_final_record(tmp_path, data_dir,
+                                                                                       monkeypatch):
+    """Killed after saving step 10's checkpoint and record but during the final pass over the val split:
+    the resume does that pass and no second record of step 10."""
+    import zaizai.training.loop as loop
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "evaluate_split_until", killed)
+        with pytest.raises(KeyboardInterrupt):
+            zaizai.train(data_dir, out, max_iters=10, verbose=False, **TINY)
+    assert "full_val_loss" not in load_checkpoint(out / LAST).state
+    result = zaizai.train(out_dir=out, resume=True, verbose=False)
+    assert result.step == 10 and result.full_val_loss is not None
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+    assert load_checkpoint(out / LAST).state["full_val_loss"] == result.full_val_loss
+
+
+def test_a_nan_loss_before_any_checkpoint_does_not_promise_one(tmp_path, data_dir, monkeypatch):
+    from zaizai.models.gpt import GPT
+
+    real_forward = GPT.forward
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        return logits, (loss * float("nan") if targets is not None and self.training else loss)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    with pytest.raises(ZaizaiError, match="loss became nan at step 0.*no checkpoint was saved yet") as info:
+        zaizai.train(data_dir, tmp_path / "out", max_iters=50, verbose=False, **TINY)
+    assert "last good checkpoint" not in str(info.value) and "--resume" not in str(info.value)
+
+
+def test_a_kill_between_a_checkpoint_and_its_record_loses_no_record(tmp_path, data_dir, monkeypatch):
+    """Killed after step 10's checkpoint was written but before its metrics line: the resume evaluates step 10
+    again (same weights, same batches, same losses) instead of leaving a hole in metrics.jsonl."""
+    import zaizai.training.loop as loop
+
+    opts = dict(TINY, max_iters=15, dropout=0.1, verbose=False)
+    zaizai.train(data_dir, tmp_path / "a", **opts)
+    real_append = loop.append_metrics
+
+    def append(out, record):
+        if record["step"] == 10:
+            raise KeyboardInterrupt  # SIGKILL, as far as the files can tell
+        real_append(out, record)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "append_metrics", append)
+        with pytest.raises(KeyboardInterrupt):
+            zaizai.train(data_dir, tmp_path / "b", **opts)
+    assert load_checkpoint(tmp_path / "b" / LAST).state["step"] == 10
+    zaizai.train(out_dir=tmp_path / "b", resume=True, verbose=False)
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in map(json.loads, lines)]
+
+    assert [step for step, _, _ in losses("b")] == [5, 10, 15]
+    assert losses("a") == losses("b")
+
+
+def test_a_kill_between_the_first_best_and_last_checkpoints_says_to_start_over(tmp_path, data_dir):
+    out = tmp_path / "out"
+    zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    (out / LAST).unlink()
+    with pytest.raises(ZaizaiError, match="nothing to resume.*--overwrite instead of --resume"):
+        zaizai.train(out_dir=out, resume=True, verbose=False)
+    with pytest.raises(ZaizaiError, match=f"holds {BEST} but no {LAST} to resume from; add --overwrite"):
+        zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    assert zaizai.train(data_dir, out, max_iters=5, overwrite=True, verbose=False, **TINY).step == 5

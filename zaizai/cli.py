@@ -3,45 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from dataclasses import fields
 
 from . import __version__
+from .cli_args import (FIELD_HELP, FIELD_TYPE, any_int, finite_float, max_tokens_int, nonneg_float, nonneg_int,
+                       open_fraction, port_int, positive_float, positive_int, probability, seed_int)
 from .common.errors import ZaizaiError
 
-# Help for the flags generated from the config dataclasses (one flag per field).
-FIELD_HELP = {
-    "model": "bigram | rnn | gpt",
-    "block_size": "context length in tokens",
-    "n_layer": "transformer blocks (gpt) or GRU layers (rnn)",
-    "n_head": "attention heads (gpt)",
-    "n_embd": "embedding width",
-    "dropout": "dropout probability",
-    "bias": "biases in Linear/LayerNorm",
-    "preset": "named defaults: cpu (default), tiny, demo, nanogpt-cpu, small, gpt2",
-    "batch_size": "sequences per micro-step",
-    "grad_accum": "micro-steps per optimizer step",
-    "max_iters": "stop after this many optimizer steps",
-    "max_time": "stop after this many seconds (the lr schedule fits the budget)",
-    "lr": "peak learning rate",
-    "min_lr": "final learning rate of the cosine decay; negative = lr/10",
-    "warmup_iters": "linear warmup steps",
-    "weight_decay": "AdamW weight decay on 2-D weights",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "clip the global gradient norm (0 = off)",
-    "eval_interval": "steps between evaluations and `last` checkpoints (default: about 20 over the run)",
-    "eval_iters": "batches per loss estimate",
-    "device": "auto | cpu | cuda | mps",
-    "dtype": "auto | float32 | bfloat16 | float16",
-    "compile": "torch.compile the model",
-    "threads": "CPU threads (0 = PyTorch's choice)",
-    "seed": "random seed",
-    "resume": "continue the run saved in --out",
-    "overwrite": "start over even if --out already holds a model",
-    "loss_on": "dialogue data: learn the assistant turns only (assistant) or every turn (all)",
-    "init_from": "start from the weights of this trained model folder (pretrain -> fine-tune)",
-}
+
+def _shown_default(name: str, default) -> str:
+    if name == "min_lr" and default < 0:
+        return "lr/10"
+    if isinstance(default, str):
+        return default or "none"
+    return repr(default)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,44 +33,65 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             if f.name in skip:
                 continue
             flag = "--" + f.name.replace("_", "-")
+            text = FIELD_HELP.get(f.name, f"配置项 · the {f.name} option")
+            if f.name == "preset":
+                text += ": " + ", ".join(PRESETS)
             kind = type(f.default)
             if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                   help=FIELD_HELP.get(f.name))
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
                 default = default_preset.get(f.name, f.default)
-                shown = "lr/10" if f.name == "min_lr" and default < 0 else repr(default)
-                group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                                   help=f"{FIELD_HELP.get(f.name, '')} (default {shown})")
+                parse = FIELD_TYPE.get(f.name) or {int: any_int, float: finite_float}.get(kind, kind)
+                group.add_argument(flag, type=parse, default=None, metavar=kind.__name__.upper(),
+                                   help=f"{text} (default {_shown_default(f.name, default)})")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float, top_p: float,
                         repetition_penalty: float) -> None:
     """The decoding flags `sample` and `chat` share (with their own defaults), plus checkpoint and device."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                        help=f"tokens to generate at most (default {max_new_tokens})")
-    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
-                        help=f"0 = greedy (default {temperature:g})")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default 0)")
-    parser.add_argument("--top-p", type=float, default=top_p, metavar="P", help=f"1 = off (default {top_p:g})")
-    parser.add_argument("--repetition-penalty", type=float, default=repetition_penalty, metavar="X",
-                        help=f"1 = off (default {repetition_penalty:g})")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="0 = off (default 0)")
-    parser.add_argument("--seed", type=int, default=None, help="same seed, same text (default: none)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
+                        help=f"最多生成的 token 数 · tokens to generate at most (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=nonneg_float, default=temperature, metavar="T",
+                        help=f"温度，0 = 总选最可能的 · 0 = greedy (default {temperature:g})")
+    parser.add_argument("--top-k", type=nonneg_int, default=0, metavar="K",
+                        help="只从最可能的 K 个里选 · 0 = off (default 0)")
+    parser.add_argument("--top-p", type=probability, default=top_p, metavar="P",
+                        help=f"核采样，在 (0, 1] 之内 · nucleus sampling, 1 = off (default {top_p:g})")
+    parser.add_argument("--repetition-penalty", type=positive_float, default=repetition_penalty, metavar="X",
+                        help=f"重复惩罚 · 1 = off (default {repetition_penalty:g})")
+    parser.add_argument("--no-repeat-ngram-size", type=nonneg_int, default=0, metavar="N",
+                        help="不许重复的 n 元组长度 · 0 = off (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=None,
+                        help="随机种子：同一种子，同样的文字 · same seed, same text (default: none)")
+    _add_checkpoint_flags(parser)
+
+
+def _add_checkpoint_flags(parser: argparse.ArgumentParser, device: bool = True) -> None:
     parser.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"],
-                        help="auto (default): best if there is one, else last")
-    parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | mps")
+                        help="用哪个检查点 · auto (default): best if there is one, else last")
+    if device:
+        parser.add_argument("--device", default="auto", help="设备 · auto (default) | cpu | cuda | mps")
+
+
+MODEL_DIR_HELP = "`zaizai train` 写的模型文件夹 · folder written by `zaizai train`"
+DATA_HELP = "数据文件夹 · prepared data folder (default: the one the model was trained on)"
+MAX_PAIRS_HELP = "评估的对话数 · held-out dialogue pairs to score (default 200)"
+HELP_HELP = "显示帮助并退出 · show this help and exit"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zaizai", description="崽崽 zaizai: train a GPT-2-style model on your own "
-                                "Chinese text, then talk to it.")
-    p.add_argument("--version", action="version", version=f"zaizai {__version__}")
+    p = argparse.ArgumentParser(prog="zaizai", description="崽崽 zaizai: 用你自己的中文文本训练一个 GPT-2 式的模型，"
+                                "然后和它聊天 · train a GPT-2-style model on your own Chinese text, then talk to it.")
+    p.add_argument("--version", action="version", version=f"zaizai {__version__}", help="显示版本 · show the version")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_data_commands(sub)
     _add_generation_commands(sub)
     _add_evaluation_commands(sub)
     _add_interop_commands(sub)
+    for parser in (p, *sub.choices.values()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                action.help = HELP_HELP
     return p
 
 
@@ -101,125 +99,157 @@ def _add_data_commands(sub) -> None:
     """prepare, train, demo: from text to a trained model."""
     pp = sub.add_parser("prepare", help="准备数据：文本 → 词表 + 训练/验证 token 文件 · "
         "text file(s) -> tokenizer + train/val token bins")
-    pp.add_argument("corpus", nargs="+", help="text files or folders of .txt files")
-    pp.add_argument("--out", required=True, help="data folder to write")
-    pp.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
-    pp.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
-    pp.add_argument("--encoding", default="utf-8", help="text encoding of the files (e.g. gbk)")
+    pp.add_argument("corpus", nargs="+", help="文本文件或装 .txt 的文件夹 · text files or folders of .txt files")
+    pp.add_argument("--out", required=True, help="要写的数据文件夹 · data folder to write")
+    pp.add_argument("--overwrite", action="store_true",
+                    help="替换 --out 里已有的数据文件夹 · replace the data folder already in --out")
+    pp.add_argument("--val-fraction", type=open_fraction, default=0.1,
+                    help="留作验证的文档比例 · share of documents held out, in (0, 1) (default 0.1)")
+    pp.add_argument("--seed", type=seed_int, default=1337,
+                    help="训练/验证划分的种子 · seed of the train/val split (default 1337)")
+    pp.add_argument("--encoding", default="utf-8", help="文件编码 · text encoding of the files, e.g. gbk "
+                    "(default utf-8)")
     pp.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"],
-                    help="bytes that do not decode: strict (default: stop and say where), replace (with U+FFFD) "
-                         "or ignore (drop them); replace/ignore count them in the summary")
+                    help="无法解码的字节 · bytes that do not decode: strict (default: stop and say where), replace "
+                         "(with U+FFFD) or ignore (drop them); replace/ignore count them in the summary")
     pp.add_argument("--format", default="auto", choices=["auto", "plain", "text", "jsonl", "lccc"],
-                    help="plain text, or dialogues: text (one turn per line, a blank line between dialogues), "
-                         "jsonl (OpenAI messages), lccc (JSON lists of utterances); auto: by file extension")
+                    help="语料格式 · plain text, or dialogues: text (one turn per line, a blank line between "
+                         "dialogues), jsonl (OpenAI messages), lccc (JSON lists of utterances); auto (default): by "
+                         "file extension")
     pp.add_argument("--tokenizer", default="char", metavar="char|bpe|PATH",
-                    help="char (default: one token per character), bpe (byte-level BPE of --vocab-size tokens, "
-                         "for plain text and dialogues), or a tokenizer.json / data or model folder to reuse, e.g. "
-                         "to fine-tune that model (an existing file or folder wins over the names)")
-    pp.add_argument("--vocab-size", type=int, default=8000, help="tokens of a new bpe tokenizer (default 8000)")
-    pp.add_argument("--skip-bad", action="store_true", help="skip malformed dialogues (and count them)")
+                    help="分词 · char (default: one token per character), bpe (byte-level BPE of --vocab-size "
+                         "tokens), or a tokenizer.json / data or model folder to reuse, e.g. to fine-tune that model "
+                         "(an existing file or folder wins over the names)")
+    pp.add_argument("--vocab-size", type=positive_int, default=8000,
+                    help="新 bpe 词表大小 · tokens of a new bpe tokenizer (default 8000)")
+    pp.add_argument("--skip-bad", action="store_true", help="跳过格式错误的对话（并计数）· skip malformed dialogues "
+                    "(and count them)")
 
     tp = sub.add_parser("train", help="训练 · train a model on a prepared data folder")
-    tp.add_argument("data_dir", nargs="?", help="folder written by `zaizai prepare` (optional with --resume)")
-    tp.add_argument("--out", dest="out_dir", default=None, help="output folder (default out)")
-    tp.add_argument("--config", dest="config_file", default=None, help="TOML or JSON file of options")
+    tp.add_argument("data_dir", nargs="?", help="`zaizai prepare` 写的数据文件夹 · folder written by `zaizai "
+                    "prepare` (optional with --resume)")
+    tp.add_argument("--out", dest="out_dir", default=None, help="输出文件夹 · output folder (default out)")
+    tp.add_argument("--config", dest="config_file", default=None, help="选项文件 · TOML or JSON file of options")
     _add_config_flags(tp)
-
 
     dp = sub.add_parser("demo", help="演示：在内置语料上训练一个小对话模型并聊几句 · "
         "train a small chat model on the built-in corpus and show it")
-    dp.add_argument("--out", default="demo", help="folder for the demo corpus, data and model (default demo)")
-    dp.add_argument("--max-time", type=float, default=60.0, help="training budget in seconds (default 60)")
-    dp.add_argument("--retrain", action="store_true", help="train again even if the demo model exists")
+    dp.add_argument("--out", default="demo", help="演示语料、数据和模型的文件夹 · folder for the demo corpus, data and "
+                    "model (default demo)")
+    dp.add_argument("--max-time", type=positive_float, default=60.0,
+                    help="训练时间（秒）· training budget in seconds (default 60)")
+    dp.add_argument("--retrain", action="store_true", help="重新训练 · train again even if the demo model exists")
 
 
 def _add_generation_commands(sub) -> None:
     """sample, chat, serve: a trained model talks."""
     sp = sub.add_parser("sample", help="续写 · generate text from a trained model, streamed")
-    sp.add_argument("out_dir", help="folder written by `zaizai train`")
-    sp.add_argument("--prompt", default="", help="text to continue")
+    sp.add_argument("out_dir", help=MODEL_DIR_HELP)
+    sp.add_argument("--prompt", default="", help="要续写的文字 · text to continue")
     _add_sampling_flags(sp, max_new_tokens=200, temperature=0.8, top_p=1.0, repetition_penalty=1.0)
-    sp.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
+    sp.add_argument("--stop", action="append", default=None,
+                    help="出现这段文字就停 · stop when this text appears (repeatable)")
 
     cp = sub.add_parser("chat", help="聊天 · talk with a trained model in the terminal (or answer --message / stdin)")
-    cp.add_argument("out_dir", help="folder written by `zaizai train`")
+    cp.add_argument("out_dir", help=MODEL_DIR_HELP)
     cp.add_argument("--message", "-m", action="append", default=None,
-                    help="say this and print the reply (repeat for several turns); no interactive prompt")
-    cp.add_argument("--system", default=None, help="a system message that starts the conversation")
-    cp.add_argument("--history", type=int, default=None, metavar="N",
-                    help="earlier exchanges to feed the model, 0 = none (default: as many as its training "
-                         "dialogues had before their last: none for one-question-one-answer data; all if unknown)")
+                    help="说这句并打印回答（可重复，多轮）· say this and print the reply (repeat for several turns); "
+                         "no interactive prompt")
+    cp.add_argument("--system", default=None, help="开场的系统消息 · a system message that starts the conversation")
+    cp.add_argument("--history", type=nonneg_int, default=None, metavar="N",
+                    help="给模型看的前几轮对话 · earlier exchanges to feed the model, 0 = none (default: as many as "
+                         "its training dialogues had before their last: none for one-question-one-answer data; all "
+                         "if unknown)")
     _add_sampling_flags(cp, max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
-
 
     vp = sub.add_parser("serve", help="网页聊天 + OpenAI 兼容接口 · "
         "an OpenAI-compatible HTTP API and a chat page in the browser")
-    vp.add_argument("out_dir", help="folder written by `zaizai train`")
-    vp.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    vp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    vp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 calls "
-                    "(default: the ZAIZAI_API_KEY environment variable, else none)")
-    vp.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask (<= 4096)")
-    vp.add_argument("--max-active", type=int, default=4, help="generations run interleaved at once (default 4)")
-    vp.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those; more get 429 (default 64)")
-    vp.add_argument("--history", type=int, default=None, metavar="N",
-                    help="earlier exchanges a chat prompt keeps "
+    vp.add_argument("out_dir", help=MODEL_DIR_HELP)
+    vp.add_argument("--host", default="127.0.0.1",
+                    help="监听的地址 · interface to bind (default 127.0.0.1: this machine only)")
+    vp.add_argument("--port", type=port_int, default=8000, help="端口 · port (default 8000)")
+    vp.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                    help="也接受这个 Host 头（可重复）· also accept requests for this Host name (repeatable); "
+                         "localhost names are always allowed (default: none)")
+    vp.add_argument("--api-key", default=None,
+                    help="/v1 调用须带 'Authorization: Bearer KEY' · require this key on /v1 calls; a key on the "
+                         "command line shows in `ps`: prefer the ZAIZAI_API_KEY environment variable or "
+                         "--api-key-file (default: ZAIZAI_API_KEY, else none)")
+    vp.add_argument("--api-key-file", default=None, metavar="PATH",
+                    help="从这个文件读 API 密钥 · read the API key from this file")
+    vp.add_argument("--max-tokens", type=max_tokens_int, default=4096,
+                    help="一个请求最多可要的 max_tokens · the largest max_tokens a request may ask, 1..4096 "
+                         "(default 4096)")
+    vp.add_argument("--max-active", type=positive_int, default=4,
+                    help="同时进行的生成数 · generations run interleaved at once (default 4)")
+    vp.add_argument("--max-waiting", type=nonneg_int, default=64,
+                    help="排队请求数，再多回 429 · requests queued beyond those; more get 429 (default 64)")
+    vp.add_argument("--history", type=nonneg_int, default=None, metavar="N",
+                    help="聊天提示保留的前几轮 · earlier exchanges a chat prompt keeps "
                          "(default: as many as the model's training dialogues had)")
-    vp.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
-    vp.add_argument("--device", default="auto")
+    _add_checkpoint_flags(vp)
 
 
 def _add_evaluation_commands(sub) -> None:
     """eval, report, attention, compare: how good is it, and what does it look at."""
     ep = sub.add_parser("eval", help="评估 · "
         "loss, perplexity, bits per char/byte on the whole val split (+ dialogue metrics)")
-    ep.add_argument("out_dir", help="folder written by `zaizai train`")
-    ep.add_argument("--data", default=None, help="prepared data folder (default: the one the model was trained on)")
-    ep.add_argument("--max-pairs", type=int, default=200, help="held-out dialogue pairs to score (default 200)")
-    ep.add_argument("--seed", type=int, default=0, help="seed of the pair choice and of sampled replies")
-    ep.add_argument("--no-dialogue", action="store_true", help="skip the reply metrics (BLEU, distinct-n)")
-    ep.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
-    ep.add_argument("--device", default="auto")
+    ep.add_argument("out_dir", help=MODEL_DIR_HELP)
+    ep.add_argument("--data", default=None, help=DATA_HELP)
+    ep.add_argument("--max-pairs", type=positive_int, default=200, help=MAX_PAIRS_HELP)
+    ep.add_argument("--seed", type=seed_int, default=0,
+                    help="选对话和采样回答的种子 · seed of the pair choice and of sampled replies (default 0)")
+    ep.add_argument("--no-dialogue", action="store_true", help="不算回答指标 · skip the reply metrics (BLEU, "
+                    "distinct-n)")
+    _add_checkpoint_flags(ep)
 
     rp = sub.add_parser("report", help="模型报告 · "
         "write report.md: a model card with config, data, losses, metrics, samples")
-    rp.add_argument("out_dir", help="folder written by `zaizai train`")
-    rp.add_argument("--data", default=None, help="prepared data folder (default: the one the model was trained on)")
-    rp.add_argument("--max-pairs", type=int, default=200, help="held-out dialogue pairs to score (default 200)")
-    rp.add_argument("--reevaluate", action="store_true", help="evaluate again even if eval.json exists")
-    rp.add_argument("--device", default="auto")
+    rp.add_argument("out_dir", help=MODEL_DIR_HELP)
+    rp.add_argument("--data", default=None, help=DATA_HELP)
+    rp.add_argument("--max-pairs", type=positive_int, default=200, help=MAX_PAIRS_HELP)
+    rp.add_argument("--reevaluate", action="store_true", help="重新评估 · evaluate again even if eval.json exists")
+    rp.add_argument("--device", default="auto", help="设备 · auto (default) | cpu | cuda | mps")
 
     ap = sub.add_parser("attention", help="注意力图 · draw the attention weights (layers x heads) of a gpt over a text")
-    ap.add_argument("out_dir", help="folder written by `zaizai train`")
-    ap.add_argument("--text", required=True, help="the text to look at, e.g. 你好，我是崽崽")
-    ap.add_argument("--png", default=None, help="picture to write (default OUT_DIR/attention.png)")
-    ap.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"])
+    ap.add_argument("out_dir", help=MODEL_DIR_HELP)
+    ap.add_argument("--text", required=True, help="要看的文字 · the text to look at, e.g. 你好，我是崽崽")
+    ap.add_argument("--png", default=None, help="要写的图片 · picture to write (default OUT_DIR/attention.png)")
+    _add_checkpoint_flags(ap, device=False)
 
     mp = sub.add_parser("compare", help="比较 bigram / rnn / gpt · "
         "train bigram, rnn and gpt for the same time and compare them")
-    mp.add_argument("data_dir", help="folder written by `zaizai prepare`")
-    mp.add_argument("--max-time", type=float, default=120.0, help="seconds of training per model (default 120)")
-    mp.add_argument("--out", default="compare", help="folder for compare-<model>/ runs and the plot (default compare)")
-    mp.add_argument("--models", default="bigram,rnn,gpt", help="comma-separated (default bigram,rnn,gpt)")
-    mp.add_argument("--threads", type=int, default=None, help="CPU threads (0 = PyTorch's choice)")
-    mp.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
+    mp.add_argument("data_dir", help="`zaizai prepare` 写的数据文件夹 · folder written by `zaizai prepare`")
+    mp.add_argument("--max-time", type=positive_float, default=120.0,
+                    help="每个模型训练几秒 · seconds of training per model (default 120)")
+    mp.add_argument("--out", default="compare", help="各次运行和图的文件夹 · folder for compare-<model>/ runs and "
+                    "the plot (default compare)")
+    mp.add_argument("--models", default="bigram,rnn,gpt", help="要比较的模型，逗号分隔 · comma-separated "
+                    "(default bigram,rnn,gpt)")
+    mp.add_argument("--threads", type=nonneg_int, default=None,
+                    help="CPU 线程数 · CPU threads (default: chosen for this machine)")
+    mp.add_argument("--device", default=None, help="设备 · auto (default) | cpu | cuda | mps")
 
 
 def _add_interop_commands(sub) -> None:
     """export, import-hf: models to and from other tools."""
     xp = sub.add_parser("export", help="导出 · "
         "write a gpt for other tools: a Hugging Face folder or a GGUF file (llama.cpp)")
-    xp.add_argument("out_dir", help="folder written by `zaizai train` (or `zaizai import-hf`)")
+    xp.add_argument("out_dir", help="`zaizai train` 或 `zaizai import-hf` 写的模型文件夹 · folder written by "
+                    "`zaizai train` (or `zaizai import-hf`)")
     xp.add_argument("--format", required=True, choices=["hf", "gguf"],
-                    help="hf: a transformers GPT2LMHeadModel folder; gguf: one file for llama.cpp / ollama")
-    xp.add_argument("--to", required=True, help="folder (hf) or file (gguf) to write")
-    xp.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="gguf weights (default f16)")
-    xp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --to folder (hf)")
+                    help="导出格式 · hf: a transformers GPT2LMHeadModel folder; gguf: one file for llama.cpp / ollama")
+    xp.add_argument("--to", required=True, help="要写的文件夹 (hf) 或文件 (gguf) · folder (hf) or file (gguf) to write")
+    xp.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="gguf 权重精度 · gguf weights (default f16)")
+    xp.add_argument("--overwrite", action="store_true",
+                    help="替换已有的 --to 文件夹或文件 · replace an existing --to folder (hf) or file (gguf)")
 
     ip = sub.add_parser("import-hf", help="导入 · a local Hugging Face GPT-2 folder -> a zaizai model folder")
-    ip.add_argument("hf_dir", help="folder with config.json, model.safetensors and the tokenizer files")
-    ip.add_argument("--out", required=True, help="zaizai model folder to write")
-    ip.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    ip.add_argument("hf_dir", help="含 config.json、model.safetensors 和分词文件的文件夹 · folder with config.json, "
+                    "model.safetensors and the tokenizer files")
+    ip.add_argument("--out", required=True, help="要写的 zaizai 模型文件夹 · zaizai model folder to write")
+    ip.add_argument("--overwrite", action="store_true",
+                    help="替换已有的 --out 文件夹 · replace an existing non-empty --out folder")
 
 
 def starting_note(stream=None) -> None:
@@ -230,14 +260,27 @@ def starting_note(stream=None) -> None:
         print("zaizai: 启动中 starting (loading PyTorch) …", file=stream, flush=True)
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for a file the system refused (permissions, a full disk, a file where a folder should be)."""
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return f"系统错误 system error: {reason}"
+    path = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"无法写入 cannot write {path}: {reason}; 腾出磁盘空间 free some disk space"
+    if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+        return f"无法写入或读取 cannot write or read {path}: {reason}; 检查权限 check permissions"
+    return f"无法访问 cannot access {path}: {reason}; 检查路径 check the path"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    starting_note()
-    try:
+    try:  # Ctrl-C anywhere, the lazy imports of torch included, is one line and exit 130
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        starting_note()
         return COMMANDS[args.command](args) or 0
     except ZaizaiError as e:
         print(f"zaizai: 错误 error: {e}", file=sys.stderr)
@@ -247,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `zaizai sample ... | head`
         return 0
+    except OSError as e:  # a read-only --out, a full disk: one line, never a traceback
+        print(f"zaizai: 错误 error: {os_error_line(e)}", file=sys.stderr)
+        return 2
 
 
 def cmd_prepare(args) -> int:
@@ -254,7 +300,7 @@ def cmd_prepare(args) -> int:
 
     prepare(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed, encoding=args.encoding,
             errors=args.errors, format=args.format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            skip_bad=args.skip_bad)
+            skip_bad=args.skip_bad, overwrite=args.overwrite)
     return 0
 
 
@@ -356,7 +402,7 @@ def cmd_export(args) -> int:
     else:
         from .interop.gguf import export_gguf
 
-        export_gguf(args.out_dir, args.to, dtype=args.dtype)
+        export_gguf(args.out_dir, args.to, dtype=args.dtype, overwrite=args.overwrite)
     return 0
 
 
@@ -370,9 +416,9 @@ def cmd_import_hf(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.app import serve
 
-    serve(args.out_dir, host=args.host, port=args.port, api_key=args.api_key, which=args.checkpoint,
-          device=args.device, max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting,
-          history=args.history)
+    serve(args.out_dir, host=args.host, port=args.port, api_key=args.api_key, api_key_file=args.api_key_file,
+          allowed_hosts=args.allowed_host or [], which=args.checkpoint, device=args.device,
+          max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting, history=args.history)
     return 0
 
 

@@ -75,7 +75,7 @@ def run_demo(out: str | Path = "demo", max_time: float = 60.0, retrain: bool = F
     if retrain or not (model_dir / LAST).is_file():
         corpus = build_demo_corpus(out / "corpus.jsonl")
         print(f"== 1/3 语料 corpus: {corpus} (chatterbot-corpus 中文对话 + 崽崽的自我介绍)")
-        prepare([corpus], out / "data", val_fraction=0.05, seed=1)
+        prepare([corpus], out / "data", val_fraction=0.05, seed=1, overwrite=True)
         print(f"\n== 2/3 训练 train: a small gpt on the CPU for {max_time:.0f} s")
         train(out / "data", model_dir, preset="demo", max_time=max_time, overwrite=True)
     else:

@@ -21,8 +21,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..common.errors import ZaizaiError
-from .building import Built, TokenizerChoice, output_errors, read_files, validation_mask, where
-from .corpus import decode_counting, iter_file_pieces, split_documents
+from .building import (
+    TRAIN_CHUNK_CHARS,
+    Built,
+    TokenizerChoice,
+    output_errors,
+    read_files,
+    text_chunks,
+    validation_mask,
+    where,
+)
+from .corpus import decode_counting, iter_file_pieces, split_documents, split_segments
 from .tokendata import SPLITS, bin_file
 from .tokenizer import EOT_ID, UNK_ID, CharTokenizer, Tokenizer, code_points
 
@@ -30,6 +39,8 @@ PIECE_BYTES = 16 << 20  # bytes read at a time (cut at an empty line): bounds pr
 # The BPE trainer's memory grows with the distinct pieces it sees (~0.3 KB per character of
 # them), so it learns from an even sample of the training documents of about this many characters.
 BPE_SAMPLE_CHARS = 2_000_000
+ENCODE_CHUNK_CHARS = 4096  # a BPE encodes a long document in chunks of at most this many characters
+ENCODE_BATCH_CHARS = 1 << 20  # ... and about this many characters at a time
 _COUNTS = ("tokens", "chars", "documents", "unknown")  # the size of a split in meta.json
 
 
@@ -45,44 +56,52 @@ def _init_worker(tokenizer: Tokenizer | None) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _scan_piece(task) -> tuple[int, int, str, int]:
-    """Pass 1: (documents, characters, first 100 characters, characters that did not decode) of a piece."""
-    path, offset, raw, encoding, errors = task
-    text, bad = decode_counting(raw, encoding, name=path, errors=errors, offset=offset)
-    return len(split_documents(text)), len(text), text[:100], bad
+def _scan_piece(task) -> tuple[int, int, str, int, int]:
+    """Pass 1: (segments, characters, first 100 characters, characters that did not decode, NULs dropped)
+    of a piece: its documents, the first and last perhaps parts of documents cut across pieces."""
+    path, offset, raw, encoding, errors, head_open, tail_open = task
+    text, bad, nuls = decode_counting(raw, encoding, name=path, errors=errors, offset=offset)
+    return len(split_segments(text, head_open, tail_open)), len(text), text[:100], bad, nuls
 
 
-def _piece_split(task) -> tuple[list[str], list[str]]:
-    """A piece's (training, validation) documents."""
-    path, offset, raw, encoding, errors, is_val = task
-    documents = split_documents(decode_counting(raw, encoding, name=path, errors=errors, offset=offset)[0])
-    assert len(documents) == len(is_val), "a piece splits the same way on every pass"
-    train = [doc for doc, v in zip(documents, is_val) if not v]
-    val = [doc for doc, v in zip(documents, is_val) if v]
-    return train, val
+def _piece_split(task) -> tuple[tuple[list[str], bool], tuple[list[str], bool]]:
+    """A piece's training and validation segments, each with whether an EOT follows its last segment
+    (every other segment ends a document, or the training text of a single long document)."""
+    path, offset, raw, encoding, errors, head_open, tail_open, is_val, eot_last, cut_at = task
+    text = decode_counting(raw, encoding, name=path, errors=errors, offset=offset).text
+    segments = split_segments(text, head_open, tail_open)
+    if cut_at is not None and len(segments) == 1:  # the piece where a single long document's validation part starts
+        (segment,) = segments
+        return ([segment[:cut_at]], True), ([segment[cut_at:]], eot_last)
+    assert len(segments) == len(is_val), "a piece splits the same way on every pass"
+    train = [doc for doc, v in zip(segments, is_val) if not v]
+    val = [doc for doc, v in zip(segments, is_val) if v]
+    last_is_val = bool(is_val[-1]) if len(is_val) else False
+    return (train, eot_last or last_is_val), (val, eot_last or not last_is_val)
 
 
 def _piece_code_points(task) -> np.ndarray:
     """Pass 2 (char): the distinct code points of a piece's training documents."""
-    train, _ = _piece_split(task)
+    (train, _), _ = _piece_split(task)
     return np.unique(code_points("".join(train)))
 
 
 def _piece_train_documents(task) -> list[str]:
     """Pass 2 (bpe): a piece's training documents, for the trainer."""
-    return _piece_split(task)[0]
+    return _piece_split(task)[0][0]
 
 
 def _piece_encoded(task) -> dict[str, tuple[bytes, int, int, int]]:
     """Pass 3: per split, (ids as little-endian bytes, characters, documents, unknown ids)."""
     out = {}
-    for name, docs in zip(SPLITS, _piece_split(task)):
-        ids = _encode_documents(_worker_tokenizer, docs)
+    for name, (docs, eot_last) in zip(SPLITS, _piece_split(task)):
+        ids = _encode_documents(_worker_tokenizer, docs, eot_last=eot_last)
         little_endian = ids.astype(ids.dtype.newbyteorder("<"), copy=False)
+        ended = len(docs) - (0 if eot_last or not docs else 1)  # documents ended (EOTs written) here
         out[name] = (
             little_endian.tobytes(),
-            sum(map(len, docs)) + len(docs),
-            len(docs),
+            sum(map(len, docs)) + ended,
+            ended,
             int(np.count_nonzero(ids == UNK_ID)),
         )
     return out
@@ -149,53 +168,92 @@ class _Stream:
         self.workers = min(os.cpu_count() or 1, 4) if workers is None else workers
         if self.total_bytes <= PIECE_BYTES:
             self.workers = 1  # one piece: processes would only cost their start-up
-        self.piece_docs: list[int] = []  # documents in each piece, from pass 1
+        # from pass 1, per piece: its segments (documents, or parts of one cut across pieces), whether it
+        # starts inside a document (the previous piece's last one) and whether it ends inside one
+        self.piece_segments: list[int] = []
+        self.head_open: list[bool] = []
+        self.tail_open: list[bool] = []
+        self.piece_chars: list[int] = []
         self.is_val = np.zeros(0, dtype=bool)  # per document, once the split is chosen
+        self.val_from: tuple[int, int] | None = None  # a single long document: (piece, character) where val starts
 
     def bar(self, desc: str):
         return tqdm(total=self.total_bytes, desc=desc, unit="B", unit_scale=True,
                     disable=not self.verbose or self.total_bytes < PIECE_BYTES)
 
-    def pieces(self, progress=None) -> Iterator[tuple[Path, int, bytes]]:
-        """Every piece of every file, in order: ``(path, offset, raw bytes)``."""
+    def pieces(self, progress=None) -> Iterator[tuple[Path, int, bytes, bool, bool]]:
+        """Every piece of every file, in order: ``(path, offset, raw bytes, head_open, tail_open)``."""
         for path in self.files:
-            for offset, raw in iter_file_pieces(path, self.encoding, PIECE_BYTES):
-                yield path, offset, raw
+            head_open = False
+            for offset, raw, tail_open in iter_file_pieces(path, self.encoding, PIECE_BYTES):
+                yield path, offset, raw, head_open, tail_open
+                head_open = tail_open
                 if progress is not None:
                     progress.update(len(raw))
 
+    @property
+    def n_documents(self) -> int:
+        return sum(self.piece_segments) - sum(self.head_open)
+
     def scan(self) -> tuple[int, str, list[dict[str, Any]]]:
-        """Pass 1: count documents per piece; return (characters, first 100 of them, sources)."""
+        """Pass 1: count segments per piece; return (characters, first 100 of them, sources)."""
         hashes = {path: hashlib.sha256() for path in self.files}
         sizes = dict.fromkeys(self.files, 0)
         n_chars, head, paths = 0, "", []
         undecodable = dict.fromkeys(self.files, 0)
+        nuls = dict.fromkeys(self.files, 0)
 
         def tasks(progress):
-            for path, offset, raw in self.pieces(progress):
+            for path, offset, raw, head_open, tail_open in self.pieces(progress):
                 hashes[path].update(raw)
                 sizes[path] += len(raw)
                 paths.append(path)
-                yield path, offset, raw, self.encoding, self.errors
+                self.head_open.append(head_open)
+                self.tail_open.append(tail_open)
+                yield path, offset, raw, self.encoding, self.errors, head_open, tail_open
 
         with self.bar("扫描 scanning") as progress, _Workers(self.workers) as pool:
-            for i, (n_docs, chars, first, bad) in enumerate(pool.map(_scan_piece, tasks(progress))):
-                self.piece_docs.append(n_docs)
+            for i, (n_segments, chars, first, bad, nul) in enumerate(pool.map(_scan_piece, tasks(progress))):
+                self.piece_segments.append(n_segments)
+                self.piece_chars.append(chars)
                 n_chars += chars
                 head += first[: 100 - len(head)]
                 undecodable[paths[i]] += bad
+                nuls[paths[i]] += nul
         sources = [{"path": path.as_posix(), "bytes": sizes[path], "sha256": hashes[path].hexdigest()}
                    for path in self.files]
-        if self.errors != "strict":
-            for source, path in zip(sources, self.files):
+        for source, path in zip(sources, self.files):
+            if self.errors != "strict":
                 source["undecodable"] = undecodable[path]
+            if nuls[path]:
+                source["nul"] = nuls[path]
         return n_chars, head, sources
 
+    def hold_out_tail(self, val_fraction: float) -> str:
+        """A single document cut across pieces: hold out its last ``val_fraction`` of characters (the
+        validation part starts inside a piece); return the note for the user."""
+        chars = np.asarray(self.piece_chars, dtype=np.int64)
+        total = int(chars.sum())
+        n_val = min(max(round(total * val_fraction), 1), total - 1)
+        ends = np.cumsum(chars)
+        piece = int(np.searchsorted(ends, total - n_val, side="right"))  # the piece holding the first val character
+        self.val_from = (piece, total - n_val - int(ends[piece] - chars[piece]))
+        return (f"只有一个很长的文档（没有空行），验证集取最后 {n_val:,} 个字符 only one long document "
+                f"(no blank lines): holding out its last {n_val:,} of {total:,} characters for validation")
+
     def split_tasks(self, progress=None):
-        """Every piece with the validation flags of its documents."""
-        starts = np.concatenate([[0], np.cumsum(self.piece_docs)])
-        for i, (path, offset, raw) in enumerate(self.pieces(progress)):
-            yield path, offset, raw, self.encoding, self.errors, self.is_val[starts[i] : starts[i + 1]]
+        """Every piece with the validation flags of its segments, whether an EOT follows its last one, and
+        (a single long document) where in it validation starts."""
+        first_doc = 0  # the document of the piece's first segment
+        for i, (path, offset, raw, head_open, tail_open) in enumerate(self.pieces(progress)):
+            n = self.piece_segments[i]
+            first_doc -= head_open
+            is_val, eot_last, cut_at = self.is_val[first_doc : first_doc + n], not tail_open, None
+            if self.val_from is not None:  # one long document
+                is_val = np.full(n, i > self.val_from[0])
+                cut_at = self.val_from[1] if i == self.val_from[0] else None
+            first_doc += n
+            yield path, offset, raw, self.encoding, self.errors, head_open, tail_open, is_val, eot_last, cut_at
 
     def tokenizer(self, choice: TokenizerChoice, train_chars: float) -> Tokenizer:
         """Pass 2: the tokenizer, from the training documents only."""
@@ -207,18 +265,9 @@ class _Stream:
             return CharTokenizer(chr(cp) for cp in np.flatnonzero(seen))
         if choice.new != "bpe":
             return choice.build(())  # the reused one
-        stride = max(1, math.ceil(train_chars / BPE_SAMPLE_CHARS))
         with _Workers(self.workers) as pool:
-
-            def training_documents():
-                k = 0
-                for documents in pool.map(_piece_train_documents, self.split_tasks()):
-                    for document in documents:
-                        if k % stride == 0:
-                            yield document
-                        k += 1
-
-            return choice.build(training_documents())
+            documents = (doc for docs in pool.map(_piece_train_documents, self.split_tasks()) for doc in docs)
+            return choice.build(bpe_sample(documents, train_chars))
 
     def encode(self, tok: Tokenizer, out_dir: Path) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
         """Pass 3: encode into partial bins in ``out_dir``; return them and the splits' sizes.
@@ -262,15 +311,31 @@ def build_plain_streaming(
     (strict, replace or ignore)."""
     stream = _Stream(files, encoding, errors, workers, verbose)
     n_chars, head, sources = stream.scan()
-    n_documents = sum(stream.piece_docs)
-    if n_documents < 2:  # nothing to stream: hold out lines or characters, in memory
+    n_documents = stream.n_documents
+    notes, split_by = [], "documents"
+    if n_documents < 2 and sum(stream.piece_segments) < 2:  # one piece: hold out lines or characters, in memory
         return build_plain(read_files(files, encoding, verbose, errors), files, val_fraction=val_fraction, seed=seed,
                            tokenizer=tokenizer)
-    stream.is_val = validation_mask(n_documents, val_fraction, seed)
+    if n_documents < 2:  # one document in several pieces: hold out its last pieces
+        notes, split_by = [stream.hold_out_tail(val_fraction)], "characters"
+    else:
+        stream.is_val = validation_mask(n_documents, val_fraction, seed)
     tok = stream.tokenizer(tokenizer, train_chars=n_chars * (1 - val_fraction))
     partial, counts = stream.encode(tok, out_dir)
-    return Built(tok, {bin_file(name): partial[name] for name in SPLITS}, "documents", counts, sources,
-                 preview=head, n_chars=n_chars)
+    return Built(tok, {bin_file(name): partial[name] for name in SPLITS}, split_by, counts, sources,
+                 notes=notes, preview=head, n_chars=n_chars)
+
+
+def bpe_sample(documents: Iterable[str], total_chars: float) -> Iterator[str]:
+    """An even sample of about ``BPE_SAMPLE_CHARS`` characters of ``documents`` (of about ``total_chars``
+    in all), for the BPE trainer: every k-th chunk of at most ``TRAIN_CHUNK_CHARS``."""
+    stride = max(1, math.ceil(total_chars / BPE_SAMPLE_CHARS))
+    k = 0
+    for document in documents:
+        for chunk in text_chunks(document, TRAIN_CHUNK_CHARS):
+            if k % stride == 0:
+                yield chunk
+            k += 1
 
 
 # -- plain text, in memory -----------------------------------------------------------------------
@@ -295,7 +360,7 @@ def build_plain(
         raise ZaizaiError(f"the corpus is empty or only whitespace ({where(files)}); put some text in it")
 
     train_docs, val_docs, split_by, note = _hold_out(documents, val_fraction, seed)
-    tok = tokenizer.build(train_docs)
+    tok = tokenizer.build(bpe_sample(train_docs, sum(map(len, train_docs))) if tokenizer.new == "bpe" else train_docs)
     ids = {"train": _encode_documents(tok, train_docs), "val": _encode_documents(tok, val_docs)}
     splits = {
         name: {
@@ -345,23 +410,36 @@ def _hold_out(documents: list[str], val_fraction: float, seed: int) -> tuple[lis
     raise ZaizaiError("the corpus is a single character; it needs more text to train on")
 
 
-def _encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
-    """Encode documents into one array ``doc0 EOT doc1 EOT ...``.
+def _encode_documents(tokenizer: Tokenizer, documents: list[str], *, eot_last: bool = True) -> np.ndarray:
+    """Encode documents into one array ``doc0 EOT doc1 EOT ...`` (without the last EOT if not ``eot_last``:
+    the last document runs on into the next piece).
 
     Char: one vectorised pass over the documents joined by a newline, then the separators'
     positions (known from the documents' lengths) are overwritten with EOT. BPE: each document
-    on its own (a merge must not cross a document border), a batch at a time.
+    on its own (a merge must not cross a document border), a long one in chunks of at most
+    ``ENCODE_CHUNK_CHARS``, about ``ENCODE_BATCH_CHARS`` characters at a time (bounded memory).
     """
     if not documents:
         return np.zeros(0, dtype=tokenizer.dtype)
     if tokenizer.type != "char":
         eot = np.array([EOT_ID], dtype=tokenizer.dtype)
         pieces: list[np.ndarray] = []
-        for start in range(0, len(documents), 1024):
-            for ids in tokenizer.encode_batch(documents[start : start + 1024]):
-                pieces += [ids, eot]
+        batch: list[str] = []
+        ends: list[bool] = []  # whether an EOT follows each chunk of the batch
+        batch_chars = 0
+        for k, document in enumerate(documents):
+            chunks = list(text_chunks(document, ENCODE_CHUNK_CHARS))
+            for j, chunk in enumerate(chunks):
+                batch.append(chunk)
+                ends.append(j == len(chunks) - 1 and (eot_last or k < len(documents) - 1))
+                batch_chars += len(chunk)
+                if len(batch) >= 1024 or batch_chars >= ENCODE_BATCH_CHARS or (k, j) == (len(documents) - 1,
+                                                                                        len(chunks) - 1):
+                    for ids, end in zip(tokenizer.encode_batch(batch), ends):
+                        pieces.extend((ids, eot) if end else (ids,))
+                    batch, ends, batch_chars = [], [], 0
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=tokenizer.dtype)
     ids = tokenizer.encode_array("\n".join(documents) + "\n")
     lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
     ids[np.cumsum(lengths + 1) - 1] = EOT_ID
-    return ids
+    return ids if eot_last else ids[:-1]

@@ -8,6 +8,7 @@ the input files, the seeded validation split, and errors while writing the outpu
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +38,30 @@ class TokenizerChoice:
     def build(self, training_texts: Iterable[str]) -> Tokenizer:
         if self.reused is not None:
             return self.reused
-        if self.new == "bpe":
-            return BPETokenizer.train(training_texts, self.vocab_size, verbose=self.verbose)
+        if self.new == "bpe":  # long texts in short chunks: the trainer's memory grows with its longest text
+            chunks = (chunk for text in training_texts for chunk in text_chunks(text, TRAIN_CHUNK_CHARS))
+            return BPETokenizer.train(chunks, self.vocab_size, verbose=self.verbose)
         return CharTokenizer.from_text(training_texts)
+
+
+TRAIN_CHUNK_CHARS = 4096  # the BPE trainer sees texts at most this long
+_CHUNK_ENDS = re.compile(r"[\s。！？；，、：.!?;,:]")  # where a long text is best cut
+
+
+def text_chunks(text: str, limit: int) -> Iterator[str]:
+    """``text`` in chunks of at most ``limit`` characters (``text`` itself if it is no longer), each
+    cut after whitespace or punctuation in its last eighth where there is some. Joined they give ``text``."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        last = None
+        for last in _CHUNK_ENDS.finditer(text, end - max(limit // 8, 1), end):
+            pass
+        cut = last.end() if last is not None else end
+        yield text[start:cut]
+        start = cut
+    if start == 0 or start < len(text):
+        yield text[start:]
 
 
 @dataclass
@@ -63,16 +85,18 @@ def read_files(
 ) -> Iterator[tuple[Path, str, dict[str, Any]]]:
     """Yield ``(path, text, source)`` file by file (one text in memory at a time); ``source`` is
     the file's entry in meta.json's "sources" (with ``errors`` other than strict, also how many
-    characters did not decode: "undecodable")."""
+    characters did not decode: "undecodable"; if any NUL characters were dropped, how many: "nul")."""
     progress = tqdm(
         files, desc="读取 reading", unit="file", disable=not verbose or len(files) < _PROGRESS_MIN_FILES
     )
     for path in progress:
         raw = read_file_bytes(path)
         source = {"path": path.as_posix(), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-        text, bad = decode_counting(raw, encoding, name=path, errors=errors)
+        text, bad, nuls = decode_counting(raw, encoding, name=path, errors=errors)
         if errors != "strict":
             source["undecodable"] = bad
+        if nuls:
+            source["nul"] = nuls
         yield path, text, source
 
 

@@ -25,6 +25,7 @@ import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from ..common.errors import ZaizaiError
 
@@ -37,6 +38,7 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")
 # Encodings a user can name on the command line, for error messages.
 _ENCODING_HINT = "utf-8, gbk, gb18030 or big5"
+NUL_SHARE_LIMIT = 0.01  # more NUL characters than this share of a text: refused, not dropped
 ERRORS = ("strict", "replace", "ignore")  # what to do with bytes that do not decode (--errors)
 
 # Python's "replace" and "ignore", counting what they replace or drop (in this thread).
@@ -139,14 +141,23 @@ def decode_text(
     ``"strict"`` refuses bytes that do not decode, ``"replace"`` turns them into U+FFFD,
     ``"ignore"`` drops them.
     """
-    return decode_counting(raw, encoding, name=name, errors=errors)[0]
+    return decode_counting(raw, encoding, name=name, errors=errors).text
+
+
+class Decoded(NamedTuple):
+    """Decoded text, how many characters did not decode (replaced or dropped) and how many NULs were dropped."""
+
+    text: str
+    undecodable: int
+    nuls: int
 
 
 def decode_counting(
     raw: bytes, encoding: str = "utf-8", *, name: PathLike = "<text>", errors: str = "strict", offset: int = 0
-) -> tuple[str, int]:
+) -> Decoded:
     """:func:`decode_text`, also returning how many characters did not decode (replaced or
-    dropped; 0 with ``errors="strict"``, which raises instead).
+    dropped; 0 with ``errors="strict"``, which raises instead) and how many NUL characters were
+    dropped (see :func:`drop_nuls`).
 
     ``raw`` starts at byte ``offset`` of the file: 0 for a whole file (its byte-order mark is
     handled), more for a later piece of :func:`iter_file_pieces`.
@@ -167,7 +178,26 @@ def decode_counting(
         text = text.removeprefix("\ufeff")  # a BOM some codecs (utf-16-le, gb18030) leave as text
     if "\r" in text:  # CRLF (Windows) and lone CR (classic Mac) line endings
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text, bad
+    text, nuls = drop_nuls(text, name)
+    return Decoded(text, bad, nuls)
+
+
+def drop_nuls(text: str, name: PathLike = "<text>") -> tuple[str, int]:
+    """``text`` without NUL characters (U+0000), and how many there were.
+
+    A NUL is never meant as a character of a text to learn (it would silently become one of the
+    vocabulary): a few are junk and are dropped (prepare says how many); many (over
+    :data:`NUL_SHARE_LIMIT` of the text) mean UTF-16 read as UTF-8, or not text at all: refused.
+    """
+    if "\x00" not in text:
+        return text, 0
+    nuls = text.count("\x00")
+    if nuls > NUL_SHARE_LIMIT * len(text):
+        raise ZaizaiError(
+            f"{name}: {nuls / len(text):.0%} of the characters are NUL bytes (\\x00): it is probably UTF-16 "
+            "text (try --encoding utf-16) or not a text file at all"
+        )
+    return text.replace("\x00", ""), nuls
 
 
 def _decode_or_explain(
@@ -238,31 +268,40 @@ _PIECE_CUTS = (b"\r\n\r\n", b"\n\n")  # an empty line: always a document border
 
 
 def iter_file_pieces(path: Path, encoding: str = "utf-8", piece_bytes: int = 16 << 20):
-    """Read a file as ``(offset, raw bytes)`` pieces of about ``piece_bytes`` that each end at an
-    empty line (or at the end of the file), so that whole documents never span two pieces.
+    """Read a file as ``(offset, raw bytes, cut_inside)`` pieces of about ``piece_bytes``, so that
+    memory stays bounded whatever the file's shape.
 
-    Each piece decodes on its own (:func:`decode_counting` with the piece's offset), and only the
-    last can end in the middle of a character. A piece grows past ``piece_bytes`` when no empty
-    line follows (one huge document); files in encodings that cannot be cut safely (UTF-16/32,
-    or a UTF-16 byte-order mark) come as one piece.
+    A piece ends at the last empty line of what was read (a document border: ``cut_inside`` is
+    False), or at the end of the file. Where a document runs on for more than ``piece_bytes`` with
+    no empty line (one long line, say), the piece is cut inside it (``cut_inside`` True, and the next
+    piece continues that document): at a character border right after a character that is not
+    whitespace, preferably at the end of a line or after punctuation (see :func:`split_segments`,
+    which puts such a document back together exactly). Each piece decodes on its own
+    (:func:`decode_counting` with the piece's offset), and only the last can end in the middle of a
+    character. Files in encodings that cannot be cut safely (UTF-16/32, or a UTF-16 byte-order
+    mark) come as one piece.
     """
     try:
         with open(path, "rb") as f:
             first = f.read(piece_bytes)
             cuttable = codecs.lookup(encoding).name in _CUTTABLE_ENCODINGS and not first.startswith(_UTF16_BOMS)
             if not cuttable:
-                yield 0, first + f.read()
+                yield 0, first + f.read(), False
                 return
             offset, pending, chunk = 0, b"", first
             while chunk:
                 pending += chunk
-                cut = _last_cut(pending)
-                if cut:
-                    yield offset, pending[:cut]
-                    offset, pending = offset + cut, pending[cut:]
                 chunk = f.read(piece_bytes)
+                while len(pending) >= piece_bytes or (pending and not chunk):
+                    cut, inside = _last_cut(pending), False
+                    if not cut and chunk:
+                        cut, inside = _inside_cut(pending, piece_bytes, encoding), True
+                    if not cut:
+                        break  # the end of the file comes next
+                    yield offset, pending[:cut], inside
+                    offset, pending = offset + cut, pending[cut:]
             if pending:
-                yield offset, pending
+                yield offset, pending, False
     except OSError as err:
         raise ZaizaiError(f"{path}: cannot read it ({err.strerror or err})") from None
 
@@ -270,6 +309,51 @@ def iter_file_pieces(path: Path, encoding: str = "utf-8", piece_bytes: int = 16 
 def _last_cut(data: bytes) -> int:
     """Position just after the last empty line in ``data``, or 0 if there is none."""
     return max((i + len(cut) for cut in _PIECE_CUTS if (i := data.rfind(cut)) >= 0), default=0)
+
+
+_CUT_WINDOW = 64 << 10  # bytes before the limit where a cut inside a document is looked for
+# Cuts inside a document, best first: just before a line break, after punctuation, after any character
+# that is not whitespace. (\udc80-\udcff: bytes that did not decode, kept by "surrogateescape".)
+_INSIDE_CUTS = (
+    re.compile(r"[^\s\udc80-\udcff](?=\n)"),
+    re.compile(r"[。！？；，、：.!?;,:)）」』”]"),
+    re.compile(r"[^\s\udc80-\udcff]"),
+)
+
+
+def _inside_cut(data: bytes, limit: int, encoding: str) -> int:
+    """A position in ``data`` at most ``limit`` (and near it) that is a character border right after a
+    character that is not whitespace; 0 if there is none."""
+    codec = codecs.lookup(encoding).name
+    codec = "utf-8" if _is_utf8(codec) else codec
+    start = max(0, limit - _CUT_WINDOW)
+    if start:  # move to a character border
+        if codec == "utf-8":
+            while start < limit and 0x80 <= data[start] < 0xC0:
+                start += 1
+        else:
+            decoder = codecs.getincrementaldecoder(codec)("surrogateescape")
+            decoder.decode(data[:start])
+            start -= len(decoder.getstate()[0])
+    window = data[start:limit]
+    text = codecs.getincrementaldecoder(codec)("surrogateescape").decode(window)
+    for pattern in _INSIDE_CUTS:
+        chars = max((match.end() for match in pattern.finditer(text)), default=0)
+        if chars:
+            break
+    else:  # nothing but whitespace for a long way (a blank line cut in two might go unseen): cut anywhere
+        chars = len(text)
+    if not chars:
+        return 0
+    # the byte length of text[:chars]: the shortest prefix of the window that decodes to that many characters
+    low, high = chars, len(window)
+    while low < high:
+        mid = (low + high) // 2
+        if len(codecs.getincrementaldecoder(codec)("surrogateescape").decode(window[:mid])) >= chars:
+            high = mid
+        else:
+            low = mid + 1
+    return start + low
 
 
 def read_texts(
@@ -306,3 +390,22 @@ def split_documents(text: str) -> list[str]:
     pieces[0] = pieces[0][1:]
     pieces[-1] = pieces[-1][:-1]
     return [piece for piece in pieces if piece]
+
+
+_OPEN = "\x00"  # stands for the rest of a document cut off at a piece's end (never in a text: drop_nuls)
+
+
+def split_segments(text: str, head_open: bool = False, tail_open: bool = False) -> list[str]:
+    """:func:`split_documents` of a piece of text whose start (``head_open``) or end
+    (``tail_open``) is a cut inside a document (see :func:`iter_file_pieces`).
+
+    The first segment then continues the previous piece's last document and the last one runs on
+    into the next piece: they always exist (perhaps empty), and joined end to end the segments of a
+    document give exactly its text. A cut is always right after a character that is not whitespace,
+    so no empty line runs across it."""
+    segments = split_documents(f"{_OPEN if head_open else ''}{text}{_OPEN if tail_open else ''}")
+    if head_open:
+        segments[0] = segments[0][1:]
+    if tail_open:
+        segments[-1] = segments[-1][:-1]
+    return segments

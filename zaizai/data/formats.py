@@ -156,6 +156,9 @@ def parse_jsonl(text: str, name: PathLike, problems: Problems) -> Dialogues:
         except json.JSONDecodeError as err:
             problems.report(where, f"not valid JSON ({err.msg} at column {err.colno})")
             continue
+        except RecursionError:  # [[[[...]]]] thousands deep: valid JSON no dialogue needs
+            problems.report(where, _TOO_DEEP)
+            continue
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
             problems.report(where, 'expected an object {"messages": [{"role": ..., "content": ...}, ...]}')
@@ -198,6 +201,7 @@ def training_messages_problem(messages: list[Any]) -> str | None:
     return None
 
 
+_TOO_DEEP = "JSON nested too deeply (lists or objects inside each other thousands of times)"
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 _LCCC_IGNORED_KEYS = ("test",)
 
@@ -246,6 +250,8 @@ class _LcccScanner:
             raise ZaizaiError(
                 f"{self.name}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); fix the file"
             ) from None
+        except RecursionError:  # where the value ends is unknown, so it cannot be skipped
+            raise ZaizaiError(f"{self.name}:{self.lines.line_of(pos)}: {_TOO_DEEP}; fix the file") from None
 
     def dialogue_list(self, pos: int, into: Dialogues) -> int:
         """Read the list of dialogues that starts at text[pos]; return the position after it."""

@@ -22,15 +22,17 @@ import numpy as np
 
 from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_write
+from ..common.outputs import DATA, check_output_folder
 from .build_dialogues import build_dialogues
 from .build_plain import build_plain_streaming
 from .building import Built, TokenizerChoice, output_errors, read_files
 from .corpus import PathLike, check_encoding, check_errors, list_text_files
 from .formats import FOLDER_SUFFIXES, TXT_HINT, check_format, resolve_format
-from .tokendata import META_FILE, META_VERSION, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, output_names
+from .tokendata import META_FILE, META_VERSION, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, check_val_split, output_names
 from .tokenizer import Tokenizer, hf_tokenizer_config, load_tokenizer
 
 NEW_TOKENIZERS = ("char", "bpe")  # what --tokenizer builds when it does not name a file or folder
+SHORT_VAL_TOKENS = 64  # a validation split this short does not fill one block of the smallest presets
 
 
 def prepare(
@@ -47,6 +49,7 @@ def prepare(
     errors: str = "strict",
     verbose: bool = True,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Turn text files (or folders of them) into token bins in ``out_dir``; return the meta.
 
@@ -65,20 +68,19 @@ def prepare(
     data; an existing file or folder wins over the names. Characters a reused char tokenizer
     lacks become ``<|unk|>`` (counted).
 
-    Plain text is streamed, so a corpus of any size prepares in bounded memory: each file is
-    read in pieces of about 16 MB cut at empty lines (documents never span pieces), decoded,
-    split and encoded by ``workers`` processes (default: up to 4 CPU cores; one for a corpus of
-    a single piece), and the ids are appended to the bins. The files are read three times:
-    to count documents (which fixes the split), to build the tokenizer from the training
-    documents (a BPE from an even sample of them of about ``build_plain.BPE_SAMPLE_CHARS``
-    characters, as its trainer's memory grows with the text), and to encode. Dialogues are
-    still read into memory.
+    Plain text is streamed in bounded memory whatever its size or shape: each file is read in
+    pieces of about 16 MB cut at empty lines (or, inside a longer document, after a character
+    that is not whitespace), decoded, split and encoded by ``workers`` processes (default: up to 4
+    cores; one for a single piece). The files are read three times: to count documents (which
+    fixes the split), to build the tokenizer from the training documents (a BPE from an even
+    sample of about ``build_plain.BPE_SAMPLE_CHARS`` characters, in short chunks), and to encode.
+    Dialogues are still read into memory.
 
     ``errors``: bytes not valid in ``encoding`` are refused (``"strict"``, naming the byte), made
-    U+FFFD (``"replace"``) or dropped (``"ignore"``), counted in meta.json's "sources".
-
-    ``skip_bad``: skip malformed dialogues (counted) instead of stopping at the first with
-    ``file:line: what is wrong``.
+    U+FFFD (``"replace"``) or dropped (``"ignore"``), counted in meta.json's "sources". ``skip_bad``:
+    skip malformed dialogues (counted) instead of stopping at the first with ``file:line: what``.
+    ``overwrite``: needed to replace a data folder (or fill a non-empty one); a model folder is never
+    written over. Checked before anything is read; a failed prepare leaves an old folder as it was.
 
     The validation split is ``val_fraction`` of the documents (dialogues), chosen by a seeded
     permutation (same seed, same split) and kept in their original order; an LCCC file's own
@@ -87,6 +89,7 @@ def prepare(
     sees only the training split, so validation characters it never saw become ``<|unk|>``, as
     they would in new text.
     """
+    check_output_folder(out_dir, DATA, overwrite=overwrite)
     val_fraction, seed = _check_split_options(val_fraction, seed)
     check_format(format)
     encoding, errors = check_encoding(encoding), check_errors(errors)
@@ -123,16 +126,29 @@ def prepare(
         "sources": built.sources,
         "created_by": f"zaizai {_zaizai_version()}",
     }
+    _check_val(out_dir, meta, built)
     _write_folder(out_dir, kind, built.tokenizer, built.arrays, meta)
     if verbose:
-        notes = built.notes
-        if format == "auto" and resolved == "plain" and any(p.suffix.lower() == ".txt" for p in files):
-            notes = [TXT_HINT, *notes]
-        for note in notes:
-            print(note)
-        _print_summary(meta, built, n_files=len(files))
-        print(f"已写入 wrote: {', '.join(str(p) for p in outputs)}")
+        txt_hint = format == "auto" and resolved == "plain" and any(p.suffix.lower() == ".txt" for p in files)
+        _print_summary(meta, built, files, outputs, [TXT_HINT] if txt_hint else [])
     return meta
+
+
+def _check_val(out_dir: Path, meta: dict[str, Any], built: Built) -> None:
+    """Refuse an empty validation split before writing anything (removing the streamed partial bins); note
+    one shorter than a block."""
+    try:
+        check_val_split(out_dir, meta)
+    except ZaizaiError:
+        for array in built.arrays.values():
+            if isinstance(array, Path):
+                array.unlink(missing_ok=True)
+        raise
+    tokens = meta["splits"]["val"]["tokens"]
+    if tokens <= SHORT_VAL_TOKENS:
+        built.notes.append(f"注意：验证集只有 {tokens:,} 个 token，验证损失会很不稳 · note: the validation "
+                           f"split has only {tokens:,} tokens (not one block of {SHORT_VAL_TOKENS}), so its loss "
+                           "says little; add text or raise --val-fraction")
 
 
 def _check_split_options(val_fraction: float, seed: int) -> tuple[float, int]:
@@ -178,8 +194,12 @@ def _reused_tokenizer(path: PathLike) -> tuple[Tokenizer, str]:
 # -- what prepare prints ---------------------------------------------------------------------------
 
 
-def _print_summary(meta: dict[str, Any], built: Built, *, n_files: int) -> None:
-    """What the articles print: sizes, vocabulary, the first text, split sizes."""
+def _print_summary(meta: dict[str, Any], built: Built, files: list[Path], outputs: list[Path],
+                   hints: list[str]) -> None:
+    """What the articles print: notes, sizes, vocabulary, the first text, split sizes, the files written."""
+    for note in [*hints, *built.notes]:
+        print(note)
+    n_files = len(files)
     reused = f" (reused {meta['tokenizer_from']})" if meta["tokenizer_from"] else ""
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     if meta["kind"] == "plain":
@@ -208,12 +228,16 @@ def _print_summary(meta: dict[str, Any], built: Built, *, n_files: int) -> None:
     if val["unknown"]:
         unseen = "the tokenizer lacks" if meta["tokenizer_from"] else "unseen in train"
         print(f"验证集里训练集没有的字符 val characters {unseen}: {val['unknown']:,} (-> <|unk|>)")
+    nuls = sum(source.get("nul", 0) for source in meta["sources"])
+    if nuls:
+        print(f"丢弃了 {nuls:,} 个 NUL 字符 dropped {nuls:,} NUL character(s) (\\x00, never text) from the input")
     if meta.get("errors", "strict") != "strict":  # --errors replace or ignore: say how much it changed
         bad = sum(source["undecodable"] for source in meta["sources"])
         if meta["errors"] == "replace":
             print(f"替换了 {bad:,} 个无法解码的字符 replaced {bad:,} undecodable character(s) with U+FFFD")
         else:
             print(f"丢弃了 {bad:,} 个无法解码的字符 dropped {bad:,} undecodable character(s) (--errors ignore)")
+    print(f"已写入 wrote: {', '.join(str(p) for p in outputs)}")
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -98,8 +98,10 @@ def load_meta(data_dir: PathLike) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ZaizaiError(f"{data_dir} is not a prepared data folder (no {META_FILE}); {first}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # ValueError: JSONDecodeError, a 5000-digit number
         raise ZaizaiError(f"{path} is damaged ({err}); run `zaizai prepare` again") from None
+    except RecursionError:
+        raise ZaizaiError(f"{path} is damaged (nested too deeply); run `zaizai prepare` again") from None
 
     damaged = ZaizaiError(f"{path} is not zaizai data metadata; run `zaizai prepare` again")
     if not isinstance(meta, dict):
@@ -117,15 +119,32 @@ def load_meta(data_dir: PathLike) -> dict[str, Any]:
         ok = (
             kind in KINDS
             and meta["dtype"] in ("uint16", "uint32")
-            and isinstance(meta["vocab_size"], int)
+            and _count(meta["vocab_size"]) and meta["vocab_size"] >= 1
+            and meta["vocab_size"] <= np.iinfo(meta["dtype"]).max + 1
             and isinstance(meta["tokenizer_file"], str)
-            and all(isinstance(meta["splits"][s][k], int) for s in SPLITS for k in counts)
+            and all(_count(meta["splits"][s][k]) for s in SPLITS for k in counts)
         )
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, IndexError):
         ok = False
     if not ok:
         raise damaged
     return meta
+
+
+def _count(value: Any) -> bool:
+    """Whether a meta.json value is a whole number >= 0 (true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_val_split(data_dir: PathLike, meta: dict[str, Any]) -> None:
+    """Refuse a folder whose validation split has nothing to evaluate (found before training, not at its
+    first evaluation)."""
+    val = meta["splits"]["val"]
+    empty = val["dialogues"] == 0 if meta["kind"] == "dialogue" else val["tokens"] < 2
+    if empty:
+        raise ZaizaiError(f"{data_dir}: the validation split is empty ({val['tokens']} tokens), so training "
+                          "could not be evaluated; run `zaizai prepare` again with more text or a larger "
+                          "--val-fraction")
 
 
 def trained_exchanges(data_dir: PathLike, vocab_size: int | None = None) -> int | None:
@@ -156,6 +175,8 @@ class TokenData:
     def __init__(self, data_dir: PathLike):
         self.data_dir = Path(data_dir)
         self.meta = load_meta(self.data_dir)
+        check_val_split(self.data_dir, self.meta)
+        self._checked: set[str] = set()  # files whose values were checked (kept when pickled: checked once)
         self._tokenizer: Tokenizer | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._chunks: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -217,7 +238,19 @@ class TokenData:
             )
         if count == 0:
             return np.empty(0, dtype=dtype)  # mmap refuses empty files
-        return np.memmap(path, dtype=dtype, mode="r")
+        array = np.memmap(path, dtype=dtype, mode="r")
+        if file not in self._checked:  # every id a token of the vocabulary (every role a role): one pass
+            limit = 3 if file.endswith("_roles.bin") else self.meta["vocab_size"]
+            if any(int(array[i : i + _SCAN].max()) >= limit for i in range(0, count, _SCAN)):
+                raise ZaizaiError(f"{path} holds values out of range (>= {limit}): the data folder is damaged; "
+                                  "run `zaizai prepare` again")
+            self._checked.add(file)
+        return array
+
+    @property
+    def val_tokens(self) -> int:
+        """Tokens in the validation split (at least 2: :func:`check_val_split` refused the folder otherwise)."""
+        return self.meta["splits"]["val"]["tokens"]
 
     def num_tokens(self, split: str) -> int:
         return len(self.split(split))
@@ -299,8 +332,10 @@ class TokenData:
                 raise ZaizaiError(f"{path} is missing; run `zaizai prepare` again") from None
             except (OSError, ValueError) as err:
                 raise ZaizaiError(f"{path} is damaged ({err}); run `zaizai prepare` again") from None
-            if table.shape != shape or table.dtype != np.int64:
-                raise ZaizaiError(f"{path} does not match {META_FILE}; run `zaizai prepare` again")
+            n_tokens = self.num_tokens(split)
+            if table.shape != shape or table.dtype != np.int64 or not _table_in_range(table, which, n_tokens):
+                raise ZaizaiError(f"{path} does not match {META_FILE}: the data folder is damaged; "
+                                  "run `zaizai prepare` again")
             self._arrays[path.name] = table
         return self._arrays[path.name]
 
@@ -408,6 +443,19 @@ class TokenData:
         else:
             tokens, chars = info["tokens"], info["chars"]
         return loss_nats / math.log(2) * tokens / chars if chars else float("nan")
+
+
+_SCAN = 1 << 24  # ids checked at a time
+
+
+def _table_in_range(table: np.ndarray, which: int, n_tokens: int) -> bool:
+    """Whether a dialogue table fits its bin: dialogues (which 1) in order, each of at least one token and
+    inside the bin; turn starts (which 2) in order and inside the bin."""
+    if which == 1:
+        starts, lengths = table[:, 0], table[:, 1]
+        return bool(np.all(starts >= 0) and np.all(lengths >= 1) and np.all(starts <= n_tokens - lengths)
+                    and np.all(starts[1:] >= starts[:-1] + lengths[:-1]))
+    return bool(np.all(table >= 0) and np.all(table < n_tokens) and np.all(table[1:] > table[:-1]))
 
 
 def _check_split(name: str) -> None:

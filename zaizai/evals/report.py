@@ -36,10 +36,7 @@ def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, dev
     """Write ``out_dir/report.md`` (running :func:`zaizai.evals.evaluation.evaluate` if there is no ``eval.json``)."""
 
     out = Path(out_dir)
-    config_path = out / "config.json"
-    if not config_path.is_file():
-        raise ZaizaiError(f"{out} has no config.json; give a folder written by `zaizai train`")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = _read_config(out)
     results = None if reevaluate else load_eval(out)
     if results is None:
         results = evaluate(out, data_dir, device=device, max_pairs=max_pairs, verbose=verbose)
@@ -48,21 +45,23 @@ def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, dev
     if records:
         plot_losses(out, records)
 
-    mcfg, tcfg, meta, state = config["model"], config["train"], config.get("data", {}), bot.state
+    mcfg, tcfg, meta, state = config["model"], config["train"], config.get("data") or {}, bot.state
+    c = bot.model_config  # the checkpoint's own, checked when it loaded
     lines = [f"# 崽崽 zaizai 模型报告 model card: {md_text(out.resolve().name)}", ""]
     lines += ["## 模型 Model", "",
-              f"- {mcfg['model']} · **{bot.num_params():,}** 参数 parameters · {mcfg.get('n_layer')} layers · "
-              f"{mcfg.get('n_head')} heads · n_embd {mcfg.get('n_embd')} · block_size {mcfg.get('block_size')} · "
-              f"vocab {mcfg.get('vocab_size'):,}",
+              f"- {c.model} · **{bot.num_params():,}** 参数 parameters · {c.n_layer} layers · "
+              f"{c.n_head} heads · n_embd {c.n_embd} · block_size {c.block_size} · vocab {c.vocab_size:,}",
               f"- checkpoint: {md_code(Path(results.get('checkpoint', bot.path)).name)} at step "
               f"{state.get('step')}", ""]
     data_dir = str(results.get("data_dir", tcfg.get("data_dir")))
-    lines += ["## 数据 Data", "", f"- folder: {md_code(data_dir)} · kind "
-              f"{meta.get('kind', 'plain')} · tokenizer {meta.get('tokenizer')} · vocab {meta.get('vocab_size'):,}", ""]
+    lines += ["## 数据 Data", "", f"- folder: {md_code(data_dir)} · kind {meta.get('kind', 'plain')} · "
+              f"tokenizer {meta.get('tokenizer')} · vocab {_count(meta.get('vocab_size'))}", ""]
     lines += ["| split | tokens | chars | documents / dialogues | unknown |", "|---|---|---|---|---|"]
-    for split, info in meta.get("splits", {}).items():
-        lines.append(f"| {md_text(split)} | {info.get('tokens', 0):,} | {info.get('chars', 0):,} | "
-                     f"{info.get('documents', info.get('dialogues', 0)):,} | {info.get('unknown', 0):,} |")
+    splits = meta.get("splits")
+    for split, info in (splits.items() if isinstance(splits, dict) else ()):
+        info = info if isinstance(info, dict) else {}
+        lines.append(f"| {md_text(split)} | {_count(info.get('tokens', 0))} | {_count(info.get('chars', 0))} | "
+                     f"{_count(info.get('documents', info.get('dialogues', 0)))} | {_count(info.get('unknown', 0))} |")
     lines += ["", "## 训练 Training", ""]
     # the whole run (the evaluated checkpoint may be `best`, saved earlier)
     run = records[-1] if records else {"step": state.get("step", 0), "tokens": state.get("tokens_seen", 0),
@@ -105,6 +104,29 @@ def write_report(out_dir: str | Path, data_dir: str | Path | None = None, *, dev
     if verbose:
         print(f"已写入 written: {path}")
     return path
+
+
+def _read_config(out: Path) -> dict[str, Any]:
+    """The folder's config.json, checked to hold the "model" and "train" tables the report reads."""
+    path = out / "config.json"
+    if not path.is_file():
+        raise ZaizaiError(f"{out} has no config.json; give a folder written by `zaizai train`")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ZaizaiError(f"{path} 已损坏 is damaged ({str(e) or type(e).__name__}); restore it from a backup "
+                          "or train again") from None
+    except OSError as e:
+        raise ZaizaiError(f"cannot read {path} ({e.strerror or e})") from None
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and isinstance(config.get("train"), dict) and isinstance(config.get("data", {}), dict)):
+        raise ZaizaiError(f"{path} 已损坏 is damaged (no \"model\" and \"train\" tables); restore it from a "
+                          "backup or train again")
+    return config
+
+
+def _count(x: Any) -> str:
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "n/a"
 
 
 def _num(x: Any) -> str:

@@ -57,6 +57,7 @@ import numpy as np
 
 from ..common.errors import ZaizaiError
 from ..common.fileio import atomic_path
+from ..common.outputs import check_output_file
 from ..data.tokenizer import BPE_SPLIT_PATTERN, END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, special_token_texts
 from ..inference.loaded import load
 from .hf import LAYER_NORM_EPS, chat_template
@@ -83,20 +84,23 @@ GPT2_PRE = "trillion"
 SPM_SPACE = "\u2581"
 
 
-def export_gguf(model_dir, path, *, dtype: str = "f16", verbose: bool = True) -> Path:
-    """zaizai model folder -> one GGUF file (llama.cpp architecture "gpt2"), dtype "f32" or "f16"."""
+def export_gguf(model_dir, path, *, dtype: str = "f16", overwrite: bool = False, verbose: bool = True) -> Path:
+    """zaizai model folder -> one GGUF file (llama.cpp architecture "gpt2"), dtype "f32" or "f16".
+
+    An existing ``path`` is replaced only with ``overwrite`` and only if it is a ``.gguf`` file; never a file of
+    a model or data folder (``--to m1/last.safetensors`` would destroy the checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ZaizaiError(f"{path} is a folder; give the GGUF file to write, e.g. {path / 'model.gguf'}")
+    check_output_file(path, overwrite=overwrite, suffixes=(".gguf",))
     try:
         import gguf
     except ImportError:
         raise ZaizaiError("GGUF export needs the gguf package; install it with `pip install gguf`") from None
 
-
     kind = str(dtype).lower()
     if kind not in DTYPES:
         raise ZaizaiError(f"unknown GGUF dtype {dtype!r}; choose f16 (half the size) or f32")
-    path = Path(path)
-    if path.is_dir():
-        raise ZaizaiError(f"{path} is a folder; give the GGUF file to write, e.g. {path / 'model.gguf'}")
     if not path.parent.is_dir():
         raise ZaizaiError(f"{path.parent} does not exist; create the folder first")
 

@@ -6,19 +6,24 @@ from dataclasses import asdict, dataclass, fields
 
 from ..common.errors import ZaizaiError
 
-MODEL_NAMES = ("bigram", "rnn", "gpt")  # the registry (zaizai.models) maps each name to its class
+MODEL_NAMES = ("bigram", "rnn", "gpt", "modern")  # the registry (zaizai.models) maps each name to its class
 
 
 @dataclass
 class ModelConfig:
-    model: str = "gpt"          # registry name: bigram | rnn | gpt
+    model: str = "gpt"          # registry name: bigram | rnn | gpt | modern
     vocab_size: int = 0         # set from the tokenizer
     block_size: int = 128       # longest context the model sees
     n_layer: int = 4            # transformer blocks (gpt) or GRU layers (rnn)
-    n_head: int = 4             # attention heads (gpt)
+    n_head: int = 4             # attention heads (gpt, modern)
     n_embd: int = 128           # embedding / hidden width (gpt, rnn)
     dropout: float = 0.0
-    bias: bool = True           # biases in Linear and LayerNorm, as GPT-2 has
+    bias: bool = True           # biases in Linear and LayerNorm, as GPT-2 has (modern has none)
+    # modern (Qwen3-style) only; the defaults leave every other model, and its checkpoints, as they were
+    n_kv_head: int = 0          # key/value heads for grouped-query attention; 0 = n_head (plain multi-head)
+    rope_theta: float = 10000.0  # RoPE base: the slowest rotation's period grows with it
+    ffn_hidden: int = 0         # SwiGLU inner width; 0 = 8/3 n_embd rounded up to a multiple of 64
+    tie_embeddings: bool = True  # the output layer is the token embedding (as Qwen3's small models)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -27,6 +32,11 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` when it is 0."""
+        return self.n_kv_head or self.n_head
 
     def validate(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -38,8 +48,28 @@ class ModelConfig:
                 raise ZaizaiError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ZaizaiError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.model == "gpt" and self.n_embd % self.n_head != 0:
+        if self.model == "modern":
+            self._validate_modern()
+        if self.model in ("gpt", "modern") and self.n_embd % self.n_head != 0:
             raise ZaizaiError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
+
+    def _validate_modern(self) -> None:
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads != 0:
+            raise ZaizaiError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}) for "
+                              f"grouped-query attention; try n_kv_head={_divisor_below(self.n_head, self.n_kv_head)} "
+                              "(0 = one per head)")
+        if self.rope_theta <= 1.0:
+            raise ZaizaiError(f"rope_theta must be greater than 1, got {self.rope_theta} (10000 is usual)")
+        if self.ffn_hidden < 0:
+            raise ZaizaiError(f"ffn_hidden must not be negative (0 = automatic), got {self.ffn_hidden}")
+        if self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2:
+            raise ZaizaiError(f"the head size n_embd / n_head = {self.n_embd // self.n_head} must be even for "
+                              f"rotary embeddings; try n_embd={self.n_embd + self.n_head}")
+
+
+def _divisor_below(n: int, k: int) -> int:
+    """The largest divisor of ``n`` not above ``k`` (at least 1)."""
+    return max((d for d in range(1, max(1, min(n, k)) + 1) if n % d == 0), default=1)

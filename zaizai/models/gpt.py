@@ -56,6 +56,16 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0  # tokens cached so far (the position the next token gets)
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """An empty cache on existing buffers (n_layer, B, nh, max_len, hs), e.g. one row of a decoder's rows
+        (see :mod:`zaizai.models.decode`): a forward pass with it writes straight into them."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        cache.layers = list(zip(k.unbind(0), v.unbind(0)))
+        cache.max_len, cache.pos = k.size(3), 0
+        return cache
+
     def reset(self) -> None:
         self.pos = 0
 

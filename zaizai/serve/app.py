@@ -4,21 +4,24 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/comp
 streamed as server-sent events), ``GET /health``, the chat page at ``/`` and the OpenAPI schema at ``/openapi.json``
 (no ``/docs`` page: Swagger UI would load from a CDN, and this server works offline).
 
-Safe by default: it binds 127.0.0.1; with an API key (``--api-key`` or ``ZAIZAI_API_KEY``) every ``/v1``
-call needs ``Authorization: Bearer KEY``. Request bodies, messages and ``max_tokens`` are capped, and every
-mistake in a request is answered 4xx with an OpenAI-shaped error body ``{"error": {message, type, param, code}}``.
+Safe by default: it binds 127.0.0.1 and answers only requests addressed to a localhost name (``Host``; more with
+``allowed_hosts``); with an API key (``ZAIZAI_API_KEY``, a key file or ``--api-key``) every ``/v1`` call needs
+``Authorization: Bearer KEY``. Request bodies, messages and ``max_tokens`` are capped, slow request headers and
+bodies are cut off, every response carries a Content-Security-Policy and no-framing headers, and every mistake in
+a request is answered 4xx with an OpenAI-shaped error body ``{"error": {message, type, param, code}}``.
 
 This module holds the routes and the error handlers; the request bodies are in :mod:`.schemas`, answering a
-completion request in :mod:`.endpoints`, and the generation worker (generations interleaved token by token,
-a bounded queue, 429 when it is full, a disconnect stops its generation) in :mod:`.scheduler`.
+completion request in :mod:`.endpoints`, the generation worker (generations interleaved token by token,
+a bounded queue, 429 when it is full, a disconnect stops its generation) in :mod:`.scheduler`, and the Host
+allow-list, security headers and time limits in :mod:`.guards`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -28,30 +31,52 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..common.errors import ZaizaiError
 from .endpoints import CHAT, COMPLETION, Server, answer
+from .guards import ANY_ADDRESS, HostCheck, RequestBody, SecurityHeaders, allowed_names, content_security_policy, timed_h11
 from .scheduler import Scheduler
 from .schemas import MAX_TOKENS_LIMIT, APIError, ChatRequest, CompletionRequest, error_body
 
 MAX_BODY_BYTES = 1 << 20          # a request body larger than 1 MiB is refused (413)
+BODY_TIMEOUT_S = 10.0             # a request body not all in by then is refused (408)
+HEADER_TIMEOUT_S = 10.0           # a connection whose request line and headers are not all in by then is closed
 API_KEY_ENV = "ZAIZAI_API_KEY"
 WEB_DIR = Path(__file__).parent / "web"
 
 
+class App(FastAPI):
+    """FastAPI with :attr:`guards` outermost: around even its handler of unexpected errors (a 500 also carries
+    the security headers)."""
+
+    guards: list = []  # (middleware, keyword arguments), innermost first
+
+    def build_middleware_stack(self):
+        app = super().build_middleware_stack()
+        for middleware, kwargs in self.guards:
+            app = middleware(app, **kwargs)
+        return app
+
+
 def create_app(bot, *, api_key: str | None = None, model_name: str | None = None, max_tokens: int = MAX_TOKENS_LIMIT,
                max_active: int = 4, max_waiting: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
-               history: int | None = None) -> FastAPI:
+               history: int | None = None, allowed_hosts: Iterable[str] | None = None,
+               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving ``bot`` (a :class:`zaizai.inference.loaded.Zaizai`). ``history``: earlier exchanges a
-    chat prompt keeps (None: as many as the model's training dialogues had)."""
+    chat prompt keeps (None: as many as the model's training dialogues had). ``allowed_hosts``: names accepted in
+    the ``Host`` header besides the localhost names (see :func:`.guards.allowed_names`)."""
     if history is not None and history < 0:
         raise ZaizaiError(f"--history must be >= 0 (earlier exchanges to keep), got {history}")
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise ZaizaiError(f"--max-tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}")
+    hosts = allowed_names(extra=allowed_hosts or ())
     model_name = model_name or f"zaizai-{Path(bot.path).parent.name or 'model'}"
     scheduler = Scheduler(max_active=max_active, max_waiting=max_waiting)
-    app = FastAPI(title="zaizai", version="1", description=__doc__.split("\n\n")[0], lifespan=lifespan,
-                  docs_url=None, redoc_url=None)  # their pages load from a CDN; /openapi.json stays
+    app = App(title="zaizai", version="1", description=__doc__.split("\n\n")[0], lifespan=lifespan,
+              docs_url=None, redoc_url=None)  # their pages load from a CDN; /openapi.json stays
     app.state.server = Server(bot, scheduler, model_name, token_cap=max_tokens, api_key=api_key, history=history)
     app.state.scheduler = scheduler  # (a short name for its stats(), which /health reports)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.state.page = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+    app.guards = [(RequestBody, {"limit": max_body_bytes, "timeout_s": body_timeout_s}),
+                  (HostCheck, {"allowed": hosts}),
+                  (SecurityHeaders, {"csp": content_security_policy(app.state.page)})]
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
     app.include_router(router)
@@ -120,8 +145,8 @@ API = [Depends(check_key)]
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def page():
-    return HTMLResponse((WEB_DIR / "index.html").read_text(encoding="utf-8"))
+async def page(request: Request):
+    return HTMLResponse(request.app.state.page)  # (read once: the Content-Security-Policy has its script's hash)
 
 
 @router.get("/health")
@@ -151,60 +176,71 @@ async def completions(body: CompletionRequest, request: Request):
     return await answer(COMPLETION, body, request.app.state.server, request)
 
 
-# --- the body limit and running the server -----------------------------------------------------------------------
+# --- running the server ------------------------------------------------------------------------------------------
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is answered 413 (by its Content-Length, or while
-    it is read when it has none), before the app parses it."""
+def read_api_key(api_key: str | None = None, api_key_file: str | Path | None = None) -> str | None:
+    """The key every ``/v1`` call must send: ``api_key`` (the command line), else the first line of ``api_key_file``,
+    else the environment variable ``ZAIZAI_API_KEY``; None when there is none."""
+    if api_key is not None and api_key_file is not None:
+        raise ZaizaiError("--api-key 和 --api-key-file 只能给一个 · give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            with open(api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ZaizaiError(f"读不了密钥文件 cannot read the API key file {str(api_key_file)!r}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        if not key:
+            raise ZaizaiError(f"密钥文件是空的 the API key file {str(api_key_file)!r} is empty: "
+                              "put the key on its first line")
+        return key
+    if api_key is not None:
+        if not api_key.strip():
+            raise ZaizaiError("--api-key 是空的 · --api-key is empty")
+        return api_key.strip()
+    return os.environ.get(API_KEY_ENV, "").strip() or None
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(send)
-        received = 0
+def server_config(app, *, host: str = "127.0.0.1", port: int = 8000, header_timeout_s: float = HEADER_TIMEOUT_S,
+                  **kwargs):
+    """uvicorn's configuration for ``app``: HTTP/1.1 by h11 with a time limit on request headers
+    (:func:`.guards.timed_h11`), idle keep-alive connections closed after 5 s."""
+    import uvicorn
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"request body over {self.limit} bytes", code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    return uvicorn.Config(app, host=host, port=port, http=timed_h11(header_timeout_s), timeout_keep_alive=5,
+                          log_level="warning", **kwargs)
 
 
 def serve(out_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          which: str = "auto", device: str = "auto", max_tokens: int = MAX_TOKENS_LIMIT, max_active: int = 4,
-          max_waiting: int = 64, history: int | None = None) -> None:
-    """Load the model in ``out_dir`` and serve it until interrupted (see the module docstring)."""
+          api_key_file: str | None = None, allowed_hosts: list[str] | None = None, which: str = "auto",
+          device: str = "auto", max_tokens: int = MAX_TOKENS_LIMIT, max_active: int = 4, max_waiting: int = 64,
+          history: int | None = None, header_timeout_s: float = HEADER_TIMEOUT_S,
+          body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+    """Load the model in ``out_dir`` and serve it until interrupted (see the module docstring). ``allowed_hosts``:
+    names accepted in the ``Host`` header besides the localhost names and ``host`` itself."""
     try:
         import uvicorn
     except ImportError:
         raise ZaizaiError("serving needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
     from ..inference.loaded import load
 
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    key = read_api_key(api_key, api_key_file)
+    hosts = allowed_names(host, allowed_hosts or ())  # (a wrong --allowed-host is told before the model loads)
     bot = load(out_dir, which=which, device=device)
-    app = create_app(bot, api_key=api_key, max_tokens=max_tokens, max_active=max_active, max_waiting=max_waiting,
-                     history=history)
+    app = create_app(bot, api_key=key, max_tokens=max_tokens, max_active=max_active, max_waiting=max_waiting,
+                     history=history, allowed_hosts=hosts, body_timeout_s=body_timeout_s)
     shown = f"[{host}]" if ":" in host else host
     print(f"崽崽 zaizai · {bot}\n聊天页面 chat page: http://{shown}:{port}/   API: http://{shown}:{port}/v1   "
           f"OpenAPI: http://{shown}:{port}/openapi.json")
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"注意 note: serving on {host} without an API key: anyone who can reach it can use it "
-              f"(set --api-key or {API_KEY_ENV})")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+              f"(set {API_KEY_ENV} or --api-key-file)")
+    if api_key is not None:
+        print(f"注意 note: --api-key 会出现在进程列表里 · a key on the command line shows in `ps`: "
+              f"prefer the environment variable {API_KEY_ENV} or --api-key-file FILE")
+    if host.strip("[]") in ANY_ADDRESS and not allowed_hosts:
+        print("注意 note: 只接受用 localhost / 127.0.0.1 访问；别的机器用名字或 IP 访问时请加 --allowed-host 名字 · "
+              "only requests to localhost names are answered: add --allowed-host NAME for the name or address "
+              "other machines use")
+    uvicorn.Server(server_config(app, host=host, port=port, header_timeout_s=header_timeout_s)).run()

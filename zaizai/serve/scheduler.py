@@ -4,7 +4,7 @@ Generation is CPU/GPU-bound PyTorch, so it runs in one worker thread (:class:`Sc
 interleaves up to ``max_active`` generations token by token (round robin: a new request gets its first token
 after one step of each running one, not after they all finish); further requests wait in a bounded queue,
 and a full queue raises :class:`QueueFull` (the app answers 429). :func:`run_job` hands a request's pieces
-to the event loop; a client that disconnects stops its generation before the next token.
+to the event loop; a client that disconnects (streamed or not) stops its generation before its next token.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 from ..common.errors import ZaizaiError
 from ..inference.text import IncrementalDecoder, decode_stream
+
+
+DISCONNECT_POLL_S = 0.25
 
 
 class QueueFull(Exception):
@@ -106,8 +109,8 @@ class Scheduler:
                 continue
             try:
                 piece = next(job.stream)
-            except StopIteration:
-                self._finish(job, "completed", ("done", None))
+            except StopIteration:  # (cancelled: stopped by its Generation within the piece)
+                self._finish(job, "cancelled" if job.cancelled.is_set() else "completed", ("done", None))
                 continue
             except Exception as e:  # noqa: BLE001
                 self._finish(job, "failed", ("error", e))
@@ -126,9 +129,14 @@ class Generation:
         self.bot, self.ids, self.sampling, self.stop_ids, self.stop = bot, ids, sampling, stop_ids, stop
         self.completion_tokens = 0
         self.exhausted = False  # the token generator ran to its end (max_tokens or a stop id)
+        # set when the request is gone: no further token, even within a piece of text (tokens that show no text,
+        # such as special ones, make no piece, and the worker looks at its jobs only between pieces)
+        self.cancelled = threading.Event()
 
     def _counted(self) -> Iterator[int]:
         for token in self.bot.stream_ids(self.ids, self.sampling, self.stop_ids):
+            if self.cancelled.is_set():
+                return
             self.completion_tokens += 1
             yield token
         self.exhausted = True
@@ -148,30 +156,36 @@ class Generation:
 
 async def run_job(scheduler: Scheduler, generation: Generation, request=None):
     """Submit ``generation`` and yield its text pieces on the event loop; cancelling (or closing) this
-    generator, or the client going away, stops the generation."""
+    generator, or the client of ``request`` going away, stops the generation before its next token."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    job = Job(generation.stream, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    job = Job(generation.stream, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+              cancelled=generation.cancelled)
     scheduler.submit(job)  # QueueFull -> 429 before anything is sent
+    # not streamed: nothing is written until the end, so listen for the client going away meanwhile
+    watcher = None if request is None else asyncio.ensure_future(watch_disconnect(request.receive, events))
     try:
         while True:
-            if request is None:
-                kind, value = await events.get()
-            else:  # not streamed: nothing is written until the end, so look for a disconnect now and then
-                try:
-                    kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+            kind, value = await events.get()
             if kind == "piece":
                 yield value
             elif kind == "error":
                 raise value
-            else:
+            else:  # "done", or "gone" (the client left)
                 return
     finally:
-        job.cancelled.set()
+        job.cancelled.set()  # the worker drops the job at its next turn: no further token, its slot freed
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def watch_disconnect(receive, events: asyncio.Queue) -> None:
+    """Put ("gone", None) in ``events`` when the client disconnects. Once a request's body is read, an ASGI
+    server's ``receive()`` returns only when the client has gone (http.disconnect): no polling, no delay. (One that
+    answers at once with something else is asked again every 0.25 s.)"""
+    while (await receive())["type"] != "http.disconnect":
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    events.put_nowait(("gone", None))
 
 
 async def anext_or_none(agen):

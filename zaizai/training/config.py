@@ -7,6 +7,8 @@ A preset is just a named set of field values.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ class TrainConfig:
     min_lr: float = -1.0              # floor of the cosine decay; negative = lr / 10
     warmup_iters: int = 100           # linear warmup steps
     weight_decay: float = 0.1         # applied to 2-D weights only
+    optimizer: str = "adamw"          # adamw | muon (Muon for the hidden matrices, AdamW for the rest)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0            # max global grad norm; 0 = off
@@ -62,6 +65,8 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "threads", "eval_interval"):
             if getattr(self, name) < 0:
                 raise ZaizaiError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ZaizaiError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.max_time < 0:
             raise ZaizaiError(f"--max-time must not be negative, got {self.max_time}")
         if self.max_iters == 0 and self.max_time == 0:
@@ -167,7 +172,8 @@ def resolve_config(options: dict[str, Any] | None = None, config_file: str | Pat
 
 
 def _coerce(cls, name: str, value: Any) -> Any:
-    """Check a file/flag value against the field's type (int fields accept 1e3-style floats that are whole)."""
+    """Check a file/flag value against the field's type (int fields accept 1e3-style floats that are whole);
+    numbers must be finite (TOML reads 1e400 as inf) and a bool is not a number."""
     default = {f.name: f.default for f in fields(cls)}[name]
     kind = type(default)
     try:
@@ -178,14 +184,24 @@ def _coerce(cls, name: str, value: Any) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError
+            if not isinstance(value, (bool, int)):
+                raise ValueError
             return bool(value)
-        if kind is int:
+        if kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            if isinstance(value, int):
+                return value if kind is int else float(value)
             f = float(value)
+            if not math.isfinite(f):
+                raise ZaizaiError(f"option {name} expects a finite {kind.__name__}, got {f}")
+            if kind is float:
+                return f
             if f != int(f):
                 raise ValueError
             return int(f)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError
+        return str(value) if isinstance(value, str) else os.fspath(value)
+    except (TypeError, ValueError, OverflowError):
         raise ZaizaiError(f"option {name} expects a {kind.__name__}, got {value!r}") from None

@@ -12,7 +12,6 @@ Every random draw of a step is seeded from (seed, step), so a run that is stoppe
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, fields
@@ -22,27 +21,22 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .. import __version__
 from ..common.device import (autocast, autocast_dtype, available_cpus, default_threads, enable_tf32, resolve_device,
                              tune_glibc_malloc)
 from ..common.distributed import (Distributed, agree, distributed_device, distributed_from_env, gradient_sync,
                                   mean_over_replicas, on_main, process_group, replica_max_diff, replicate)
 from ..common.errors import ZaizaiError
-from ..common.fileio import atomic_write_text
+from ..common.fileio import remove_stale_temps
 from ..data.batches import Batches
-from ..data.tokendata import TokenData
 from ..models import build_model
 from .cadence import SAVE_SECONDS, fit_to_steps, fit_to_time, time_to_probe
 from .checkpoint import BEST, LAST, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .evaluation import estimate_loss, evaluate_split_until, forward
-from .metrics import PlotThrottle, append_metrics, truncate_metrics
+from .metrics import PlotThrottle, append_metrics, read_metrics, truncate_metrics
 from .optim import configure_optimizer
-from .plan import Plan, plan_run, prepare_out_dir
+from .plan import FULL_EVAL_MAX_TOKENS, Plan, nothing_left_to_do, plan_run, prepare_out_dir, write_run_files
 from .progress import ProgressBar, StopFlag
-
-# Evaluate the whole validation split at the end of a run when it is at most this many tokens.
-FULL_EVAL_MAX_TOKENS = 5_000_000
 
 Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (x, y, segments or None)
 
@@ -159,6 +153,9 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
     plan = plan_run(data_dir, out_dir, config_file, options)
     cfg = plan.train_config
     dist = distributed_from_env()
+    finished = nothing_left_to_do(plan)
+    if finished is not None:
+        return _already_finished(plan, finished, dist, verbose)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif dist.enabled:
@@ -172,6 +169,25 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         stopped_by, last_eval, replica_diff, deadline = _loop(run, state, started, verbose=verbose, on_step=on_step)
         return _finish(run, state, stopped_by=stopped_by, last_eval=last_eval, replica_diff=replica_diff,
                        deadline=deadline, verbose=verbose)
+
+
+def _already_finished(plan: Plan, last_record: dict, dist: Distributed, verbose: bool) -> TrainResult:
+    """--resume of a run that has reached its stopping point, final evaluation recorded: say so, write nothing."""
+    cfg, state = plan.train_config, RunState.from_dict(plan.resume_from.state)
+    out = Path(cfg.out_dir)
+    if dist.is_main:
+        remove_stale_temps(out)
+    stopped_by = _stop_reason(cfg, state.step, state.elapsed, False, state.final_reserve) or "max_iters"
+    if verbose and dist.is_main:
+        limit = f"--max-iters {cfg.max_iters}" if stopped_by == "max_iters" else f"--max-time {cfg.max_time:g}"
+        print(f"已完成 nothing to do: the run in {out} already reached {limit} at step {state.step}; "
+              "raise --max-iters or --max-time to train further")
+    full = state.full_val_loss
+    return TrainResult(out_dir=out, step=state.step, tokens_seen=state.tokens_seen, elapsed=state.elapsed,
+                       train_loss=last_record.get("train_loss"), val_loss=last_record.get("val_loss"),
+                       best_val_loss=state.best_val_loss, full_val_loss=full, stopped_by=stopped_by,
+                       full_val_bpc=None if full is None else plan.data.bits_per_char("val", full, loss_on=cfg.loss_on),
+                       replica_max_diff=state.replica_max_diff, full_val_share=None if full is None else 1.0)
 
 
 def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -> tuple[Run, RunState]:
@@ -194,7 +210,7 @@ def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
     optimizer = configure_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    betas=(cfg.beta1, cfg.beta2), device_type=device.type)
+                                    betas=(cfg.beta1, cfg.beta2), device_type=device.type, optimizer=cfg.optimizer)
     state = RunState(data_kind=data.kind)
     if plan.init_from is not None:
         model.load_state_dict(plan.init_from.model_state)
@@ -214,7 +230,7 @@ def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -
     if dist.enabled:
         step_model = replicate(step_model, device)
     if dist.is_main:
-        _write_run_files(out, mcfg, cfg, data, dist)
+        write_run_files(out, mcfg, cfg, data, dist.world_size)
 
     run = Run(mcfg, cfg, model, step_model, optimizer, device=device, amp_dtype=amp_dtype, dist=dist, out=out,
               plots=PlotThrottle(),
@@ -223,17 +239,6 @@ def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -
     if verbose and dist.is_main:
         _describe(run, resuming_at=state.step if resume is not None else None)
     return run, state
-
-
-def _write_run_files(out: Path, mcfg: ModelConfig, cfg: TrainConfig, data: TokenData, dist: Distributed) -> None:
-    """The tokenizer and the run's configs, next to the checkpoints."""
-    data.tokenizer.save(out / "tokenizer.json")
-    hf_config = Path(cfg.data_dir) / "tokenizer_config.json"  # lets transformers' AutoTokenizer load out/
-    if hf_config.is_file():
-        atomic_write_text(out / "tokenizer_config.json", hf_config.read_text(encoding="utf-8"))
-    run_config = {"model": mcfg.to_dict(), "train": cfg.to_dict(), "data": data.meta,
-                  "zaizai_version": __version__, "world_size": dist.world_size}
-    atomic_write_text(out / "config.json", json.dumps(run_config, ensure_ascii=False, indent=2))
 
 
 def _describe(run: Run, resuming_at: int | None) -> None:
@@ -263,7 +268,7 @@ def _loop(run: Run, state: RunState, started: float, *, verbose: bool,
     cfg, dist = run.cfg, run.dist
     tokens_per_step = run.tokens_per_step
     bar = ProgressBar(cfg, state.step, state.elapsed, enabled=verbose and dist.is_main)
-    last_eval: dict = {}
+    last_eval = _resumed_eval(run, state, bar)
     train_time_since_eval, tokens_since_eval = 0.0, 0
     stop = StopFlag()
     run.model.train()
@@ -286,9 +291,11 @@ def _loop(run: Run, state: RunState, started: float, *, verbose: bool,
                               amp_dtype=run.amp_dtype)
             if not math.isfinite(loss):
                 bar.close()
-                raise ZaizaiError(
-                    f"the loss became {loss} at step {state.step}; the run stopped and the last good checkpoint "
-                    f"in {run.out} is kept; lower --lr (now {cfg.lr:g}) or try --dtype float32, then --resume")
+                raise ZaizaiError(f"the loss became {loss} at step {state.step}; the run stopped and " + (
+                    f"the last good checkpoint in {run.out} is kept; lower --lr (now {cfg.lr:g}) or try --dtype "
+                    "float32, then --resume" if (run.out / LAST).is_file() else
+                    f"no checkpoint was saved yet; lower --lr (now {cfg.lr:g}) or try --dtype float32 and start "
+                    "the run again"))
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens_seen += tokens_per_step
@@ -313,6 +320,22 @@ def _loop(run: Run, state: RunState, started: float, *, verbose: bool,
         on_main(dist, lambda: run.plots.flush(run.out))
         bar.close()
     return stopped_by, last_eval, replica_diff, (t_start + cfg.max_time if cfg.max_time else None)
+
+
+def _resumed_eval(run: Run, state: RunState, bar: ProgressBar) -> dict:
+    """A resumed run's record of the step it resumes at: the one in metrics.jsonl (so the end of the run does not
+    record it again), or, when the kill came between the checkpoint and its record, that evaluation made again
+    (the same batches, the same weights: the same losses)."""
+    if not state.step:
+        return {}
+    recorded = on_main(run.dist, lambda: [r for r in read_metrics(run.out) if r.get("step") == state.step])
+    if recorded:
+        return recorded[-1]
+    if state.eval_interval and state.step % state.eval_interval == 0:
+        before = state.step - 1
+        lr = lr_at(before, _progress(before, state.elapsed, run.cfg, state.final_reserve), run.cfg)
+        return evaluate_and_save(run, state, lr=lr, bar=bar, tokens_per_second=0.0)
+    return {}
 
 
 def _fit_to_time(run: Run, state: RunState, probe: tuple[int, float], elapsed: float) -> None:

@@ -1,0 +1,182 @@
+"""Batched decoding: the decode step equals the forward pass, and a request's tokens are the same alone or in a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zaizai.common.errors import ZaizaiError
+from zaizai.inference.batch import CANCELLED, ERROR, LENGTH, STOP, Batch
+from zaizai.inference.generate import generate_ids
+from zaizai.inference.sampling import SamplingConfig
+from zaizai.models import MODEL_NAMES, ModelConfig, build_model
+from zaizai.models.decode import CacheDecoder, GPTDecoder, decoder_for
+
+VOCAB = 61
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make(name: str = "gpt", **overrides):
+    cfg = dict(model=name, vocab_size=VOCAB, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**cfg)).eval()
+    with torch.no_grad():  # larger weights than at initialisation: confident, varied predictions
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)
+    return model
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(6, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(batch: Batch, seqs) -> None:
+    """Step until every sequence in ``seqs`` has ended."""
+    while not all(s.done for s in seqs):
+        batch.step()
+
+
+OPTIONS = [  # (prompt length, sampling options): lengths and options differ from row to row
+    (7, dict(temperature=0)),
+    (3, dict(temperature=0.9, top_k=12, seed=1)),
+    (12, dict(temperature=1.2, top_p=0.9, repetition_penalty=1.3, seed=2)),
+    (1, dict(temperature=0.7, no_repeat_ngram_size=2, seed=3)),
+    (5, dict(temperature=0, repetition_penalty=1.5)),
+]
+
+
+# --- the decoder ---------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_gpt_decode_step_equals_the_forward_pass_for_rows_of_different_lengths():
+    model = make(n_layer=3, n_head=4)
+    a, b, c = prompt(9, 1), prompt(4, 2), prompt(15, 3)
+    decoder = decoder_for(model, rows=1)
+    assert isinstance(decoder, GPTDecoder)
+    first = [decoder.prefill(row, ids) for row, ids in enumerate((a, b, c))]  # row 2 makes the cache grow
+    k_ptr = decoder.k.data_ptr()
+    seqs = [list(a), list(b), list(c)]
+    for i in range(6):
+        new = [5 + i, 9 + i, 40 - i]
+        logits = decoder.step(torch.tensor(new))  # (3, V)
+        for row, seq in enumerate(seqs):
+            seq.append(new[row])
+            full, _ = model(torch.tensor([seq]))
+            torch.testing.assert_close(logits[row], full[0, -1], atol=2e-5, rtol=1e-5)
+    for row, ids in enumerate((a, b, c)):
+        torch.testing.assert_close(first[row], model(torch.tensor([ids]))[0][0, -1], atol=2e-5, rtol=1e-5)
+    assert decoder.k.data_ptr() == k_ptr  # written in place: no new cache per step
+    assert decoder.lengths[:3] == [15, 10, 21]
+    generic = CacheDecoder(model, 3, torch.device("cpu"))  # any model's own forward pass, row by row: the same
+    for row, seq in enumerate(seqs):
+        generic.prefill(row, seq[:-1])
+    torch.testing.assert_close(generic.step(torch.tensor([s[-1] for s in seqs])), logits, atol=2e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_row_reused_after_nan_keys_is_clean():
+    """A sequence that broke leaves nan keys in its row; the next one there must not see them through its mask."""
+    model = make()
+    decoder = decoder_for(model, rows=3)
+    short, long = prompt(3, 1), prompt(16, 2)
+    decoder.prefill(0, prompt(14, 3))
+    decoder.prefill(1, long)
+    decoder.prefill(2, prompt(12, 4))
+    for cache in (decoder.k, decoder.v):
+        cache[:, 2, :, :12] = float("nan")  # what a broken sequence leaves behind
+    decoder.release(2)
+    decoder.prefill(2, short)  # shorter than the others: its row is masked beyond 3, over the old nan keys
+    logits = decoder.step(torch.tensor([7, 8, 9]))
+    torch.testing.assert_close(logits[2], model(torch.tensor([short + [9]]))[0][0, -1], atol=2e-5, rtol=1e-5)
+    for cache in (decoder.k, decoder.v):
+        cache[:, 0, :, :15] = float("nan")  # row 0's sequence broke and leaves ...
+    decoder.move(2, 0)  # ... and the last row's (shorter) sequence moves in
+    logits = decoder.step(torch.tensor([10, 11]))
+    torch.testing.assert_close(logits[0], model(torch.tensor([short + [9, 10]]))[0][0, -1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], model(torch.tensor([long + [8, 11]]))[0][0, -1], atol=2e-5, rtol=1e-5)
+
+
+# --- alone or in a batch: the same tokens ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_each_request_gets_the_same_tokens_alone_or_in_a_batch(name):
+    model = make(name)
+    requests = [(prompt(n, seed=10 + i), SamplingConfig(max_new_tokens=20 + 3 * i, **kw))
+                for i, (n, kw) in enumerate(OPTIONS)]
+    alone = [list(generate_ids(model, ids, cfg)) for ids, cfg in requests]
+    batch = Batch(model)
+    seqs = [batch.add(ids, cfg) for ids, cfg in requests[:3]]
+    for _ in range(4):  # the others join between steps, while the first ones run
+        batch.step()
+    seqs += [batch.add(ids, cfg) for ids, cfg in requests[3:]]
+    run(batch, seqs)
+    assert [s.tokens for s in seqs] == alone
+    assert all(s.finish_reason == LENGTH for s in seqs) and len(batch) == 0
+    assert len({tuple(t) for t in alone}) == len(alone)
+
+
+def test_windows_slide_in_a_batch_as_alone():
+    model = make()  # block_size 24: every sequence slides its window several times
+    requests = [(prompt(n, seed=n), SamplingConfig(max_new_tokens=50 + n, temperature=0)) for n in (2, 20, 30)]
+    alone = [list(generate_ids(model, ids, cfg)) for ids, cfg in requests]
+    batch = Batch(model)
+    seqs = [batch.add(ids, cfg) for ids, cfg in requests]
+    run(batch, seqs)
+    assert [s.tokens for s in seqs] == alone
+
+
+def test_sequences_leave_at_stop_ids_and_when_cancelled():
+    model = make()
+    ids = [prompt(4, seed=s) for s in range(3)]
+    free = [list(generate_ids(model, i, SamplingConfig(max_new_tokens=15, temperature=0))) for i in ids]
+    stop = free[0][5]
+    batch = Batch(model)
+    a = batch.add(ids[0], SamplingConfig(max_new_tokens=15, temperature=0), stop_ids={stop})
+    b = batch.add(ids[1], SamplingConfig(max_new_tokens=15, temperature=0))
+    c = batch.add(ids[2], SamplingConfig(max_new_tokens=15, temperature=0))
+    for _ in range(3):
+        batch.step()
+    batch.cancel(b)  # a client went away: its row is free at once
+    assert b.finish_reason == CANCELLED and len(batch) == 2 and b.tokens == free[1][:3]
+    events = []
+    while batch:
+        events += batch.step()
+    assert a.tokens == free[0][:free[0].index(stop)] and a.finish_reason == STOP
+    assert c.tokens == free[2] and c.finish_reason == LENGTH
+    assert (a, None) in events  # a stop id ends a sequence without a token
+    batch.cancel(c)  # after the end: nothing to do
+    assert c.finish_reason == LENGTH
+
+
+def test_a_sequence_whose_scores_become_nan_fails_alone():
+    model = make()
+    with torch.no_grad():
+        model.transformer.wpe.weight[14] = float("nan")  # only a sequence that reaches position 14 breaks
+    good = [(prompt(3, seed=1), SamplingConfig(max_new_tokens=8, temperature=0)),
+            (prompt(5, seed=2), SamplingConfig(max_new_tokens=9, temperature=0.8, seed=5))]
+    alone = [list(generate_ids(model, ids, cfg)) for ids, cfg in good]
+    batch = Batch(model)
+    bad = batch.add(prompt(10, seed=3), SamplingConfig(max_new_tokens=20, temperature=0.8, seed=6))
+    seqs = [batch.add(ids, cfg) for ids, cfg in good]
+    run(batch, [bad, *seqs])
+    assert bad.finish_reason == ERROR and "nan" in bad.error and len(bad.tokens) == 5  # fed at 10..13: fine
+    assert [s.tokens for s in seqs] == alone and all(s.finish_reason == LENGTH for s in seqs)
+    with pytest.raises(ZaizaiError, match="nan"):  # alone, generation says so
+        list(generate_ids(model, prompt(10, seed=3), SamplingConfig(max_new_tokens=20)))
+
+
+def test_add_refuses_bad_requests_and_zero_tokens_end_at_once():
+    batch = Batch(make())
+    with pytest.raises(ZaizaiError, match="at least one token"):
+        batch.add([], SamplingConfig())
+    with pytest.raises(ZaizaiError, match="token ids must be in"):
+        batch.add([VOCAB], SamplingConfig())
+    with pytest.raises(ZaizaiError, match="--temperature"):
+        batch.add([1], SamplingConfig(temperature=-1))
+    seq = batch.add([1, 2], SamplingConfig(max_new_tokens=0))
+    assert seq.done and seq.finish_reason == LENGTH and len(batch) == 0

@@ -1,0 +1,194 @@
+"""Continuous batching: many generations, each with its own sampling options and seed, one decode step for all.
+
+    batch = Batch(model)
+    a = batch.add(ids, SamplingConfig(temperature=0))             # joins now: its prompt is prefilled
+    b = batch.add(other_ids, SamplingConfig(temperature=0.8, seed=1), stop_ids={END_ID})
+    while batch:
+        for seq, token in batch.step():   # one token for every sequence in the batch; None: it has ended
+            ...                           # seq.finish_reason: "stop", "length" or "error" (seq.error says why)
+    batch.cancel(a)                       # leaves at once (a client that went away)
+
+Sequences join (:meth:`Batch.add`) and leave (they finish, or :meth:`Batch.cancel`) between steps; each
+:meth:`Batch.step` samples one token for every sequence, each from its own logits with its own
+:class:`SamplingConfig` and seeded generator, then feeds all the new tokens through one forward step of the
+model's decoder (:mod:`zaizai.models.decode`), rows of different lengths side by side. A sequence's tokens are
+the same alone or in a batch: its sampling state is its own, and its logits differ from the alone ones by
+float rounding only (greedy decoding gives the same text unless two tokens tie to ~1e-6).
+
+A sequence whose logits stop being finite (nan/inf: broken weights, an overflow) ends with
+``finish_reason == "error"``; the others go on. The batch is not thread-safe: one thread adds, steps and cancels.
+
+Windows: a KV cache holds block_size tokens. When a sequence's row is full, the row starts over from the last
+3/4 of block_size tokens (run through again as a prefill) and generation goes on from there. Keeping 3/4 (rather
+than 1/2) keeps most of the context after a slide, at the cost of a re-prefill every block_size/4 tokens; a
+prefill runs many positions in one matrix multiply, so it costs a few decode steps, not hundreds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common.errors import ZaizaiError
+from ..models.decode import decoder_for
+from .sampling import NGramBlocker, SamplingConfig, apply_repetition_penalty, sample_next
+
+STOP, LENGTH, ERROR, CANCELLED = "stop", "length", "error", "cancelled"  # why a sequence ended
+
+
+class Sequence:
+    """One generation in a batch: its options and sampling state, the tokens so far, and why it ended."""
+
+    def __init__(self, ids: list[int], cfg: SamplingConfig, stop_ids: set[int], vocab_size: int,
+                 device: torch.device):
+        self.prompt = ids
+        self.cfg = cfg
+        self.stop_ids = stop_ids
+        self.tokens: list[int] = []  # generated so far (stop ids are not included)
+        self.finish_reason: str | None = None  # STOP, LENGTH, ERROR or CANCELLED once it has ended
+        self.error: str | None = None  # what went wrong, with ERROR
+        self.generator = None
+        if cfg.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(cfg.seed)
+        self.blocker = NGramBlocker(cfg.no_repeat_ngram_size, ids) if cfg.no_repeat_ngram_size > 0 else None
+        self.seen = None  # (V,) bool: tokens in the context, for the repetition penalty
+        if cfg.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(ids, device=device)] = True
+            # stop ids are never penalised: ending a turn is not a repetition, however many turns came before
+            self.seen[torch.tensor([i for i in stop_ids if 0 <= i < vocab_size], dtype=torch.long, device=device)] = False
+        self.window: list[int] | None = None  # the tokens in its row of a bounded (KV) cache, to slide it
+        self.logits: torch.Tensor | None = None  # (V,) the next token's logits
+        self.finite = True  # whether those logits are all finite
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason, self.error, self.logits = reason, error, None
+
+    def choose(self) -> int | None:
+        """The next token, after the penalties and the sampling options; None (and ERROR) for logits that are
+        not finite."""
+        if not self.finite:
+            self._finish(ERROR, f"the model's next-token scores became nan/inf after {len(self.tokens)} tokens; "
+                                "the weights may be broken (try another checkpoint)")
+            return None
+        cfg = self.cfg
+        logits = self.logits.unsqueeze(0)  # (1, V)
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits.float(), self.seen, cfg.repetition_penalty)
+        if self.blocker is not None:
+            banned = self.blocker.banned() - self.stop_ids
+            if banned:
+                index = torch.tensor(sorted(banned), device=logits.device)
+                logits = logits.float().index_fill(1, index, float("-inf"))
+        if cfg.temperature == 0:
+            return int(logits.argmax())
+        return int(sample_next(logits, cfg, self.generator))
+
+    def accept(self, token: int) -> None:
+        """``token`` is part of the text now: remember it for the penalties."""
+        self.tokens.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.blocker is not None:
+            self.blocker.extend((token,))
+
+
+class Batch:
+    """The sequences being generated, one row each in the model's decoder; see the module docstring."""
+
+    def __init__(self, model, device: torch.device | str | None = None, rows: int = 1):
+        model.eval()
+        self.model = model
+        self.device = next(model.parameters()).device if device is None else torch.device(device)
+        self.vocab_size = model.config.vocab_size
+        with torch.inference_mode():
+            self.decoder = decoder_for(model, rows, self.device)
+        self.window = self.decoder.window  # tokens a row holds; None: no limit (a recurrent state)
+        self.keep = None if self.window is None else max(1, self.window * 3 // 4)  # kept when a window slides
+        self.sequences: list[Sequence] = []  # sequences[i] is in the decoder's row i
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def add(self, ids: list[int], cfg: SamplingConfig, stop_ids: set[int] | None = None) -> Sequence:
+        """Start generating after ``ids`` with ``cfg``: the prompt runs through the model now (its last
+        block_size tokens for a GPT), and the next :meth:`step` gives its first token. ``stop_ids``: tokens
+        that end it (not yielded, never penalised). Raises ZaizaiError for options or ids the model cannot take."""
+        cfg.validate()
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ZaizaiError("generation needs at least one token to start from (e.g. the end-of-text token 0)")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ZaizaiError(f"token ids must be in [0, {self.vocab_size}); the prompt does not fit this model")
+        with torch.inference_mode():
+            seq = Sequence(ids, cfg, set(stop_ids or ()), self.vocab_size, self.device)
+            if cfg.max_new_tokens == 0:
+                seq._finish(LENGTH)
+                return seq
+            if self.window is not None:
+                ids = ids[-self.window:]
+                seq.window = list(ids)
+            seq.logits = self.decoder.prefill(len(self.sequences), ids)
+            seq.finite = bool(torch.isfinite(seq.logits).all())
+        self.sequences.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the batch now (its row is free for the next one); no-op if it has ended."""
+        if seq in self.sequences:
+            seq._finish(CANCELLED)
+            with torch.inference_mode():
+                self._remove(self.sequences.index(seq))
+
+    def _remove(self, row: int) -> None:
+        last = len(self.sequences) - 1
+        if row != last:  # the last row's sequence fills the gap: rows in use stay 0 .. n-1
+            self.decoder.move(last, row)
+            self.sequences[row] = self.sequences[last]
+        else:
+            self.decoder.release(row)
+        self.sequences.pop()
+
+    def step(self) -> list[tuple[Sequence, int | None]]:
+        """One token for every sequence: ``(seq, token)``, or ``(seq, None)`` when it ended without one (a stop
+        id, or an error). A sequence whose token was its last (max_new_tokens) has ``seq.done`` set."""
+        events = []
+        with torch.inference_mode():
+            for seq in self.sequences:
+                token = seq.choose()
+                if token is None or token in seq.stop_ids:
+                    if token is not None:
+                        seq._finish(STOP)
+                    events.append((seq, None))
+                    continue
+                seq.accept(token)
+                events.append((seq, token))
+                if len(seq.tokens) == seq.cfg.max_new_tokens:
+                    seq._finish(LENGTH)
+            for row in reversed(range(len(self.sequences))):
+                if self.sequences[row].done:
+                    self._remove(row)
+            if self.sequences:
+                self._advance()
+        return events
+
+    def _advance(self) -> None:
+        """Feed every sequence's new token through one decoder step; each gets its next logits."""
+        tokens = []
+        for row, seq in enumerate(self.sequences):
+            token = seq.tokens[-1]
+            tokens.append(token)
+            if seq.window is None:
+                continue
+            if self.decoder.full(row):  # start the row over from the last keep - 1 tokens; this one follows
+                seq.window = seq.window[len(seq.window) - self.keep + 1:]
+                self.decoder.prefill(row, seq.window)
+            seq.window.append(token)
+        logits = self.decoder.step(torch.tensor(tokens, dtype=torch.long, device=self.device))  # (n, V)
+        finite = torch.isfinite(logits).all(dim=1).tolist()
+        for seq, row_logits, ok in zip(self.sequences, logits, finite):
+            seq.logits, seq.finite = row_logits, ok
