@@ -86,6 +86,22 @@ class KVCache:
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
+
+def check_input(idx: torch.Tensor, segments: torch.Tensor | None, cache, block_size: int) -> int:
+    """Refuse a forward's inputs that cannot work, in one line each; return the position the tokens start at
+    (``cache.pos``, or 0 without a cache). Shared by every attention model."""
+    if idx.dim() != 2:
+        raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+    start = 0 if cache is None else cache.pos
+    if start + idx.size(1) > block_size:
+        raise ZaizaiError(f"input has {start + idx.size(1)} tokens but block_size is {block_size}; crop the input")
+    if segments is not None:
+        if cache is not None:
+            raise ZaizaiError("segments and a cache cannot be combined; generate one sequence at a time")
+        if segments.shape != idx.shape:
+            raise ZaizaiError(f"segments must have idx's shape {tuple(idx.shape)}, got {tuple(segments.shape)}")
+    return start
+
 def segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions and attention mask for rows that pack several sequences: ``segments`` (B, T) int64.
 
@@ -250,19 +266,10 @@ class GPT(nn.Module):
         cache these T; used by generation, not with ``segments``. ``attn_weights``: a list that gets each
         layer's attention weights (B, nh, T, cache.pos + T), in layer order.
         """
-        if idx.dim() != 2:
-            raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        start = check_input(idx, segments, cache, self.config.block_size)
         T = idx.size(1)
-        start = 0 if cache is None else cache.pos
-        if start + T > self.config.block_size:
-            raise ZaizaiError(f"input has {start + T} tokens but block_size is {self.config.block_size}; "
-                              "crop the input")
         attn_mask = None
         if segments is not None:
-            if cache is not None:
-                raise ZaizaiError("segments and a cache cannot be combined; generate one sequence at a time")
-            if segments.shape != idx.shape:
-                raise ZaizaiError(f"segments must have idx's shape {tuple(idx.shape)}, got {tuple(segments.shape)}")
             pos, attn_mask = segment_layout(segments)  # (B, T), (B, 1, T, T)
         else:
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..common.errors import ZaizaiError
 from .config import ModelConfig
-from .gpt import segment_layout
+from .gpt import check_input, segment_layout
 from .ops import attention_with_weights, causal_attention, linear_cross_entropy
 
 RMS_EPS = 1e-6  # Qwen3's rms_norm_eps
@@ -240,19 +240,10 @@ class ModernLM(nn.Module):
     def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None,
                       cache: ModernKVCache | None = None, attn_weights: list | None = None) -> torch.Tensor:
         """The final normalised features (B, T, C); ``segments``, ``cache``, ``attn_weights`` as in gpt."""
-        if idx.dim() != 2:
-            raise ZaizaiError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        start = check_input(idx, segments, cache, self.config.block_size)
         T = idx.size(1)
-        start = 0 if cache is None else cache.pos
-        if start + T > self.config.block_size:
-            raise ZaizaiError(f"input has {start + T} tokens but block_size is {self.config.block_size}; "
-                              "crop the input")
         attn_mask = None
         if segments is not None:
-            if cache is not None:
-                raise ZaizaiError("segments and a cache cannot be combined; generate one sequence at a time")
-            if segments.shape != idx.shape:
-                raise ZaizaiError(f"segments must have idx's shape {tuple(idx.shape)}, got {tuple(segments.shape)}")
             pos, attn_mask = segment_layout(segments)  # (B, T) positions restarting per segment, (B, 1, T, T)
             cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)  # (B, T, 1, hs)
         else:
