@@ -18,6 +18,11 @@ Batch 1: greedy generation of ``--new-tokens`` (500) tokens after a ``--prompt-t
 - llama.cpp (where llama-cpp-python is installed): the model exported by ``zaizai export --format gguf`` as
   F16, ``Llama.generate(temp=0)`` (see bench/gguf_speed.py); its KV cache is F16 too.
 
+``--model-kind modern``: the same sizes as zaizai's modern model (Qwen3-style: RMSNorm, RoPE, QK-norm, SwiGLU;
+``--kv-heads`` key/value heads, 0 = as many as the heads), every weight random (its zero-initialised output
+projections too, or each block would be the identity), next to transformers' ``Qwen3ForCausalLM`` holding the
+same state dict and llama.cpp's "qwen3" export.
+
 tokens/s counts the new tokens over the whole call, prompt processing included; time to first token (TTFT)
 is the time from the call to the first new token. All run under the same thread count in interleaved rounds
 (order alternating, one warm-up call each), and the median round is reported, with the ratios taken round by
@@ -45,6 +50,10 @@ from zaizai.data.tokenizer import CharTokenizer
 from zaizai.inference.batch import Batch
 from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig
+from zaizai.models import ModelConfig, build_model
+from zaizai.models.modern import swiglu_hidden
+from zaizai.training.checkpoint import BEST, save_checkpoint
+from zaizai.training.config import TrainConfig
 
 from corpus import N_SPECIAL_TOKENS, add_corpus_argument, load_corpus
 from gguf_speed import model_folder, run_llama
@@ -64,10 +73,46 @@ def cpu_name() -> str:
     return f"{name}{', avx512_bf16' if 'avx512_bf16' in flags else ''}"
 
 
+def modern_folder(folder: Path, tok: CharTokenizer, n_layer: int, n_head: int, n_embd: int, kv_heads: int):
+    """A saved modern model (random weights, none zero) in ``folder``, as gguf_speed.model_folder saves a GPT."""
+    cfg = ModelConfig(model="modern", vocab_size=tok.vocab_size, block_size=1024, n_layer=n_layer, n_head=n_head,
+                      n_kv_head=kv_heads, n_embd=n_embd, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # zero at initialisation: every block would be the identity
+            layer.self_attn.o_proj.weight.normal_(0.0, 0.02)
+            layer.mlp.down_proj.weight.normal_(0.0, 0.02)
+    folder.mkdir(parents=True)
+    tok.save(folder / "tokenizer.json")
+    save_checkpoint(folder / BEST, model, model_config=cfg.to_dict(), train_config=TrainConfig().to_dict(),
+                    state={"step": 0})
+    return model
+
+
+def hf_modern_copy(ours, dtype: torch.dtype):
+    """A transformers Qwen3ForCausalLM holding ``ours``'s weights (the same names: a plain copy)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    c = ours.config
+    hf_cfg = Qwen3Config(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=swiglu_hidden(c),
+                         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
+                         head_dim=c.n_embd // c.n_head, max_position_embeddings=c.block_size,
+                         rms_norm_eps=getattr(c, "rms_norm_eps", 1e-6), tie_word_embeddings=c.tie_embeddings,
+                         rope_theta=c.rope_theta,
+                         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    hf = Qwen3ForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").eval()
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    return hf.to(dtype)
+
+
 def hf_copy(ours, dtype: torch.dtype):
-    """A transformers GPT2LMHeadModel holding ``ours``'s weights."""
+    """A transformers model holding ``ours``'s weights: GPT2LMHeadModel, or Qwen3ForCausalLM for a modern model."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if ours.config.model == "modern":
+        return hf_modern_copy(ours, dtype)
     cfg = ours.config
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -217,6 +262,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32", help="batch sizes for the aggregate figures ('' = none)")
     ap.add_argument("--batch-new-tokens", type=int, default=100)
     ap.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
+    ap.add_argument("--model-kind", choices=("gpt", "modern"), default="gpt",
+                    help="gpt (GPT-2 block) or modern (Qwen3-style: RMSNorm, RoPE, QK-norm, SwiGLU)")
+    ap.add_argument("--kv-heads", type=int, default=0,
+                    help="modern: key/value heads (grouped-query attention); 0 = as many as the heads")
     add_corpus_argument(ap)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -233,15 +282,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(N_SPECIAL_TOKENS, tok.vocab_size, (args.prompt_tokens,), generator=g).tolist()
     print(corpus.header())
+    kv = f", {args.kv_heads} kv heads" if args.model_kind == "modern" and args.kv_heads else ""
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.dtype}; block 1024; batch 1 greedy, {args.prompt_tokens}-token "
-          f"prompt, {args.new_tokens} new tokens; median of {args.rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads, {args.dtype}; {args.model_kind}{kv}; block 1024; batch 1 greedy, "
+          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; median of {args.rounds} interleaved rounds")
     print(f"{'model':<9} {'tok/s: zaizai':>13} {'HF':>4} {'zaizai/HF':>9}  {'llama.cpp F16':>13} {'z/llama':>7}"
           f"  {'TTFT ms: zaizai':>15} {'HF':>3} {'llama':>7} {'same':>4} {'llama':>5}")
     with tempfile.TemporaryDirectory() as tmp:
         for n_layer, n_head, n_embd in sizes:
             folder = Path(tmp) / f"{n_layer}x{n_embd}"
-            ours = model_folder(folder, tok, n_layer, n_head, n_embd, 1024).eval()
+            if args.model_kind == "modern":
+                ours = modern_folder(folder, tok, n_layer, n_head, n_embd, args.kv_heads).eval()
+            else:
+                ours = model_folder(folder, tok, n_layer, n_head, n_embd, 1024).eval()
             hf = hf_copy(ours, dtype)
             ours = ours.to(dtype)
             llm = None if args.no_llama or dtype != torch.float32 else load_llama(folder, Path(tmp), torch.get_num_threads())

@@ -9,28 +9,11 @@ from zaizai.common.errors import ZaizaiError
 from zaizai.inference.batch import CANCELLED, ERROR, LENGTH, STOP, Batch
 from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig
-from zaizai.models import MODEL_NAMES, ModelConfig, build_model
+from zaizai.models import MODEL_NAMES
 from zaizai.models.decode import CacheDecoder, GPTDecoder, decoder_for
-
-VOCAB = 61
+from util import DECODE_VOCAB as VOCAB, decode_model as make, decode_prompt as prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make(name: str = "gpt", **overrides):
-    cfg = dict(model=name, vocab_size=VOCAB, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**cfg)).eval()
-    with torch.no_grad():  # larger weights than at initialisation: confident, varied predictions
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(8.0)
-    return model
-
-
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return torch.randint(6, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def run(batch: Batch, seqs) -> None:
@@ -170,7 +153,7 @@ def test_a_sequence_whose_scores_become_nan_fails_alone():
         list(generate_ids(model, prompt(10, seed=3), SamplingConfig(max_new_tokens=20)))
 
 
-def test_add_refuses_bad_requests_and_zero_tokens_end_at_once():
+def test_add_refuses_bad_requests():
     batch = Batch(make())
     with pytest.raises(ZaizaiError, match="at least one token"):
         batch.add([], SamplingConfig())
@@ -178,5 +161,6 @@ def test_add_refuses_bad_requests_and_zero_tokens_end_at_once():
         batch.add([VOCAB], SamplingConfig())
     with pytest.raises(ZaizaiError, match="--temperature"):
         batch.add([1], SamplingConfig(temperature=-1))
-    seq = batch.add([1, 2], SamplingConfig(max_new_tokens=0))
-    assert seq.done and seq.finish_reason == LENGTH and len(batch) == 0
+    with pytest.raises(ZaizaiError, match="max_new_tokens"):  # no reply at all is refused (sampling.validate)
+        batch.add([1, 2], SamplingConfig(max_new_tokens=0))
+    assert len(batch) == 0

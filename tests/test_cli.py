@@ -66,6 +66,20 @@ def test_user_errors_are_one_line_without_traceback(trained, args, message):
     assert r.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--block-size", "100000", "--max-iters", "1"], "fewer than block_size + 1 = 100001"),
+    (["--max-time", "0.0001"], "--max-time 0.0001 s is used up before the first step"),
+    (["--model", "modern", "--n-head", "4", "--n-kv-head", "3", "--max-iters", "1"],
+     "n_head (4) must be a multiple of n_kv_head (3)"),
+    (["--optimizer", "sgd", "--max-iters", "1"], "--optimizer must be one of adamw | muon"),
+])
+def test_a_run_that_cannot_fit_is_one_line_exit_2_and_writes_nothing(trained, tmp_path, flags, message):
+    r = run_cli("train", trained / "data", "--out", tmp_path / "unfit", "--threads", "1", *flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert message in r.stderr and r.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "unfit").exists()
+
+
 def test_non_utf8_corpus_is_refused_with_the_file_and_offset(tmp_path):
     bad = tmp_path / "gbk.txt"
     bad.write_bytes("你好，崽崽\n\n早上好\n".encode("gbk"))

@@ -108,8 +108,7 @@ PATHS = [  # (id, command line[, marks])
     ("train --out a file", ["train", "{data}", "--out", "{corpus}", "--max-iters", "1"]),
     ("train --out under a file", ["train", "{data}", "--out", "{corpus}/run", "--max-iters", "1"]),
     ("train --resume nothing", ["train", "--out", "{scratch}/nothing", "--resume"]),
-    ("train --resume --overwrite", ["train", "{data}", "--out", "{model}", "--resume", "--overwrite"],
-     owner("training", "a finished run says 'nothing to do' and exits 0 before the contradiction is checked")),
+    ("train --resume --overwrite", ["train", "{data}", "--out", "{model}", "--resume", "--overwrite"]),
     ("train --init-from nowhere", ["train", "{data}", "--out", "{scratch}/run", "--init-from", "{nowhere}",
                                    "--max-iters", "1"]),
     ("train --init-from data", ["train", "{data}", "--out", "{scratch}/run", "--init-from", "{data}",
@@ -153,8 +152,15 @@ PATHS = [  # (id, command line[, marks])
     ("import-hf --out model", ["import-hf", "{model}", "--out", "{model}"]),
     ("attention --png under a file", ["attention", "{model}", "--text", "你好", "--png", "{corpus}/a.png"]),
     ("attention --png over the checkpoint", ["attention", "{model}", "--text", "你好", "--png",
-                                            "{model}/last.safetensors"],
-     owner("evals", "attention.py writes the picture over the checkpoint (use check_output_file)")),
+                                            "{model}/last.safetensors"]),
+    ("attention --png --overwrite over the checkpoint", ["attention", "{model}", "--text", "你好", "--png",
+                                                        "{model}/best.safetensors", "--overwrite"]),
+    ("attention --png --overwrite over the tokenizer", ["attention", "{model}", "--text", "你好", "--png",
+                                                       "{model}/tokenizer.json", "--overwrite"]),
+    ("attention --png --overwrite over data", ["attention", "{model}", "--text", "你好", "--png", "{data}/meta.json",
+                                              "--overwrite"]),
+    ("attention --png over an existing file", ["attention", "{model}", "--text", "你好", "--png", "{corpus}"]),
+    ("attention --png a folder", ["attention", "{model}", "--text", "你好", "--png", "{empty_dir}", "--overwrite"]),
     ("attention no --text", ["attention", "{model}"]),
     ("sample --checkpoint first", ["sample", "{model}", "--checkpoint", "first"]),
     ("sample --device tpu", ["sample", "{model}", "--device", "tpu", "--max-new-tokens", "2"]),
@@ -255,3 +261,37 @@ def test_bad_paths_are_one_line(argv, fixture_dir, tmp_path, capsys, monkeypatch
 
 def test_the_sweep_is_large():
     assert len(list(numeric_cases())) + len(PATHS) >= 150
+
+
+def test_zero_or_negative_max_new_tokens_is_refused_everywhere(fixture_dir, capsys):
+    """0 new tokens is no reply (chat made it one token): the flag, /set and the API's max_tokens all refuse it."""
+    from zaizai.common.errors import ZaizaiError
+    from zaizai.inference.chat import ChatSession
+    from zaizai.inference.sampling import SamplingConfig
+
+    for n in (0, -1):
+        with pytest.raises(ZaizaiError, match=f"max_new_tokens .* must be >= 1, got {n}"):
+            SamplingConfig(max_new_tokens=n).validate()
+    session = ChatSession(zaizai_load(fixture_dir / "model"))
+    for value in ("0", "-3"):
+        with pytest.raises(ZaizaiError, match="must be >= 1"):
+            session.set("max_new_tokens", value)
+    assert session.sampling.max_new_tokens == 100  # unchanged
+    # the chat command: one error line for the /set, the option unchanged
+    assert main(["chat", str(fixture_dir / "model"), "-m", "/set max_new_tokens 0", "-m", "/settings"]) == 0
+    captured = capsys.readouterr()
+    assert "错误 error: max_new_tokens" in captured.err and "max_new_tokens=100" in captured.out + captured.err
+    # the API: max_tokens / max_completion_tokens 0 no longer pass as a request (the server answers 400)
+    schemas = pytest.importorskip("zaizai.serve.schemas")
+    user = [{"role": "user", "content": "你好"}]
+    for body in (schemas.ChatRequest(messages=user, max_tokens=0),
+                 schemas.ChatRequest(messages=user, max_completion_tokens=0),
+                 schemas.CompletionRequest(prompt="你好", max_tokens=0)):
+        with pytest.raises(ZaizaiError, match="the API's max_tokens"):
+            body.sampling(4096).validate()
+
+
+def zaizai_load(folder):
+    from zaizai.inference.loaded import load
+
+    return load(folder, device="cpu")

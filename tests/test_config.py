@@ -3,15 +3,36 @@ from dataclasses import fields, replace
 
 import pytest
 
-from zaizai.training.config import MODEL_FIELDS, PRESETS, TrainConfig, resolve_config
+from zaizai.training.config import (AUTO_CANDIDATES, AUTO_COMMON, AUTO_DEFAULT, MODEL_FIELDS, PRESETS, TrainConfig,
+                                    resolve_config)
 from zaizai.common.errors import ZaizaiError
 
 
-def test_defaults_come_from_the_cpu_preset():
+def test_defaults_come_from_the_auto_preset_and_other_models_from_the_cpu_preset():
     mcfg, tcfg = resolve_config({})
-    assert tcfg.preset == "cpu"
-    for key, value in PRESETS["cpu"].items():
+    assert tcfg.preset == "auto" and mcfg.model == "modern" and tcfg.optimizer == "muon"
+    assert PRESETS["auto"] == {**AUTO_COMMON, **AUTO_CANDIDATES[AUTO_DEFAULT]}
+    for key, value in PRESETS["auto"].items():
         assert getattr(mcfg if hasattr(mcfg, key) else tcfg, key) == value
+    # `auto` fits the modern block; a gpt (rnn, bigram), or a run from another model, keeps the cpu preset exactly
+    for options in ({"model": "gpt"}, {"model": "rnn", "preset": "auto"}, {"init_from": "base/"}):
+        mcfg, tcfg = resolve_config(options)
+        assert tcfg.preset == "cpu" and tcfg.optimizer == "adamw"
+        for key, value in PRESETS["cpu"].items():
+            assert getattr(mcfg if hasattr(mcfg, key) else tcfg, key) == value
+
+
+def test_every_auto_candidate_is_a_valid_modern_model():
+    from zaizai.models import build_model
+
+    for name, row in AUTO_CANDIDATES.items():
+        mcfg, tcfg = resolve_config({}, preset_table={**AUTO_COMMON, **row})
+        assert (mcfg.model, tcfg.optimizer, mcfg.n_layer, mcfg.n_embd) == ("modern", "muon", row["n_layer"],
+                                                                           row["n_embd"]), name
+        mcfg.vocab_size = 50
+        mcfg.validate()
+        replace(tcfg, max_iters=1).validate()
+        assert build_model(mcfg).config.block_size == row["block_size"]
 
 
 def test_precedence_preset_then_file_then_flags(tmp_path):
@@ -57,6 +78,8 @@ def test_broken_config_file(tmp_path):
     ("lr", 0.0, "--lr must be positive"),
     ("max_time", -1.0, "--max-time must not be negative"),
     ("eval_interval", -1, "--eval-interval must not be negative"),
+    ("optimizer", "sgd", "--optimizer must be one of adamw | muon, got 'sgd'"),
+    ("dtype", "int8", "--dtype must be one of auto | float32 | bfloat16 | float16, got 'int8'"),
 ])
 def test_train_config_validation(field, value, message):
     cfg = TrainConfig(max_iters=10)
@@ -88,7 +111,7 @@ def gpt2_parameter_count(mcfg) -> int:
     return (mcfg.vocab_size + mcfg.block_size) * c + mcfg.n_layer * (12 * c * c + 13 * c) + 2 * c
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [name for name in PRESETS if name != "auto"])   # auto: the test above
 def test_each_preset_is_its_table_and_builds_a_valid_model(name):
     from zaizai.models import build_model
 

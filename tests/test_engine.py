@@ -17,27 +17,9 @@ from zaizai.models.rnn import RNNLM
 from zaizai.inference.loaded import Zaizai
 from zaizai.inference.text import IncrementalDecoder, decode_stream
 from zaizai.data.tokenizer import END_ID, EOT_ID, CharTokenizer
-
-VOCAB = 61
-
+from util import DECODE_VOCAB as VOCAB, decode_model as make, decode_prompt as prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make(name: str, **overrides):
-    cfg = dict(model=name, vocab_size=VOCAB, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**cfg)).eval()
-    with torch.no_grad():  # larger weights than at initialisation: confident, varied predictions
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(8.0)
-    return model
-
-
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return torch.randint(6, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def greedy(n: int, **kw) -> SamplingConfig:
@@ -159,7 +141,8 @@ def test_max_new_tokens_and_stop_ids():
     ids = prompt(4)
     free = list(generate_ids(model, ids, greedy(15)))
     assert len(free) == 15
-    assert list(generate_ids(model, ids, greedy(0))) == []
+    with pytest.raises(ZaizaiError, match="max_new_tokens"):  # no reply at all is refused (sampling.validate)
+        list(generate_ids(model, ids, greedy(0)))
     stop = free[6]
     first = free.index(stop)
     stopped = list(generate_ids(model, ids, greedy(15), stop_ids={stop}))

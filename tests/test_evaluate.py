@@ -9,8 +9,9 @@ import pytest
 import zaizai
 from zaizai.data.tokendata import TokenData
 from zaizai.common.errors import ZaizaiError
-from zaizai.evals.evaluation import (bleu, dialogue_metrics, dialogue_pairs, distinct_n, evaluate, format_dialogue,
-                                    has_repeated_ngram, held_out_conversations, load_eval, split_messages, split_sizes)
+from zaizai.evals.evaluation import (GREEDY, SAMPLED, bleu, dialogue_metrics, dialogue_pairs, distinct_n, evaluate,
+                                    format_dialogue, generate_replies, generate_reply, has_repeated_ngram,
+                                    held_out_conversations, load_eval, split_messages, split_sizes)
 from util import TINY, prepared, run_cli
 from test_chat import write_jsonl
 
@@ -204,6 +205,34 @@ def test_report_is_markdown_with_tables_lists_and_the_signature_intact(chat_mode
     assert html.count("<li>你 you:") == 3  # the chat samples are a list
 
 
+def _contexts(data_dir):
+    """The held-out pairs' contexts, and a few with a system message and earlier turns (a cropped history)."""
+    contexts = [p.context for p in dialogue_pairs(TokenData(data_dir), "val", max_pairs=1000)]
+    long = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好，我是崽崽。"}] * 3
+    contexts += [[{"role": "system", "content": "你是崽崽"}, {"role": "user", "content": "早上好"}],
+                 long + [{"role": "user", "content": "再见"}], [{"role": "user", "content": "晚安"}]]
+    return contexts
+
+
+@pytest.mark.parametrize("model", ["chat_model", "plain_model"])
+def test_replies_generated_in_a_batch_equal_those_generated_one_at_a_time(model, request, chat_model):
+    """Eval's batched generation (rows joining as others finish) gives each pair the reply the one-at-a-time
+    path (ChatSession) gives: greedy, and sampled with each pair's own seed; chat and plain-text models."""
+    from dataclasses import replace
+
+    from zaizai.inference.loaded import load
+
+    bot = load(request.getfixturevalue(model)[0], device="cpu")
+    contexts = _contexts(chat_model[1])  # the plain-text model continues each message as a document
+    assert len(contexts) > 4
+    for samplings in ([GREEDY] * len(contexts), [replace(SAMPLED, seed=k) for k in range(len(contexts))]):
+        alone = [generate_reply(bot, c, s) for c, s in zip(contexts, samplings)]
+        ticks = []
+        progress = type("Bar", (), {"update": lambda self, n: ticks.append(n)})()
+        assert generate_replies(bot, contexts, samplings, rows=4, progress=progress) == alone
+        assert len(ticks) == len(contexts) and len(set(alone)) > 1
+
+
 def _unseen_character_data(tmp_path):
     """Dialogue data whose validation reply holds a character (龘) that the training dialogues do not."""
     train = [["你好", "你好，我是崽崽。"], ["你是谁", "我是崽崽。"], ["再见", "再见！"]] * 4
@@ -223,7 +252,8 @@ def test_references_are_the_original_text_of_unseen_characters(tmp_path, monkeyp
                                            for u, a in valid]
     # a model that answers with the original reference scores 100, and the reference is shown as it is
     answers = dict(valid)
-    monkeypatch.setattr(evaluation, "generate_reply", lambda bot, context, sampling: answers[context[-1]["content"]])
+    monkeypatch.setattr(evaluation, "generate_replies",
+                        lambda bot, contexts, samplings, rows, progress: [answers[c[-1]["content"]] for c in contexts])
     d = dialogue_metrics(None, data, "val")
     assert d["references_from"] == "val.jsonl" and "references_note" not in d
     for run in d["runs"].values():

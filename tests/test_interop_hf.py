@@ -289,7 +289,7 @@ def test_import_refuses_what_it_cannot_use(bert_gpt2, tmp_path, damage, message)
     if damage == "pickle":
         (src / "model.safetensors").rename(src / "pytorch_model.bin")
     elif damage == "model_type":
-        config["model_type"] = "llama"
+        config["model_type"] = "bert"
     elif damage == "activation":
         config["activation_function"] = "relu"
     elif damage == "no_tokenizer":

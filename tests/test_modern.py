@@ -1,4 +1,5 @@
-"""The modern (Qwen3-style) model: causal, cache = full pass, segments apart, GQA, learns, is Qwen3 by name."""
+"""The modern (Qwen3-style) model: causal, cache = full pass, decode step = full pass, windows slide in a Batch,
+segments apart, GQA, learns, is Qwen3 by name."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import pytest
 import torch
 
 from zaizai.common.errors import ZaizaiError
+from zaizai.inference.batch import Batch
+from zaizai.inference.generate import generate_ids
+from zaizai.inference.sampling import SamplingConfig
 from zaizai.models import ModelConfig, build_model
+from zaizai.models.decode import ModernDecoder, decoder_for
 from zaizai.models.modern import ModernLM, swiglu_hidden
 from zaizai.training.optim import configure_optimizer
 
@@ -61,21 +66,71 @@ def test_cached_generation_equals_the_full_forward(n_kv_head):
         model(x[:, :1], cache=cache)
 
 
-@pytest.mark.skip(reason="Engine was replaced by inference.batch.Batch in this commit; to be rewritten against Batch (window slide is covered in test_batch_decode)")
-def test_engine_window_slides_and_rope_restarts_with_it():
-    Engine = None  # noqa: F841
-    """The engine re-prefills the last 3/4 of the window when the cache is full: every step's logits are then
-    those of a full forward pass over the engine's window, positions counted from 0 again."""
-    model = make()
-    engine = Engine(model, torch.device("cpu"))
-    seq = tokens(B=1, T=40, seed=3)[0].tolist()
-    with torch.no_grad():
-        engine.prefill(seq[:10])
-        for token in seq[10:]:
-            logits = engine.step(token)
-            expected = model(torch.tensor([engine.window]))[0][:, -1]
-            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-    assert len(engine.window) < 16  # it did slide
+@torch.inference_mode()
+@pytest.mark.parametrize("overrides", [dict(n_kv_head=0), dict(n_kv_head=2), dict(n_kv_head=1),
+                                       dict(n_kv_head=2, qk_norm=False, rms_norm_eps=1e-5)])
+def test_decode_step_equals_the_forward_pass_for_rows_joining_at_different_times(overrides):
+    """The batched decode step (own cache of the key/value heads, rotary at each row's own position): every row's
+    logits are those of a full forward pass over its sequence, and its greedy tokens the forward pass's, while
+    rows of different lengths join, leave and move."""
+    model = make(block_size=24, **overrides)
+    decoder = decoder_for(model, rows=1)
+    assert isinstance(decoder, ModernDecoder)
+    assert decoder.k.shape[2] == model.config.kv_heads  # shared heads only: no repeated keys in memory
+    prompts = [tokens(1, n, seed=10 + n)[0].tolist() for n in (9, 3, 14, 1)]
+    seqs, next_logits = [], []
+    joins = {0: 0, 2: 1, 3: 2, 5: 3}  # step -> the prompt that joins before it (rows 2, 3 make the cache grow)
+
+    def check(logits, row):
+        full = model(torch.tensor([seqs[row]]))[0][0, -1]
+        torch.testing.assert_close(logits, full, atol=2e-5, rtol=1e-5)
+        assert int(logits.argmax()) == int(full.argmax())
+
+    for step in range(9):
+        if step in joins:
+            seqs.append(list(prompts[joins[step]]))
+            next_logits.append(decoder.prefill(len(seqs) - 1, seqs[-1]))
+            check(next_logits[-1], len(seqs) - 1)
+        if step == 7:  # row 1 leaves; the last row's sequence moves into it
+            decoder.move(len(seqs) - 1, 1)
+            seqs[1], next_logits[1] = seqs.pop(), next_logits.pop()
+        ptr = decoder.k.data_ptr()
+        greedy = [int(logits.argmax()) for logits in next_logits]
+        for seq, token in zip(seqs, greedy):
+            seq.append(token)
+        step_logits = decoder.step(torch.tensor(greedy))  # (n, V)
+        assert decoder.k.data_ptr() == ptr  # written in place
+        for row in range(len(seqs)):
+            check(step_logits[row], row)
+        next_logits = list(step_logits)
+    assert decoder.lengths[:len(seqs)] == [len(s) for s in seqs]
+
+
+def test_batch_window_slides_and_rope_restarts_with_it():
+    """Batch re-prefills the last 3/4 of the window when a row is full: every step's logits are then those of a
+    full forward pass over the sequence's window, positions counted from 0 again, for sequences that join late
+    and slide at different steps."""
+    model = make()  # block_size 16
+    batch = Batch(model)
+    greedy = SamplingConfig(max_new_tokens=30, temperature=0)
+    seqs = [batch.add(tokens(1, 10, seed=3)[0].tolist(), greedy)]
+    slides = [0, 0]
+    for step in range(30):
+        if step == 4:
+            seqs.append(batch.add(tokens(1, 2, seed=4)[0].tolist(), SamplingConfig(max_new_tokens=25, temperature=0)))
+        before = [len(s.window) for s in seqs]
+        batch.step()
+        with torch.no_grad():
+            for k, seq in enumerate(seqs):
+                if seq.done:
+                    continue
+                slides[k] += len(seq.window) < before[k]
+                expected = model(torch.tensor([seq.window]))[0][0, -1]
+                torch.testing.assert_close(seq.logits, expected, atol=1e-5, rtol=1e-5)
+    assert all(s.done for s in seqs) and len(batch) == 0
+    assert slides[0] >= 2 and slides[1] >= 1  # both slid, at different steps
+    alone = [list(generate_ids(model, s.prompt, s.cfg)) for s in seqs]
+    assert [s.tokens for s in seqs] == alone
 
 
 def test_packed_segments_equal_each_sequence_alone():

@@ -118,3 +118,38 @@ def test_existing_files_need_overwrite_and_the_right_suffix(tmp_path):
     with pytest.raises(ZaizaiError, match="--out "):
         check_output_file(picture, overwrite=False, flag="--out")
     assert picture.read_bytes() == b"x"
+
+
+def test_a_single_file_never_takes_the_name_of_a_folders_own_file(tmp_path):
+    model = make(tmp_path / "m", "last.safetensors", "config.json")  # no best.safetensors, no tokenizer.json yet
+    data = make(tmp_path / "d", "meta.json")
+    for path in (model / "best.safetensors", model / "tokenizer.json", data / "train.bin", data / "x.npy"):
+        with pytest.raises(ZaizaiError, match="belongs to a .* folder; choose another path"):
+            check_output_file(path, overwrite=True, flag="--png")
+    check_output_file(model / "attention.png", overwrite=False)  # a new picture beside them is fine
+    check_output_file(make(tmp_path / "plain") / "best.safetensors", overwrite=False)  # not a model folder
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "last.safetensors"]
+
+
+@pytest.mark.parametrize("check", ["folder", "file"])
+def test_a_folder_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, check):
+    """No read permission (we may run as root, where chmod does not stop us: the listing is made to fail)."""
+    import os
+    from pathlib import Path
+
+    folder = make(tmp_path / "locked", "notes.txt")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    monkeypatch.setattr(Path, "stat", refuse)  # is_dir / is_file / exists look with stat
+    with pytest.raises(ZaizaiError) as info:
+        if check == "folder":
+            check_output_folder(folder, MODEL, overwrite=False)
+        else:
+            check_output_file(folder / "a.png", overwrite=False, flag="--png")
+    message = str(info.value)
+    assert "\n" not in message and "cannot be read (Permission denied)" in message and "·" in message
+    assert message.startswith("--out " if check == "folder" else "--png ")

@@ -1,7 +1,8 @@
 """The HTTP server: the official openai client in both modes, bad input answered 4xx in OpenAI's shape,
-disconnects stop generation, a bounded queue, the chat page in a real headless Chromium, and schemathesis."""
+disconnects free their batch row, a bounded queue, the chat page in a real headless Chromium, and schemathesis."""
 
 import asyncio
+import copy
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -22,6 +24,7 @@ import uvicorn  # noqa: E402
 
 import zaizai  # noqa: E402
 from zaizai.data.tokenizer import SYSTEM_ID  # noqa: E402
+from zaizai.inference.batch import Batch  # noqa: E402
 from zaizai.inference.chat import ChatSession  # noqa: E402
 from zaizai.inference.sampling import SamplingConfig  # noqa: E402
 from zaizai.serve.app import create_app, server_config  # noqa: E402
@@ -214,24 +217,46 @@ def test_unknown_routes_and_methods_are_openai_shaped(server):
 LONG = {"messages": USER, "max_tokens": 2048, "stream": True, "ignore_eos": True}
 
 
-class SlowBot:
-    """The model, 10 ms a token: a generation that lasts long enough to be interrupted, however fast the machine."""
+class PacedBatch(Batch):
+    """The server's batch, calling ``pace(batch)`` before each step (by default: 10 ms a step), so that a
+    generation lasts long enough to be interrupted however fast the machine; ``rows`` records the generations in
+    each step."""
 
-    def __init__(self, bot):
-        self.bot = bot
+    def __init__(self, model, device, pace=None):
+        super().__init__(model, device)
+        self.pace = pace or (lambda batch: threading.Event().wait(0.01))
+        self.rows: list[int] = []
 
-    def __getattr__(self, name):
-        return getattr(self.bot, name)
+    def step(self):
+        self.pace(self)
+        self.rows.append(len(self))
+        return super().step()
 
-    def stream_ids(self, *args, **kwargs):
-        for token in self.bot.stream_ids(*args, **kwargs):
-            time.sleep(0.01)
-            yield token
+
+def paced(app, pace=None):
+    """``app`` with its worker's batch paced (see :class:`PacedBatch`); returns the app."""
+    scheduler = app.state.scheduler
+    scheduler.new_batch = lambda: PacedBatch(scheduler.bot.model, scheduler.bot.device, pace)
+    return app
+
+
+def always_says(bot, token: int):
+    """A copy of ``bot`` whose model says ``token`` after anything (greedy): its last layer norm gives one fixed
+    vector, which only ``token``'s output row matches."""
+    other = copy.deepcopy(bot)
+    model = other.model
+    with torch.no_grad():
+        ln_f = model.transformer.ln_f
+        ln_f.weight.zero_()
+        ln_f.bias.copy_(torch.linspace(-1, 1, ln_f.bias.numel()))
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token] = ln_f.bias
+    return other
 
 
 @pytest.fixture(scope="module")
 def slow_server(bot):
-    s = LiveServer(create_app(SlowBot(bot), max_active=1, max_waiting=0))
+    s = LiveServer(paced(create_app(bot, max_active=1, max_waiting=0)))
     yield s
     s.stop()
 
@@ -243,34 +268,20 @@ def wait_for(condition, timeout=10):
         time.sleep(0.02)
 
 
-def test_a_client_that_disconnects_mid_stream_stops_its_generation(slow_server):
+def test_a_client_that_disconnects_mid_stream_frees_its_row(slow_server):
+    before = slow_server.stats["cancelled"]
     with httpx.stream("POST", f"{slow_server.url}/v1/chat/completions", json=LONG, timeout=30) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert slow_server.stats["active"] == 1
     wait_for(lambda: slow_server.stats["active"] == 0)  # long before its 2048 tokens (20 s)
-    assert slow_server.stats["cancelled"] >= 1
-
-
-class Repeating(SlowBot):
-    """A stand-in model that says ``token`` every 10 ms (a visible character, or a special token that shows no
-    text) until its reply is long enough; ``pace(n)`` waits those 10 ms before the n-th token."""
-
-    def __init__(self, bot, token: int, pace=None):
-        super().__init__(bot)
-        self.token, self.pace, self.made = token, pace or (lambda n: time.sleep(0.01)), 0
-
-    def stream_ids(self, ids, sampling, stop_ids=None):
-        for n in range(sampling.max_new_tokens):
-            self.pace(n)
-            self.made += 1
-            yield self.token
+    assert slow_server.stats["cancelled"] == before + 1
 
 
 def test_a_non_streamed_request_stops_when_its_real_client_leaves(bot):
-    """Through uvicorn and a real socket: a client that gives up on a 2048-token reply (20 s) frees the slot at
-    once (given 2 s here, for a busy machine; before, a generation that made text ran on to its end)."""
-    live = LiveServer(create_app(Repeating(bot, bot.tokenizer.encode("好")[0]), max_active=1, max_waiting=0))
+    """Through uvicorn and a real socket: a client that gives up on a 2048-token reply (20 s) frees its row at
+    once (given 2 s here, for a busy machine)."""
+    live = LiveServer(paced(create_app(bot, max_active=1, max_waiting=0)))
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{live.url}/v1/chat/completions", timeout=httpx.Timeout(10, read=0.3),
@@ -293,29 +304,29 @@ def asgi_scope(method: str, path: str, body: bytes = b"", host: bytes = b"127.0.
 @pytest.mark.parametrize("shown", ["text", "no text"])
 def test_a_non_streamed_request_stops_generating_when_its_client_leaves(bot, shown):
     """The client leaves after 5 tokens of a 400-token reply (the server's receive() says http.disconnect); the
-    model makes a token every 10 ms until stopped: the generation stops within a few tokens, its slot freed, whether
-    its tokens show text or not. (Before: a disconnect was looked for only after 0.5 s without a piece of text, and
-    a job stopped only between pieces: all 400 tokens were made either way.)"""
+    model makes a token every 10 ms until stopped: the generation stops within a step, its row freed, whether its
+    tokens show text or not."""
     jobs = []
 
     async def main():
         loop = asyncio.get_running_loop()
         left = asyncio.Event()
 
-        def pace(n):
+        def pace(batch):
+            n = len(batch.rows)
             if n == 5:
                 loop.call_soon_threadsafe(left.set)  # the client goes away
             if n >= 5:
-                jobs[0].cancelled.wait(0.01)  # 10 ms a token (less once the job is stopped)
+                jobs[0].generation.cancelled.wait(0.01)  # 10 ms a token (none once the job is cancelled)
 
         token = bot.tokenizer.encode("好")[0] if shown == "text" else SYSTEM_ID
-        model = Repeating(bot, token, pace)
-        app = create_app(model, max_active=1, max_waiting=0)
+        app = paced(create_app(always_says(bot, token), max_active=1, max_waiting=0), pace)
         scheduler = app.state.scheduler
         submit = scheduler.submit
         scheduler.submit = lambda job: (jobs.append(job), submit(job))[1]
-        body = json.dumps({"messages": USER, "max_tokens": 400, "ignore_eos": True}).encode()
+        body = json.dumps({"messages": USER, "max_tokens": 400, "ignore_eos": True, "temperature": 0}).encode()
         messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
 
         async def receive():
             if messages:
@@ -324,20 +335,20 @@ def test_a_non_streamed_request_stops_generating_when_its_client_leaves(bot, sho
             return {"type": "http.disconnect"}
 
         async def send(message):
-            pass
+            sent.append(message)
 
         try:
             await app(asgi_scope("POST", "/v1/chat/completions", body), receive, send)
             deadline = time.time() + 10
-            while scheduler.stats()["active"]:  # the worker drops the job at its next turn
-                assert time.time() < deadline, "the slot was not freed"
+            while scheduler.stats()["active"]:  # the worker drops the job before its next step
+                assert time.time() < deadline, "the row was not freed"
                 await asyncio.sleep(0.01)
         finally:
             scheduler.close()
-        return model.made, scheduler.stats()
+        return jobs[0].generation, scheduler.stats()
 
-    made, stats = asyncio.run(main())
-    assert 5 <= made < 50, made
+    generation, stats = asyncio.run(main())
+    assert 5 <= generation.completion_tokens < 50, generation.completion_tokens
     assert stats["cancelled"] == 1 and stats["completed"] == 0 and stats["active"] == stats["waiting"] == 0
 
 
@@ -348,6 +359,8 @@ def test_a_full_queue_answers_429_and_concurrent_requests_all_complete(slow_serv
         assert slow_server.stats["active"] == 1
         busy = httpx.post(f"{slow_server.url}/v1/chat/completions", json={"messages": USER}, timeout=30)
         assert assert_openai_error(busy, 429)["type"] == "rate_limit_error"
+        busy = httpx.post(f"{slow_server.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=30)
+        assert assert_openai_error(busy, 429)["code"] == "queue_full"  # (streamed too: before any event)
     wait_for(lambda: slow_server.stats["active"] == 0)
 
     def ask(i):

@@ -357,3 +357,96 @@ def test_a_kill_between_the_first_best_and_last_checkpoints_says_to_start_over(t
     with pytest.raises(ZaizaiError, match=f"holds {BEST} but no {LAST} to resume from; add --overwrite"):
         zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
     assert zaizai.train(data_dir, out, max_iters=5, overwrite=True, verbose=False, **TINY).step == 5
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_resume_refuses_another_optimizer_or_model_and_resume_with_overwrite(tmp_path, data_dir):
+    out = tmp_path / "out"
+    zaizai.train(data_dir, out, max_iters=5, verbose=False, **TINY)
+    before = _files(out)
+    for change, message in ((dict(optimizer="muon"), "cannot change optimizer when resuming \\(the run has adamw\\)"),
+                            (dict(model="modern"), "cannot change model when resuming \\(the run has gpt\\)")):
+        with pytest.raises(ZaizaiError, match=message + ".*start fresh with --overwrite") as info:
+            zaizai.train(out_dir=out, resume=True, max_iters=10, verbose=False, **change)
+        assert "\n" not in str(info.value)
+    # a finished run used to answer "nothing to do" before the contradiction was seen
+    with pytest.raises(ZaizaiError, match="--resume continues the run in .*--overwrite starts it over; pick one"):
+        zaizai.train(data_dir, out, resume=True, overwrite=True, verbose=False)
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(block_size=100_000, max_iters=1), "training split has only .* tokens, fewer than block_size"),
+    (dict(model="modern", n_head=4, n_kv_head=3, n_embd=32, max_iters=1), "n_head \\(4\\) must be a multiple of "
+                                                                          "n_kv_head \\(3\\)"),
+    (dict(max_time=1e-4), "--max-time 0.0001 s is used up before the first step"),
+])
+def test_a_run_that_cannot_fit_is_one_line_and_writes_nothing(tmp_path, data_dir, options, message):
+    with pytest.raises(ZaizaiError, match=message) as info:
+        zaizai.train(data_dir, tmp_path / "out", verbose=False, **{**TINY, "preset": None, **options})
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_without_max_time_picks_by_corpus_size_and_times_nothing(tmp_path, data_dir, monkeypatch, capsys):
+    import zaizai.training.autopreset as auto
+
+    monkeypatch.setattr(auto, "time_candidate", lambda *a: pytest.fail("an iteration-bound run timed a model"))
+    result = zaizai.train(data_dir, tmp_path / "a", max_iters=2, threads=1, batch_size=4, eval_iters=1)
+    saved = json.loads((tmp_path / "a" / "config.json").read_text(encoding="utf-8"))
+    assert result.step == 2 and saved["train"]["preset"] == "auto" and saved["train"]["optimizer"] == "muon"
+    assert saved["model"]["model"] == "modern" and saved["model"]["n_layer"] == 2      # a tiny corpus: the smallest
+    assert "auto preset: 2x128" in capsys.readouterr().out
+    monkeypatch.setattr(auto, "MIN_TOKENS_PER_PARAM", 1e-6)                          # as if the corpus were large
+    zaizai.train(data_dir, tmp_path / "b", max_iters=1, threads=1, block_size=16, batch_size=2, eval_iters=1,
+                 verbose=False)
+    saved = json.loads((tmp_path / "b" / "config.json").read_text(encoding="utf-8"))
+    assert (saved["model"]["n_layer"], saved["model"]["n_embd"], saved["model"]["block_size"]) == (6, 256, 16)
+
+
+def test_auto_with_max_time_chooses_from_bucketed_speeds_and_resume_keeps_the_choice(tmp_path, data_dir,
+                                                                                      monkeypatch, capsys):
+    import zaizai.training.autopreset as auto
+    from zaizai.training.config import AUTO_CANDIDATES
+
+    assert auto.bucket(1100) == auto.bucket(1400) == 1024 and auto.bucket(1500) == 2 ** 10.5
+    monkeypatch.setattr(auto, "MIN_TOKENS_PER_PARAM", 1e-6)   # as if the corpus were large: every candidate fits
+    monkeypatch.setattr(auto, "MAX_EPOCHS", 1e6)              # and a long run would not run out of new text
+    timed = []
+
+    def speeds(fast):  # tokens/s by n_layer x n_embd; noise within a bucket changes nothing
+        def time_candidate(mcfg, table, device, amp_dtype, deadline):
+            timed.append(mcfg.n_layer * 1000 + mcfg.n_embd)
+            return fast[(mcfg.n_layer, mcfg.n_embd)] * (1 + 0.01 * len(timed))
+        return time_candidate
+
+    choices = []
+    for fast in ({(2, 128): 1e6, (4, 128): 9e5, (4, 192): 5e5, (6, 256): 1e3},       # the big one is slow here
+                 {(2, 128): 1e6, (4, 128): 9e5, (4, 192): 5e5, (6, 256): 1e3},       # again: the same choice
+                 {(2, 128): 3e4, (4, 128): 1e3, (4, 192): 1e3, (6, 256): 1e3}):      # a slow machine: the small one
+        monkeypatch.setattr(auto, "time_candidate", speeds(fast))
+        out = tmp_path / f"run{len(choices)}"
+        zaizai.train(data_dir, out, max_time=30.0, max_iters=1, threads=1, block_size=16, batch_size=2, eval_iters=1,
+                     verbose=False)
+        model = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
+        choices.append((model["n_layer"], model["n_embd"]))
+    # the slow machine: after 4x128 the next candidate would not be timed within 5% of the budget: predicted
+    assert len(timed) == 2 * len(AUTO_CANDIDATES) + 2
+    assert choices[0] == choices[1] == (4, 192) and choices[2] == (2, 128)
+    monkeypatch.setattr(auto, "time_candidate", lambda *a: pytest.fail("resume measured again"))
+    resumed = zaizai.train(out_dir=tmp_path / "run0", resume=True, max_iters=2, verbose=False)
+    assert resumed.step == 2
+    assert load_checkpoint(tmp_path / "run0" / LAST).model_config["n_embd"] == 192
+
+
+def test_auto_with_another_model_is_the_cpu_preset(tmp_path, data_dir):
+    from zaizai.training.config import PRESETS
+
+    zaizai.train(data_dir, tmp_path / "gpt", model="gpt", max_iters=1, threads=1, verbose=False)
+    saved = json.loads((tmp_path / "gpt" / "config.json").read_text(encoding="utf-8"))
+    assert saved["train"]["preset"] == "cpu" and saved["train"]["optimizer"] == "adamw"
+    for key, value in PRESETS["cpu"].items():
+        assert saved["model" if key in saved["model"] else "train"][key] == value

@@ -58,3 +58,33 @@ def write_dialogues(path: Path, dialogues) -> Path:
 def write_pairs(path: Path, pairs) -> Path:
     """A JSONL file of one-exchange conversations, one per (user, assistant) pair."""
     return write_dialogues(path, [[pair] for pair in pairs])
+
+
+# --- generation tests (test_engine, test_batch_decode) -----------------------------------------------------------
+
+DECODE_VOCAB = 61  # the vocabulary of decode_model and decode_prompt
+
+
+def decode_model(name: str = "gpt", **overrides):
+    """A small seeded model of kind ``name`` in eval mode, block_size 24 unless overridden, its matrices 8x larger
+    than at initialisation: confident, varied predictions (greedy texts differ from prompt to prompt)."""
+    import torch
+
+    from zaizai.models import ModelConfig, build_model
+
+    cfg = dict(model=name, vocab_size=DECODE_VOCAB, block_size=24, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)
+    return model
+
+
+def decode_prompt(n: int, seed: int = 0) -> list[int]:
+    """``n`` seeded token ids of decode_model's vocabulary, none of them special (6 and above)."""
+    import torch
+
+    return torch.randint(6, DECODE_VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -22,10 +22,12 @@ def _shown_default(name: str, default) -> str:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from .training.config import PRESETS, TrainConfig
+    from .training.config import AUTO_CANDIDATES, PRESETS, TrainConfig
     from .models.config import ModelConfig
 
     default_preset = PRESETS[TrainConfig.preset]
+    chosen = {k for row in AUTO_CANDIDATES.values() for k in row} | {"warmup_iters"} if TrainConfig.preset == "auto" \
+        else set()  # the auto preset picks these per run
 
     for cls, skip in ((ModelConfig, {"vocab_size"}), (TrainConfig, {"data_dir", "out_dir"})):
         group = parser.add_argument_group(f"{cls.__name__} options")
@@ -35,15 +37,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             text = FIELD_HELP.get(f.name, f"配置项 · the {f.name} option")
             if f.name == "preset":
-                text += ": " + ", ".join(PRESETS)
+                text += ": " + ", ".join(PRESETS) + ("; auto 按本机速度、--max-time 和语料大小选模型 · fits a modern "
+                                                    "model to this CPU, --max-time and the corpus (with --model gpt, "
+                                                    "rnn, bigram or --init-from: cpu)")
             kind = type(f.default)
             if kind is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
                 default = default_preset.get(f.name, f.default)
+                shown = ("自动 chosen by the auto preset" if f.name in chosen
+                         else _shown_default(f.name, default))
                 parse = FIELD_TYPE.get(f.name) or {int: any_int, float: finite_float}.get(kind, kind)
                 group.add_argument(flag, type=parse, default=None, metavar=kind.__name__.upper(),
-                                   help=f"{text} (default {_shown_default(f.name, default)})")
+                                   help=f"{text} (default {shown})")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float, top_p: float,
@@ -180,8 +186,8 @@ def _add_generation_commands(sub) -> None:
     vp.add_argument("--max-tokens", type=max_tokens_int, default=4096,
                     help="一个请求最多可要的 max_tokens · the largest max_tokens a request may ask, 1..4096 "
                          "(default 4096)")
-    vp.add_argument("--max-active", type=positive_int, default=4,
-                    help="同时进行的生成数 · generations run interleaved at once (default 4)")
+    vp.add_argument("--max-active", type=positive_int, default=32,
+                    help="同一批里同时生成的请求数 · generations decoded together in one batch (default 32)")
     vp.add_argument("--max-waiting", type=nonneg_int, default=64,
                     help="排队请求数，再多回 429 · requests queued beyond those; more get 429 (default 64)")
     vp.add_argument("--history", type=nonneg_int, default=None, metavar="N",
@@ -211,10 +217,11 @@ def _add_evaluation_commands(sub) -> None:
     rp.add_argument("--reevaluate", action="store_true", help="重新评估 · evaluate again even if eval.json exists")
     rp.add_argument("--device", default="auto", help="设备 · auto (default) | cpu | cuda | mps")
 
-    ap = sub.add_parser("attention", help="注意力图 · draw the attention weights (layers x heads) of a gpt over a text")
+    ap = sub.add_parser("attention", help="注意力图 · draw the attention weights (layers x heads) of a gpt or modern model over a text")
     ap.add_argument("out_dir", help=MODEL_DIR_HELP)
     ap.add_argument("--text", required=True, help="要看的文字 · the text to look at, e.g. 你好，我是崽崽")
     ap.add_argument("--png", default=None, help="要写的图片 · picture to write (default OUT_DIR/attention.png)")
+    ap.add_argument("--overwrite", action="store_true", help="替换已有的图片 · replace an existing picture (never a model file)")
     _add_checkpoint_flags(ap, device=False)
 
     mp = sub.add_parser("compare", help="比较 bigram / rnn / gpt · "
@@ -238,13 +245,14 @@ def _add_interop_commands(sub) -> None:
     xp.add_argument("out_dir", help="`zaizai train` 或 `zaizai import-hf` 写的模型文件夹 · folder written by "
                     "`zaizai train` (or `zaizai import-hf`)")
     xp.add_argument("--format", required=True, choices=["hf", "gguf"],
-                    help="导出格式 · hf: a transformers GPT2LMHeadModel folder; gguf: one file for llama.cpp / ollama")
+                    help="导出格式 · hf: a transformers folder (GPT2LMHeadModel; Qwen3ForCausalLM for modern); "
+                         "gguf: one file for llama.cpp / ollama")
     xp.add_argument("--to", required=True, help="要写的文件夹 (hf) 或文件 (gguf) · folder (hf) or file (gguf) to write")
     xp.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="gguf 权重精度 · gguf weights (default f16)")
     xp.add_argument("--overwrite", action="store_true",
                     help="替换已有的 --to 文件夹或文件 · replace an existing --to folder (hf) or file (gguf)")
 
-    ip = sub.add_parser("import-hf", help="导入 · a local Hugging Face GPT-2 folder -> a zaizai model folder")
+    ip = sub.add_parser("import-hf", help="导入 · a local Hugging Face GPT-2 / Qwen3 / Llama folder -> a zaizai model folder")
     ip.add_argument("hf_dir", help="含 config.json、model.safetensors 和分词文件的文件夹 · folder with config.json, "
                     "model.safetensors and the tokenizer files")
     ip.add_argument("--out", required=True, help="要写的 zaizai 模型文件夹 · zaizai model folder to write")
@@ -380,7 +388,7 @@ def cmd_report(args) -> int:
 def cmd_attention(args) -> int:
     from .evals.attention import attention_picture
 
-    path = attention_picture(args.out_dir, args.text, args.png, which=args.checkpoint)
+    path = attention_picture(args.out_dir, args.text, args.png, which=args.checkpoint, overwrite=args.overwrite)
     print(f"已写入 written: {path}")
     return 0
 

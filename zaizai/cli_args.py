@@ -88,6 +88,7 @@ FIELD_HELP = {
     "rope_theta": "RoPE 基数（modern）· RoPE base (modern)",
     "ffn_hidden": "前馈层宽度（modern）· SwiGLU inner width (modern; 0 = 8/3 n_embd, a multiple of 64)",
     "tie_embeddings": "输出层共用词嵌入（modern）· the output layer is the token embedding (modern)",
+    "qk_norm": "QK 归一化（modern；关掉即 Llama 块）· RMSNorm on queries and keys (modern; off = a Llama block)", "rms_norm_eps": "RMSNorm 的 epsilon（modern）· RMSNorm epsilon (modern)",
     "preset": "预设 · named defaults",
     "batch_size": "批大小 · sequences per micro-step",
     "grad_accum": "梯度累积 · micro-steps per optimizer step",

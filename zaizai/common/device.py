@@ -154,3 +154,16 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def set_threads(threads: int = 0, processes_on_node: int = 1) -> int:
+    """Set torch's CPU threads for a run and return them: ``threads`` when given (> 0); with several processes
+    on this machine (torchrun, which sets OMP_NUM_THREADS=1) its cores shared among them; else
+    :func:`default_threads` (only the cores other programs leave idle)."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif processes_on_node > 1:
+        torch.set_num_threads(max(1, available_cpus() // processes_on_node))
+    else:
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()

@@ -5,7 +5,9 @@
   not even with ``--overwrite``: preparing data into a model folder would replace its tokenizer.json and the
   model would decode garbage.
 - A folder of the right kind, or any existing file, is replaced only with ``--overwrite``.
-- A single-file output (GGUF, a picture) never replaces a file that belongs to a data or model folder.
+- A single-file output (GGUF, a picture) never replaces a file that belongs to a data or model folder, nor takes
+  the name of one there (a picture called best.safetensors in a model folder would be loaded as its weights).
+- A folder or file that cannot be looked at (no permission) is one clear error, not a traceback.
 """
 
 from __future__ import annotations
@@ -47,17 +49,26 @@ def folder_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _unreadable(path: Path, flag: str, error: OSError) -> ZaizaiError:
+    reason = error.strerror or type(error).__name__
+    return ZaizaiError(f"{flag} {path} 无法读取（{reason}）；请检查权限或换一个 {flag} · cannot be read ({reason}); "
+                       f"check its permissions or choose another {flag}")
+
+
 def check_output_folder(path: str | os.PathLike, kind: str, *, overwrite: bool, flag: str = "--out",
                         allow_same: bool = False) -> None:
     """Raise unless ``kind`` may be written into ``path``: absent or empty is fine; a folder of another kind
     never is; a folder of the same kind needs ``overwrite`` (or ``allow_same``, e.g. resuming a run); any other
-    non-empty folder needs ``overwrite``. Checks only; writes nothing."""
+    non-empty folder needs ``overwrite``; one that cannot be listed is an error. Checks only; writes nothing."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ZaizaiError(f"{flag} {path} 是一个文件，请给一个文件夹 · is a file; give a folder")
-    if not path.is_dir() or not any(path.iterdir()):
-        return
-    found = folder_kind(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ZaizaiError(f"{flag} {path} 是一个文件，请给一个文件夹 · is a file; give a folder")
+        if not path.is_dir() or not any(path.iterdir()):
+            return
+        found = folder_kind(path)
+    except OSError as e:  # no permission to list or look inside it
+        raise _unreadable(path, flag, e) from None
     if found is not None and found != kind:
         raise ZaizaiError(f"{flag} {path} 已是{KIND_NAMES[found]}，不能写入{KIND_NAMES[kind]}；请换一个 {flag} · "
                           f"{path} already is a {found} folder; writing a {kind} folder there would break it, "
@@ -76,14 +87,18 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool, flag: str = "
     own file (its weights, tokenizer, config); an existing file only with ``overwrite``. ``suffixes``, when
     given, are the endings an existing file must have to be replaced at all (``(".gguf",)``)."""
     path = Path(path)
-    if path.is_dir():
-        raise ZaizaiError(f"{flag} {path} 是一个文件夹，请给文件路径 · is a folder; give a file path")
-    if not path.exists():
-        return
-    parent_kind = folder_kind(path.parent)
+    try:
+        if path.is_dir():
+            raise ZaizaiError(f"{flag} {path} 是一个文件夹，请给文件路径 · is a folder; give a file path")
+        exists, parent_kind = path.exists(), folder_kind(path.parent)
+    except OSError as e:
+        raise _unreadable(path, flag, e) from None
+    # a folder's own file, or one that would pass for it: even a new one (a picture named best.safetensors)
     if parent_kind is not None and (path.name in _ARTIFACTS or path.suffix in (".safetensors", ".bin", ".npy")):
-        raise ZaizaiError(f"{flag} {path} 属于{KIND_NAMES[parent_kind]}，不能覆盖；请换一个路径 · "
+        raise ZaizaiError(f"{flag} {path} 属于{KIND_NAMES[parent_kind]}，不能写；请换一个路径 · "
                           f"{path} belongs to a {parent_kind} folder; choose another path")
+    if not exists:
+        return
     if suffixes and path.suffix.lower() not in suffixes:
         raise ZaizaiError(f"{flag} {path} 已存在且不是 {'/'.join(suffixes)} 文件，不会覆盖；请换一个路径 · "
                           f"{path} exists and is not a {'/'.join(suffixes)} file; choose another path")

@@ -33,14 +33,19 @@ from .building import (
 )
 from .corpus import decode_counting, iter_file_pieces, split_documents, split_segments
 from .tokendata import SPLITS, bin_file
-from .tokenizer import EOT_ID, UNK_ID, CharTokenizer, Tokenizer, code_points
+from .tokenizer import EOT_ID, UNK_ID, CharTokenizer, Tokenizer, code_points, release_freed_memory
 
-PIECE_BYTES = 16 << 20  # bytes read at a time (cut at an empty line): bounds prepare's memory
+# Bytes read at a time (cut at an empty line): bounds prepare's memory. A worker holds a piece several times
+# over while it encodes it (bytes, text, documents, chunks, ids: about 30 MB for 4 MB of Chinese), and up to
+# four workers run at once, each with two pieces queued for it.
+PIECE_BYTES = 4 << 20
 # The BPE trainer's memory grows with the distinct pieces it sees (~0.3 KB per character of
 # them), so it learns from an even sample of the training documents of about this many characters.
 BPE_SAMPLE_CHARS = 2_000_000
 ENCODE_CHUNK_CHARS = 4096  # a BPE encodes a long document in chunks of at most this many characters
-ENCODE_BATCH_CHARS = 1 << 20  # ... and about this many characters at a time
+# ... and about this many characters at a time (tokenizers' encodings take ~100 bytes per token, so the batch
+# bounds a worker's memory: about 40 MB for random Chinese characters, 1.6 tokens each)
+ENCODE_BATCH_CHARS = 1 << 18
 _COUNTS = ("tokens", "chars", "documents", "unknown")  # the size of a split in meta.json
 
 
@@ -267,13 +272,17 @@ class _Stream:
             return choice.build(())  # the reused one
         with _Workers(self.workers) as pool:
             documents = (doc for docs in pool.map(_piece_train_documents, self.split_tasks()) for doc in docs)
-            return choice.build(bpe_sample(documents, train_chars))
+            sample = list(bpe_sample(documents, train_chars))  # a few MB
+        # the workers are gone before the trainer starts: its memory (~0.3 KB per character of the sample, for
+        # text of few repeats) is then the only large thing, and it is handed back when it is done
+        return choice.build(sample)
 
     def encode(self, tok: Tokenizer, out_dir: Path) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
         """Pass 3: encode into partial bins in ``out_dir``; return them and the splits' sizes.
         The partial bins are removed if anything fails."""
         counts = {name: dict.fromkeys(_COUNTS, 0) for name in SPLITS}
         partial = {name: out_dir / f".{bin_file(name)}.partial" for name in SPLITS}
+        release_freed_memory()  # the workers fork from this process: as small as it can be
         try:
             with output_errors(out_dir):
                 out_dir.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def prepare(
     lacks become ``<|unk|>`` (counted).
 
     Plain text is streamed in bounded memory whatever its size or shape: each file is read in
-    pieces of about 16 MB cut at empty lines (or, inside a longer document, after a character
+    pieces of about 4 MB cut at empty lines (or, inside a longer document, after a character
     that is not whitespace), decoded, split and encoded by ``workers`` processes (default: up to 4
     cores; one for a single piece). The files are read three times: to count documents (which
     fixes the split), to build the tokenizer from the training documents (a BPE from an even

@@ -369,7 +369,19 @@ class BPETokenizer(HFTokenizer):
             show_progress=verbose,
         )
         hf.train_from_iterator(texts, trainer=trainer)
+        del trainer  # it keeps every distinct word it saw (hundreds of MB for a sample of random text)
+        release_freed_memory()
         return cls(hf)
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system (glibc's malloc_trim; elsewhere nothing): the BPE trainer frees
+    hundreds of MB that the C allocator would keep, and so would every worker process forked afterwards."""
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not Linux with glibc
+        pass
 
 
 Tokenizer = CharTokenizer | HFTokenizer

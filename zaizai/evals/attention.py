@@ -1,7 +1,11 @@
-"""Attention pictures: what each head of a GPT looks at, as a grid of heat maps (layers x heads).
+"""Attention pictures: what each head of a gpt or modern model looks at, as a grid of heat maps (layers x heads).
 
 The weights are those of the model's own forward pass: given a list, each attention layer computes
-softmax(QK^T / sqrt(hs)) with the causal mask in its textbook form and appends the weights it used.
+softmax(QK^T / sqrt(hs)) with the causal mask in its textbook form and appends the weights it used (for
+modern, after QK-norm and rotary, with grouped key/value heads repeated, so there is one map per query head).
+
+The picture is an output file like any other (zaizai/common/outputs.py): it never replaces a model or data
+folder's own files, and an existing file only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from pathlib import Path
 import torch
 
 from ..common.errors import ZaizaiError
+from ..common.outputs import check_output_file
 from ..data.tokenizer import EOT_ID, UNK_ID
 from ..inference.loaded import load
-from ..models.gpt import GPT
 from ..training.metrics import save_png
+
+ATTENTION_MODELS = ("gpt", "modern")  # the models whose forward pass can hand back its attention weights
 
 # Families that cover Chinese, most likely first (Linux, then macOS / Windows names).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Serif CJK SC", "Source Han Sans SC", "Source Han Sans CN",
@@ -57,13 +63,14 @@ def find_cjk_font() -> str:
 
 @torch.no_grad()
 def attention_weights(model, ids: list[int]) -> torch.Tensor:
-    """Attention weights of a GPT for one sequence: (n_layer, n_head, T, T), each row summing to 1.
+    """Attention weights of a gpt or modern model for one sequence: (n_layer, n_head, T, T), each row summing to 1.
 
     They come from the model's own forward pass (its ``attn_weights`` option), so they are the weights that
     produced its output, not a recomputation beside it.
     """
-    if not isinstance(model, GPT):
-        raise ZaizaiError(f"attention pictures need a gpt model, not {type(model).__name__.lower()}")
+    name = getattr(getattr(model, "config", None), "model", None)
+    if name not in ATTENTION_MODELS:
+        raise ZaizaiError(f"attention pictures need a gpt or modern model, not {name or type(model).__name__.lower()}")
     T = len(ids)
     if not 0 < T <= model.config.block_size:
         raise ZaizaiError(f"the text is {T} tokens; give 1 to block_size ({model.config.block_size}) characters")
@@ -129,19 +136,23 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
 
 
 def attention_picture(out_dir: str | Path, text: str, path: str | Path | None = None, *, which: str = "auto",
-                      device: str = "cpu") -> Path:
+                      device: str = "cpu", overwrite: bool = False) -> Path:
     """Write ``attention.png`` (or ``path``): the attention of every layer and head of the model in ``out_dir``
-    over ``text`` (after the start-of-document token, as generation sees it)."""
+    over ``text`` (after the start-of-document token, as generation sees it). An existing picture is replaced
+    only with ``overwrite``; the model's own files (weights, tokenizer, config) never."""
 
     if not text:
         raise ZaizaiError("give some --text to look at")
+    path = Path(path) if path else Path(out_dir) / "attention.png"
+    check_output_file(path, overwrite=overwrite, flag="--png")  # before the work, and again just before writing
     find_cjk_font()  # fail before the work when no font can show the characters
     bot = load(out_dir, which=which, device=device)
-    if bot.model_config.model != "gpt":
-        raise ZaizaiError(f"attention pictures need a gpt model; {out_dir} holds a {bot.model_config.model} model")
+    if bot.model_config.model not in ATTENTION_MODELS:
+        raise ZaizaiError(f"attention pictures need a gpt or modern model; {out_dir} holds a "
+                          f"{bot.model_config.model} model")
     ids = [EOT_ID] + bot.tokenizer.encode(text)
     ids = ids[-bot.model_config.block_size:]
     weights = attention_weights(bot.model, ids)
     labels = token_labels(bot.tokenizer, ids)
-    path = Path(path) if path else Path(out_dir) / "attention.png"
+    check_output_file(path, overwrite=overwrite, flag="--png")
     return plot_attention(weights, labels, path, title=f"{Path(out_dir).resolve().name}: 注意力 attention · {text}\n{label_key(labels)}".strip())

@@ -4,10 +4,11 @@
 batch of one (:class:`zaizai.inference.batch.Batch`): the same code that serves many sequences at once, so a
 request gives the same tokens alone or in a batch. Underneath, per model (:mod:`zaizai.models.decode`):
 
-- ``gpt``: a preallocated KV cache. The prompt goes through the model's forward pass in one call (prefill); each
-  new token then costs one position through every layer, on a decode step written for it (plain matrix
-  products over the cache). When the cache is full (block_size tokens), the window slides: the last 3/4 of
-  block_size tokens are run through again as a fresh prefill, and generation goes on from there.
+- ``gpt`` and ``modern``: a preallocated KV cache (modern: of its key/value heads only). The prompt goes through
+  the model's forward pass in one call (prefill); each new token then costs one position through every layer,
+  on a decode step written for it (plain matrix products over the cache). When the cache is full (block_size
+  tokens), the window slides: the last 3/4 of block_size tokens are run through again as a fresh prefill, and
+  generation goes on from there (modern: its rotary positions count from 0 again).
 - ``rnn``: the hidden state is carried from step to step; no context limit.
 - ``bigram``: no cache; only the last token matters.
 

@@ -27,8 +27,9 @@ class SamplingConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ZaizaiError(f"--max-new-tokens must not be negative, got {self.max_new_tokens}")
+        if self.max_new_tokens < 1:  # 0 is no reply at all (and became one token in chat): refuse it everywhere
+            raise ZaizaiError(f"max_new_tokens (--max-new-tokens, /set max_new_tokens, the API's max_tokens) must be "
+                              f">= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ZaizaiError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -20,6 +20,19 @@ llama.cpp requires every bias; a model trained with ``bias=False`` gets zero bia
 same thing. In an f16 file the 2-D matrices are float16 and the 1-D norms and biases stay float32, as
 llama.cpp's own converter writes them.
 
+A modern model is llama.cpp's "qwen3" (src/models/qwen3.cpp; convert_hf_to_gguf.py's Qwen3Model), or "llama"
+without QK-norm: RMSNorm blocks, separate q/k/v, SwiGLU, grouped-query heads, names as the converter writes them:
+
+    token_embd / output_norm / output (only when untied)       model.embed_tokens / model.norm / lm_head
+    blk.{i}.attn_norm, ffn_norm                                 input_layernorm, post_attention_layernorm
+    blk.{i}.attn_q, attn_k, attn_v, attn_output                 self_attn.{q,k,v,o}_proj
+    blk.{i}.attn_q_norm, attn_k_norm (qwen3 only)              self_attn.{q,k}_norm
+    blk.{i}.ffn_gate, ffn_up, ffn_down                          mlp.{gate,up,down}_proj
+
+RoPE: llama.cpp rotates qwen3 in the "NEOX" layout (dims i and i + hs/2 form a pair), which is zaizai's and
+Hugging Face's, so q and k are copied as they are. Its llama rotates neighbouring dims (2i, 2i + 1), so for
+"llama" the rows of each q and k head are permuted into that order, as convert_hf_to_gguf.py's LlamaModel does.
+
 Tokenizers (ids 0..5 are zaizai's special tokens, marked CONTROL; ``<|unk|>`` UNKNOWN):
 * char (one token per character): llama.cpp's "t5" (Unigram) tokenizer with every character a token of
   equal score gives one token per known character and ``<|unk|>`` for an unknown one. It writes spaces
@@ -60,6 +73,7 @@ from ..common.fileio import atomic_path
 from ..common.outputs import check_output_file
 from ..data.tokenizer import BPE_SPLIT_PATTERN, END_ID, EOT_ID, SPECIAL_TOKENS, UNK_ID, special_token_texts
 from ..inference.loaded import load
+from ..models.modern import swiglu_hidden
 from .hf import LAYER_NORM_EPS, chat_template
 
 DTYPES = ("f16", "f32")
@@ -85,7 +99,8 @@ SPM_SPACE = "\u2581"
 
 
 def export_gguf(model_dir, path, *, dtype: str = "f16", overwrite: bool = False, verbose: bool = True) -> Path:
-    """zaizai model folder -> one GGUF file (llama.cpp architecture "gpt2"), dtype "f32" or "f16".
+    """zaizai model folder -> one GGUF file (llama.cpp architecture "gpt2", or "qwen3" / "llama" for a modern
+    model), dtype "f32" or "f16".
 
     An existing ``path`` is replaced only with ``overwrite`` and only if it is a ``.gguf`` file; never a file of
     a model or data folder (``--to m1/last.safetensors`` would destroy the checkpoint)."""
@@ -101,20 +116,26 @@ def export_gguf(model_dir, path, *, dtype: str = "f16", overwrite: bool = False,
     kind = str(dtype).lower()
     if kind not in DTYPES:
         raise ZaizaiError(f"unknown GGUF dtype {dtype!r}; choose f16 (half the size) or f32")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ZaizaiError(f"--to {path.parent} 是一个文件，不是文件夹 · is a file, not a folder; "
+                          "give a path inside a folder")
     if not path.parent.is_dir():
         raise ZaizaiError(f"{path.parent} does not exist; create the folder first")
 
     bot = load(model_dir, device="cpu")
     cfg = bot.model_config
-    if cfg.model != "gpt":
-        raise ZaizaiError(f"{model_dir} holds a {cfg.model} model; llama.cpp runs only transformer (gpt) models, "
-                          "so train one with --model gpt to export it")
+    if cfg.model not in ("gpt", "modern"):
+        raise ZaizaiError(f"{model_dir} holds a {cfg.model} model; llama.cpp runs only transformer (gpt, modern) "
+                          "models, so train one with --model gpt or --model modern to export it")
+    arch = ARCH if cfg.model == "gpt" else modern_arch(cfg)
     vocab = _vocab(bot.tokenizer, chat=bot.is_chat_model)
-    tensors = _tensors(bot.model.state_dict(), cfg, np.float16 if kind == "f16" else np.float32)
+    float_type = np.float16 if kind == "f16" else np.float32
+    state = bot.model.state_dict()
+    tensors = _tensors(state, cfg, float_type) if cfg.model == "gpt" else _modern_tensors(state, cfg, float_type)
 
     try:
         with atomic_path(path) as tmp:
-            writer = gguf.GGUFWriter(tmp, ARCH)
+            writer = gguf.GGUFWriter(tmp, arch)
             try:
                 _write(writer, gguf, bot, kind, vocab, tensors)
             finally:
@@ -123,25 +144,35 @@ def export_gguf(model_dir, path, *, dtype: str = "f16", overwrite: bool = False,
         raise ZaizaiError(f"cannot write {path}: {err.strerror or err}") from None
     if verbose:
         size = path.stat().st_size / 1e6
-        print(f"已写入 wrote {path} ({size:.1f} MB, llama.cpp gpt2, {kind}, {cfg.vocab_size:,} tokens, {vocab['note']})")
+        print(f"已写入 wrote {path} ({size:.1f} MB, llama.cpp {arch}, {kind}, {cfg.vocab_size:,} tokens, "
+              f"{vocab['note']})")
         print(f"note: llama.cpp has no positions past the model's {cfg.block_size}-token context and aborts "
               f"there; keep prompt + reply within {cfg.block_size} tokens (llama-cli -n)")
     return path
 
 
 def _write(writer, gguf, bot, kind: str, vocab: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-    """Header, metadata and tensors; the keys are those llama.cpp's gpt2 loader reads (src/models/gpt2.cpp,
-    llama_model::load_hparams)."""
+    """Header, metadata and tensors; the keys are those llama.cpp's loaders read (llama_model::load_hparams;
+    for qwen3 / llama what convert_hf_to_gguf.py's TextModel.set_gguf_parameters writes)."""
     cfg = bot.model_config
     writer.add_name(Path(bot.path).parent.name or "zaizai")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd if cfg.model == "gpt" else swiglu_hidden(cfg))
     writer.add_block_count(cfg.n_layer)
-    writer.add_head_count(cfg.n_head)  # head_count_kv defaults to it: plain multi-head attention
-    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    writer.add_head_count(cfg.n_head)  # gpt: head_count_kv defaults to it, plain multi-head attention
+    if cfg.model == "gpt":
+        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    else:
+        head_size = cfg.n_embd // cfg.n_head
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_key_length(head_size)
+        writer.add_value_length(head_size)
+        writer.add_rope_dimension_count(head_size)  # the whole head turns
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     _add_vocab(writer, vocab)
     for name, array in tensors.items():
@@ -184,6 +215,49 @@ def _tensors(state: dict[str, Any], cfg, float_type) -> dict[str, np.ndarray]:
             out[f"blk.{i}.{gname}.bias"] = get(f"{prefix}.bias", (C if rows is None else rows,))
     out["output_norm.weight"] = get("transformer.ln_f.weight", (C,))
     out["output_norm.bias"] = get("transformer.ln_f.bias", (C,))
+    return out
+
+
+def modern_arch(cfg) -> str:
+    """llama.cpp's architecture for a modern model: "qwen3" with QK-norm, "llama" without."""
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def _interleaved(w: np.ndarray, heads: int) -> np.ndarray:
+    """q or k rows (heads * hs, C) from the "rotate half" layout (pairs i, i + hs/2) to llama.cpp's llama layout
+    (pairs 2i, 2i + 1): convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _modern_tensors(state: dict[str, Any], cfg, float_type) -> dict[str, np.ndarray]:
+    """GGUF name -> numpy array for llama.cpp's qwen3 / llama (module doc); matrices ``float_type``, norms float32."""
+    C, hs, H = cfg.n_embd, cfg.n_embd // cfg.n_head, swiglu_hidden(cfg)
+    q, kv = cfg.n_head * hs, cfg.kv_heads * hs
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        a = state[name].detach().to("cpu").float().numpy()
+        if a.shape != shape:
+            raise ZaizaiError(f"checkpoint tensor {name} has shape {a.shape}, expected {shape}; "
+                              "the checkpoint does not match its config")
+        return a.astype(float_type if a.ndim > 1 else np.float32)
+
+    out = {"token_embd.weight": get("model.embed_tokens.weight", (cfg.vocab_size, C)),
+           "output_norm.weight": get("model.norm.weight", (C,))}
+    if not cfg.tie_embeddings:  # without it llama.cpp uses token_embd, as a tied model does
+        out["output.weight"] = get("lm_head.weight", (cfg.vocab_size, C))
+    parts = [("attn_norm", "input_layernorm", (C,)), ("attn_q", "self_attn.q_proj", (q, C)),
+             ("attn_k", "self_attn.k_proj", (kv, C)), ("attn_v", "self_attn.v_proj", (kv, C)),
+             ("attn_output", "self_attn.o_proj", (C, q)), ("ffn_norm", "post_attention_layernorm", (C,)),
+             ("ffn_gate", "mlp.gate_proj", (H, C)), ("ffn_up", "mlp.up_proj", (H, C)),
+             ("ffn_down", "mlp.down_proj", (C, H))]
+    if cfg.qk_norm:
+        parts += [("attn_q_norm", "self_attn.q_norm", (hs,)), ("attn_k_norm", "self_attn.k_norm", (hs,))]
+    for i in range(cfg.n_layer):
+        for gname, zname, shape in parts:
+            out[f"blk.{i}.{gname}.weight"] = get(f"model.layers.{i}.{zname}.weight", shape)
+        if not cfg.qk_norm:  # llama.cpp's llama: neighbouring dims form a rotation pair
+            out[f"blk.{i}.attn_q.weight"] = _interleaved(out[f"blk.{i}.attn_q.weight"], cfg.n_head)
+            out[f"blk.{i}.attn_k.weight"] = _interleaved(out[f"blk.{i}.attn_k.weight"], cfg.kv_heads)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Reading a Hugging Face GPT-2 folder for ``zaizai import-hf``, which may come from anyone.
+"""Reading a Hugging Face folder (GPT-2; Qwen3 and Llama in :mod:`zaizai.interop.hf_modern`) for
+``zaizai import-hf``, which may come from anyone.
 
 - Only files inside the folder are read: a ``weight_map`` entry must be a relative file name without ``..``, and
   a symbolic link must lead inside the folder (or, in transformers' own cache, from ``snapshots/<commit>/`` into
@@ -16,7 +17,7 @@ import math
 import re
 import reprlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -90,7 +91,7 @@ def read_source_json(src: Path, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _positive(config: dict[str, Any], *keys: str, src: Path) -> int | None:
+def positive_int(config: dict[str, Any], *keys: str, src: Path) -> int | None:
     """The first of ``keys`` config.json sets, which must be a positive whole number (not a bool)."""
     for key in keys:
         value = config.get(key)
@@ -102,16 +103,33 @@ def _positive(config: dict[str, Any], *keys: str, src: Path) -> int | None:
     return None
 
 
+READS = "import-hf reads GPT-2, Qwen3 and Llama checkpoints (model_type gpt2, qwen3 or llama)"
+
+
+def model_type_of(config: dict[str, Any], src: Path) -> str:
+    """config.json's ``model_type``; a folder without one is not a transformers model (say what it is instead)."""
+    model_type = config.get("model_type")
+    if model_type is not None:
+        return model_type
+    from ..common.outputs import MODEL, folder_kind
+
+    if folder_kind(src) == MODEL:
+        raise ZaizaiError(f"{src} 已是 zaizai 模型文件夹，无需导入 · is a zaizai model folder already: use it as "
+                          "it is (zaizai sample/chat/train --init-from); import-hf reads a transformers folder")
+    raise ZaizaiError(f"{src}/config.json has no model_type, so it is no transformers model; give a folder "
+                      "saved by transformers' save_pretrained")
+
+
 def model_config(config: dict[str, Any], src: Path) -> ModelConfig:
     """config.json of a GPT-2 -> zaizai's ModelConfig, refusing a wrong type or what zaizai's GPT does not compute."""
     model_type = config.get("model_type")
     if model_type != "gpt2":
-        raise ZaizaiError(f"{src} holds a {show(model_type)} model; import-hf reads GPT-2 "
-                          "(model_type \"gpt2\", GPT2LMHeadModel) checkpoints")
-    n_embd, n_layer = _positive(config, "n_embd", "hidden_size", src=src), _positive(config, "n_layer",
-                                                                                     "num_hidden_layers", src=src)
-    n_head, n_positions = _positive(config, "n_head", src=src), _positive(config, "n_positions", "n_ctx", src=src)
-    vocab_size = _positive(config, "vocab_size", src=src)
+        raise ZaizaiError(f"{src} holds a {show(model_type)} model; {READS}")
+    n_embd = positive_int(config, "n_embd", "hidden_size", src=src)
+    n_layer = positive_int(config, "n_layer", "num_hidden_layers", src=src)
+    n_head, n_positions = positive_int(config, "n_head", src=src), positive_int(config, "n_positions", "n_ctx",
+                                                                                src=src)
+    vocab_size = positive_int(config, "vocab_size", src=src)
     if None in (n_embd, n_layer, n_head, n_positions, vocab_size):
         raise ZaizaiError(f"{src}/config.json lacks n_embd, n_layer, n_head, n_positions or vocab_size")
     unsupported = []
@@ -169,7 +187,7 @@ def weight_files(src: Path) -> list[Path]:
             raise ZaizaiError(f"{index} has no weight_map; the download is incomplete")
         return sorted({_shard(src, index, key, name) for key, name in weight_map.items()})
     if any((src / name).is_file() for name in ("pytorch_model.bin", "model.bin", "tf_model.h5")):
-        program = (f"from transformers import GPT2LMHeadModel as M; "
+        program = (f"from transformers import AutoModelForCausalLM as M; "
                    f"M.from_pretrained({str(src)!r}).save_pretrained({str(src)!r})")
         raise ZaizaiError(
             f"{src} has its weights in a pickle (pytorch_model.bin), which zaizai never loads (a pickle can run "
@@ -178,29 +196,41 @@ def weight_files(src: Path) -> list[Path]:
     raise ZaizaiError(f"{src} has no model.safetensors; give a folder saved by transformers' save_pretrained")
 
 
-def _skipped(name: str) -> bool:
-    return name.endswith((".attn.bias", ".attn.masked_bias"))  # the causal mask old transformers versions saved
+def gpt2_name(key: str) -> str | None:
+    """A GPT-2 tensor's name without ``transformer.``; None for the causal mask old transformers versions saved."""
+    name = key.removeprefix("transformer.")
+    return None if name.endswith((".attn.bias", ".attn.masked_bias")) else name
 
 
-def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Shapes by name (without ``transformer.``) from the safetensors headers; reads no tensor data."""
+def _scan(files: list[Path], rename: Callable[[str], str | None],
+          visit: Callable[[Path, Any, str, str], None]) -> None:
+    """``visit(path, f, key, name)`` for every tensor of ``files`` that ``rename`` gives a name (None: skip it);
+    ``f`` is the open safetensors file. A damaged file is one error line, whatever reads it."""
     from safetensors import SafetensorError, safe_open
 
-    shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    name = key.removeprefix("transformer.")
-                    if _skipped(name):
-                        continue
-                    piece = f.get_slice(key)
-                    if piece.get_dtype() not in FLOAT_DTYPES:
-                        raise ZaizaiError(f"{path}: {key} holds {piece.get_dtype()} numbers; import-hf reads "
-                                          f"unquantized float weights ({', '.join(FLOAT_DTYPES)})")
-                    shapes[name] = tuple(piece.get_shape())
+                    if (name := rename(key)) is not None:
+                        visit(path, f, key, name)
         except (SafetensorError, OSError) as e:
             raise ZaizaiError(f"{path} is truncated or not a safetensors file ({e}); download it again") from None
+
+
+def tensor_shapes(files: list[Path], rename: Callable[[str], str | None] = gpt2_name) -> dict[str, tuple[int, ...]]:
+    """Shapes by name (``rename``: GPT-2's without ``transformer.``) from the safetensors headers; reads no
+    tensor data."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def visit(path: Path, f, key: str, name: str) -> None:
+        piece = f.get_slice(key)
+        if piece.get_dtype() not in FLOAT_DTYPES:
+            raise ZaizaiError(f"{path}: {key} holds {piece.get_dtype()} numbers; import-hf reads unquantized float "
+                              f"weights ({', '.join(FLOAT_DTYPES)})")
+        shapes[name] = tuple(piece.get_shape())
+
+    _scan(files, rename, visit)
     return shapes
 
 
@@ -230,25 +260,21 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], c: ModelConfig, src: Path) 
         raise ZaizaiError(f"{src}: the weights do not fit config.json: {'; '.join(wrong[:2])}{more}")
 
 
-def read_weights(files: list[Path], src: Path) -> dict[str, torch.Tensor]:
-    """The model's tensors in float32 under GPT-2's names without the ``transformer.`` prefix (shapes checked)."""
-    from safetensors import SafetensorError, safe_open
-
+def read_weights(files: list[Path], rename: Callable[[str], str | None] = gpt2_name) -> dict[str, torch.Tensor]:
+    """The model's tensors in float32 under the names ``rename`` gives (call :func:`tensor_shapes` and check the
+    shapes first)."""
     weights: dict[str, torch.Tensor] = {}
-    lm_head = None
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    name = key.removeprefix("transformer.")
-                    if _skipped(name):
-                        continue
-                    if name == "lm_head.weight":
-                        lm_head = f.get_tensor(key).float()
-                        continue
-                    weights[name] = f.get_tensor(key).float()
-        except (SafetensorError, OSError) as e:
-            raise ZaizaiError(f"{path} is truncated or not a safetensors file ({e}); download it again") from None
-    if lm_head is not None and not torch.equal(lm_head, weights["wte.weight"]):
-        raise ZaizaiError(f"{src}: lm_head.weight differs from wte.weight; zaizai's GPT ties them")
+
+    def visit(path: Path, f, key: str, name: str) -> None:
+        weights[name] = f.get_tensor(key).float()
+
+    _scan(files, rename, visit)
     return weights
+
+
+def untie_check(weights: dict[str, torch.Tensor], embedding: str, src: Path) -> None:
+    """Drop a saved ``lm_head.weight`` of a model whose output layer is its embedding, refusing one that differs."""
+    head = weights.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, weights[embedding]):
+        raise ZaizaiError(f"{src}: lm_head.weight differs from {embedding} but config.json ties them "
+                          "(tie_word_embeddings); the folder mixes files of different models")

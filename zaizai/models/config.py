@@ -24,6 +24,8 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base: the slowest rotation's period grows with it
     ffn_hidden: int = 0         # SwiGLU inner width; 0 = 8/3 n_embd rounded up to a multiple of 64
     tie_embeddings: bool = True  # the output layer is the token embedding (as Qwen3's small models)
+    qk_norm: bool = True        # RMSNorm over each head's queries and keys (Qwen3); off: a Llama block
+    rms_norm_eps: float = 1e-6  # RMSNorm's epsilon (Qwen3 1e-6; most Llama checkpoints 1e-5)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +65,8 @@ class ModelConfig:
                               "(0 = one per head)")
         if self.rope_theta <= 1.0:
             raise ZaizaiError(f"rope_theta must be greater than 1, got {self.rope_theta} (10000 is usual)")
+        if not 0.0 < self.rms_norm_eps < 1.0:
+            raise ZaizaiError(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps} (1e-6 is usual)")
         if self.ffn_hidden < 0:
             raise ZaizaiError(f"ffn_hidden must not be negative (0 = automatic), got {self.ffn_hidden}")
         if self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2:

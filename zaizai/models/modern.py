@@ -6,7 +6,7 @@ What changes from ``gpt.py`` (GPT-2), each a known gain for small models trained
 - rotary position embeddings (RoPE) on queries and keys instead of a learned position table: attention sees
   how far apart two tokens are, and there is no table to learn;
 - QK-norm: an RMSNorm over each head's queries and keys before RoPE, which keeps attention logits tame at
-  high learning rates;
+  high learning rates (``qk_norm=False`` leaves it out: then the block is Llama's, which ``import-hf`` reads);
 - a SwiGLU MLP, ``down(silu(gate(x)) * up(x))``, instead of GELU;
 - optional grouped-query attention (``n_kv_head`` < ``n_head``: heads share keys and values; a smaller cache);
 - no biases anywhere, and the two projections that end a residual branch (``o_proj``, ``down_proj``) start at
@@ -16,7 +16,8 @@ What changes from ``gpt.py`` (GPT-2), each a known gain for small models trained
 Parameter names are those of Hugging Face's ``Qwen3ForCausalLM``, so an export is a plain copy:
 ``model.embed_tokens``, ``model.layers.{i}.input_layernorm``, ``.self_attn.{q,k,v,o}_proj``,
 ``.self_attn.{q,k}_norm``, ``.post_attention_layernorm``, ``.mlp.{gate,up,down}_proj``, ``model.norm``,
-``lm_head``; RMSNorm eps 1e-6 and RoPE in the "rotate half" layout (llama.cpp's NEOX type), as Qwen3.
+``lm_head``; RMSNorm eps ``rms_norm_eps`` (1e-6, as Qwen3) and RoPE in the "rotate half" layout (llama.cpp's
+NEOX type), as Qwen3. Without QK-norm the names are those of ``LlamaForCausalLM``.
 
 Shapes: B batch, T time, C n_embd, V vocab, nh heads, nkv key/value heads, hs head size (C // nh).
 The forward interface is the one every model shares (see ``zaizai/models/__init__.py``).
@@ -35,7 +36,7 @@ from .config import ModelConfig
 from .gpt import check_input, segment_layout
 from .ops import attention_with_weights, causal_attention, linear_cross_entropy
 
-RMS_EPS = 1e-6  # Qwen3's rms_norm_eps
+RMS_EPS = 1e-6  # Qwen3's rms_norm_eps, ModelConfig's default
 
 
 class RMSNorm(nn.Module):
@@ -120,8 +121,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, self.n_kv * self.hs, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, self.n_kv * self.hs, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.hs, cfg.n_embd, bias=False)
-        self.q_norm = RMSNorm(self.hs)  # over each head's hs dimensions, as Qwen3
-        self.k_norm = RMSNorm(self.hs)
+        if cfg.qk_norm:  # over each head's hs dimensions, as Qwen3 (Llama has none)
+            self.q_norm = RMSNorm(self.hs, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hs, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 cache: ModernKVCache | None = None, layer: int = 0, attn_weights: list | None = None) -> torch.Tensor:
@@ -185,9 +189,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd)
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, attn_weights=None) -> torch.Tensor:
@@ -204,7 +208,7 @@ class ModernLM(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             layers=nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer)),
-            norm=RMSNorm(cfg.n_embd),
+            norm=RMSNorm(cfg.n_embd, cfg.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

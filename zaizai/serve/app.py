@@ -11,9 +11,10 @@ bodies are cut off, every response carries a Content-Security-Policy and no-fram
 a request is answered 4xx with an OpenAI-shaped error body ``{"error": {message, type, param, code}}``.
 
 This module holds the routes and the error handlers; the request bodies are in :mod:`.schemas`, answering a
-completion request in :mod:`.endpoints`, the generation worker (generations interleaved token by token,
-a bounded queue, 429 when it is full, a disconnect stops its generation) in :mod:`.scheduler`, and the Host
-allow-list, security headers and time limits in :mod:`.guards`.
+completion request in :mod:`.endpoints`, the generation worker (continuous batching: one decode step advances
+every running generation, requests join and leave between steps; a bounded queue, 429 when it is full; a
+disconnect frees its row before the next step; a generation whose scores become nan/inf fails alone, 500) in
+:mod:`.scheduler`, and the Host allow-list, security headers and time limits in :mod:`.guards`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .schemas import MAX_TOKENS_LIMIT, APIError, ChatRequest, CompletionRequest,
 MAX_BODY_BYTES = 1 << 20          # a request body larger than 1 MiB is refused (413)
 BODY_TIMEOUT_S = 10.0             # a request body not all in by then is refused (408)
 HEADER_TIMEOUT_S = 10.0           # a connection whose request line and headers are not all in by then is closed
+MAX_ACTIVE = 32                   # generations in the batch at once (one decode step advances them all)
 API_KEY_ENV = "ZAIZAI_API_KEY"
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -56,7 +58,7 @@ class App(FastAPI):
 
 
 def create_app(bot, *, api_key: str | None = None, model_name: str | None = None, max_tokens: int = MAX_TOKENS_LIMIT,
-               max_active: int = 4, max_waiting: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
+               max_active: int = MAX_ACTIVE, max_waiting: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
                history: int | None = None, allowed_hosts: Iterable[str] | None = None,
                body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving ``bot`` (a :class:`zaizai.inference.loaded.Zaizai`). ``history``: earlier exchanges a
@@ -68,7 +70,7 @@ def create_app(bot, *, api_key: str | None = None, model_name: str | None = None
         raise ZaizaiError(f"--max-tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}")
     hosts = allowed_names(extra=allowed_hosts or ())
     model_name = model_name or f"zaizai-{Path(bot.path).parent.name or 'model'}"
-    scheduler = Scheduler(max_active=max_active, max_waiting=max_waiting)
+    scheduler = Scheduler(bot, max_active=max_active, max_waiting=max_waiting)
     app = App(title="zaizai", version="1", description=__doc__.split("\n\n")[0], lifespan=lifespan,
               docs_url=None, redoc_url=None)  # their pages load from a CDN; /openapi.json stays
     app.state.server = Server(bot, scheduler, model_name, token_cap=max_tokens, api_key=api_key, history=history)
@@ -214,7 +216,7 @@ def server_config(app, *, host: str = "127.0.0.1", port: int = 8000, header_time
 
 def serve(out_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           api_key_file: str | None = None, allowed_hosts: list[str] | None = None, which: str = "auto",
-          device: str = "auto", max_tokens: int = MAX_TOKENS_LIMIT, max_active: int = 4, max_waiting: int = 64,
+          device: str = "auto", max_tokens: int = MAX_TOKENS_LIMIT, max_active: int = MAX_ACTIVE, max_waiting: int = 64,
           history: int | None = None, header_timeout_s: float = HEADER_TIMEOUT_S,
           body_timeout_s: float = BODY_TIMEOUT_S) -> None:
     """Load the model in ``out_dir`` and serve it until interrupted (see the module docstring). ``allowed_hosts``:

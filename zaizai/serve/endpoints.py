@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from ..common.errors import ZaizaiError
 from ..data.tokenizer import END_ID, EOT_ID
 from ..inference import prompt
-from .scheduler import Generation, QueueFull, Scheduler, anext_or_none, run_job
+from .scheduler import Generation, GenerationFailed, QueueFull, Scheduler, Submission
 from .schemas import APIError, ChatRequest, CompletionRequest, Sampling, error_body
 
 
@@ -146,6 +146,8 @@ def sse(data: dict) -> str:
 
 def sse_error(e: Exception) -> str:
     """An error after the headers are sent, reported in the stream (in the API's error shape)."""
+    if isinstance(e, GenerationFailed):
+        return sse(error_body(str(e), "server_error", code="generation_failed"))
     return sse(error_body(str(e), "invalid_request_error" if isinstance(e, ZaizaiError) else "server_error"))
 
 
@@ -179,12 +181,15 @@ class Reply:
 
 @contextlib.contextmanager
 def generation_errors() -> Iterator[None]:
-    """A full queue is a 429, a request the engine refuses (say, ids out of range) a 400."""
+    """A full queue is a 429, a request the engine refuses (say, ids out of range) a 400, a generation whose
+    scores became nan/inf a 500 (the others in the batch went on)."""
     try:
         yield
     except QueueFull:
         raise APIError(429, "the server is busy: too many requests are waiting; try again shortly",
                        "rate_limit_error", code="queue_full") from None
+    except GenerationFailed as e:
+        raise APIError(500, str(e), "server_error", code="generation_failed") from None
     except ZaizaiError as e:
         raise APIError(400, str(e)) from None
 
@@ -198,40 +203,61 @@ def start_generation(server: Server, body: Sampling, ids: list[int], stop_ids: s
     return Generation(server.bot, ids, sampling, set() if body.ignore_eos else stop_ids, body.stops())
 
 
+class GenerationStream(StreamingResponse):
+    """A streamed answer that cancels its generation when it ends, however it ends (the client went away, even
+    before the first chunk was sent; the server stopped): its batch row is freed before the next step."""
+
+    def __init__(self, content, submission: Submission, **kwargs):
+        super().__init__(content, **kwargs)
+        self.submission = submission
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.submission.close()
+
+
 async def answer(endpoint: Endpoint, body: Sampling, server: Server, request):
     """The response to ``body`` at ``endpoint``: a dict (the whole text) or a stream of chunks."""
     body.check_token_cap(server.token_cap)
     ids, stop_ids = endpoint.prompt(server, body)
     generation = start_generation(server, body, ids, stop_ids)
     reply = Reply(endpoint, server.model_name, body.include_usage())
-    if body.stream:
-        pieces = run_job(server.scheduler, generation)
-        with generation_errors():  # admit now, so that a full queue is a 429 and not a broken stream
-            first = await anext_or_none(pieces)
-        return StreamingResponse(chunks(reply, generation, pieces, first), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     with generation_errors():
-        text = "".join([piece async for piece in run_job(server.scheduler, generation, request)])
+        # submitted now, so that a full queue is a 429 and not a broken stream; the client is watched meanwhile
+        submission = Submission(server.scheduler, generation, request)
+    try:
+        with generation_errors():
+            if body.stream:  # answered once its prompt is in the batch (a prompt the model refuses is still a 4xx)
+                if not await submission.started():
+                    return Response(status_code=499)  # (the client has gone: nobody reads this)
+                submission.stop_watching()  # (the streaming response listens for the client from now on)
+                stream, submission = submission, None
+                return GenerationStream(chunks(reply, generation, stream), stream, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            text = await submission.text()
+    finally:
+        if submission is not None:
+            submission.close()
     whole = reply.response(endpoint.object, [endpoint.whole(body, text, generation.finish_reason)])
     return {**whole, "usage": generation.usage()}
 
 
-async def chunks(reply: Reply, generation: Generation, pieces: AsyncIterator[str], first: str | None
-                 ) -> AsyncIterator[str]:
-    """The streamed answer: the opening chunk, one chunk per piece of text, the finish reason, the usage."""
+async def chunks(reply: Reply, generation: Generation, submission: Submission) -> AsyncIterator[str]:
+    """The streamed answer: the opening chunk, one chunk per piece of text, the finish reason, the usage; an error
+    (a generation whose scores became nan/inf) as an error event."""
     endpoint = reply.endpoint
     try:
         for opening in endpoint.opening():
             yield reply.chunk([opening])
-        piece = first
-        while piece is not None:
+        while (piece := await submission.next_piece()) is not None:
             yield reply.chunk([endpoint.piece(piece)])
-            piece = await anext_or_none(pieces)
         yield reply.chunk([endpoint.ending(generation.finish_reason)])
         if reply.include_usage:
             yield reply.chunk([], generation.usage())
     except Exception as e:  # noqa: BLE001 (headers are sent: report it in the stream)
         yield sse_error(e)
     finally:
-        await pieces.aclose()
+        submission.close()
     yield SSE_DONE

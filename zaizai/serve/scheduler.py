@@ -1,24 +1,31 @@
-"""The generation worker: one thread runs every generation, never the event loop.
+"""The generation worker: one thread owns a :class:`~zaizai.inference.batch.Batch` and does continuous batching.
 
-Generation is CPU/GPU-bound PyTorch, so it runs in one worker thread (:class:`Scheduler`). The worker
-interleaves up to ``max_active`` generations token by token (round robin: a new request gets its first token
-after one step of each running one, not after they all finish); further requests wait in a bounded queue,
-and a full queue raises :class:`QueueFull` (the app answers 429). :func:`run_job` hands a request's pieces
-to the event loop; a client that disconnects (streamed or not) stops its generation before its next token.
+Every generation runs in one worker thread (:class:`Scheduler`), never on the event loop. The worker owns one
+batch: each decode step advances every running generation by one token in a single forward pass of the model
+(rows of different lengths side by side). Between steps, waiting requests join (their prompt is prefilled, then
+they take part in the next step), finished ones leave, and cancelled ones (a client that went away) are taken out
+before the next step, their row freed. Each generation keeps its own sampling options and seed, so its text is the
+same whether it ran alone or in a batch (greedy: exactly).
+
+At most ``max_active`` generations run at once, ``max_waiting`` more wait in a queue; one more raises
+:class:`QueueFull` (the app answers 429). A generation whose scores become nan/inf fails alone
+(:class:`GenerationFailed`: the app answers 500, or an error event in a stream); the others go on.
+
+:class:`Submission` is a request's side on the event loop: it submits a :class:`Generation` and hands its text
+pieces over; closing it (or the client going away) cancels the generation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..common.errors import ZaizaiError
-from ..inference.text import IncrementalDecoder, decode_stream
-
+from ..inference.batch import ERROR, LENGTH, Batch
+from ..inference.text import IncrementalDecoder
 
 DISCONNECT_POLL_S = 0.25
 
@@ -27,156 +34,322 @@ class QueueFull(Exception):
     """Raised by :meth:`Scheduler.submit` when ``max_active + max_waiting`` jobs are already in."""
 
 
-@dataclass
-class Job:
-    """One generation: ``make_stream()`` (called in the worker) gives the text pieces; ``emit`` hands each
-    event to the event loop: ("piece", text), ("done", None) or ("error", exception)."""
-
-    make_stream: Callable[[], Iterator[str]]
-    emit: Callable[[tuple], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    stream: Iterator[str] | None = None
-
-
-class Scheduler:
-    """One thread that runs generations, up to ``max_active`` interleaved, ``max_waiting`` more queued."""
-
-    def __init__(self, max_active: int = 4, max_waiting: int = 64):
-        if max_active < 1 or max_waiting < 0:
-            raise ZaizaiError("--max-active must be >= 1 and --max-waiting >= 0")
-        self.max_active, self.max_waiting = max_active, max_waiting
-        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.admitted = 0            # jobs submitted and not finished (active + waiting)
-        self.active = 0
-        self.completed = 0
-        self.cancelled = 0
-        self.failed = 0
-        self.thread = threading.Thread(target=self._run, name="zaizai-generate", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        with self.lock:
-            if self.admitted >= self.max_active + self.max_waiting:
-                raise QueueFull
-            self.admitted += 1
-        self.jobs.put(job)
-
-    def stats(self) -> dict:
-        with self.lock:
-            return {"active": self.active, "waiting": self.admitted - self.active, "completed": self.completed,
-                    "cancelled": self.cancelled, "failed": self.failed}
-
-    def close(self) -> None:
-        self.jobs.put(None)
-
-    def _finish(self, job: Job, outcome: str, event: tuple | None = None, was_active: bool = True) -> None:
-        if job.stream is not None and hasattr(job.stream, "close"):
-            job.stream.close()  # ends the token generator too: no further forward passes
-        with self.lock:
-            self.admitted -= 1
-            self.active -= was_active
-            setattr(self, outcome, getattr(self, outcome) + 1)
-        if event is not None:
-            job.emit(event)
-
-    def _run(self) -> None:
-        running: deque[Job] = deque()
-        while True:
-            while len(running) < self.max_active:  # admit waiting jobs (block only when idle)
-                try:
-                    job = self.jobs.get(block=not running)
-                except queue.Empty:
-                    break
-                if job is None:
-                    return
-                if job.cancelled.is_set():
-                    self._finish(job, "cancelled", was_active=False)
-                    continue
-                with self.lock:
-                    self.active += 1
-                try:
-                    job.stream = job.make_stream()
-                except Exception as e:  # noqa: BLE001 (handed to the request, which answers it)
-                    self._finish(job, "failed", ("error", e))
-                    continue
-                running.append(job)
-            if not running:
-                continue
-            job = running.popleft()
-            if job.cancelled.is_set():
-                self._finish(job, "cancelled")
-                continue
-            try:
-                piece = next(job.stream)
-            except StopIteration:  # (cancelled: stopped by its Generation within the piece)
-                self._finish(job, "cancelled" if job.cancelled.is_set() else "completed", ("done", None))
-                continue
-            except Exception as e:  # noqa: BLE001
-                self._finish(job, "failed", ("error", e))
-                continue
-            job.emit(("piece", piece))
-            running.append(job)
+class GenerationFailed(Exception):
+    """A generation that ended in an error of its own (its scores became nan/inf); the rest of the batch went on."""
 
 
 # --- one request's generation -----------------------------------------------------------------------------------
 
 
+class TextPieces:
+    """A generation's token ids as text pieces, pushed one id at a time: the worker's (push) form of
+    :func:`zaizai.inference.text.decode_stream` (which pulls). Incomplete characters wait for their next ids, and
+    text that could still grow into a stop string is held back until it cannot; ``stopped`` once one appeared."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = [s for s in (stop or []) if s]
+        self.pending = ""  # decoded, not yet shown: at most the longest stop string's length - 1
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text to show after ``token`` ("" for none yet)."""
+        self.pending += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, at the end of the generation."""
+        self.pending += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            text, self.pending = self.pending[:min(hits)], ""
+            return text
+        hold = 0 if final else longest_stop_prefix(self.pending, self.stops)
+        text, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return text
+
+
+def longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string (and not a whole one)."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=0) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
+
+
 class Generation:
-    """The text of one request as it is generated, with token counts and why it ended."""
+    """One request's generation: its prompt ids, sampling options, stop ids and strings; then its text decoder,
+    token count and why it ended."""
 
     def __init__(self, bot, ids: list[int], sampling, stop_ids: set[int], stop: list[str]):
-        self.bot, self.ids, self.sampling, self.stop_ids, self.stop = bot, ids, sampling, stop_ids, stop
+        self.ids, self.sampling, self.stop_ids = ids, sampling, stop_ids
+        self.text = TextPieces(bot.tokenizer, stop)
         self.completion_tokens = 0
-        self.exhausted = False  # the token generator ran to its end (max_tokens or a stop id)
-        # set when the request is gone: no further token, even within a piece of text (tokens that show no text,
-        # such as special ones, make no piece, and the worker looks at its jobs only between pieces)
-        self.cancelled = threading.Event()
-
-    def _counted(self) -> Iterator[int]:
-        for token in self.bot.stream_ids(self.ids, self.sampling, self.stop_ids):
-            if self.cancelled.is_set():
-                return
-            self.completion_tokens += 1
-            yield token
-        self.exhausted = True
-
-    def stream(self) -> Iterator[str]:
-        return decode_stream(self._counted(), IncrementalDecoder(self.bot.tokenizer), self.stop)
+        self.ended: str | None = None  # "stop" or "length" once it has ended well
+        self.cancelled = threading.Event()  # set when its request is gone: no further step for it
 
     @property
     def finish_reason(self) -> str:
-        hit_length = self.exhausted and self.completion_tokens >= self.sampling.max_new_tokens
-        return "length" if hit_length else "stop"
+        return self.ended or "stop"
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.ids), "completion_tokens": self.completion_tokens,
                 "total_tokens": len(self.ids) + self.completion_tokens}
 
 
-async def run_job(scheduler: Scheduler, generation: Generation, request=None):
-    """Submit ``generation`` and yield its text pieces on the event loop; cancelling (or closing) this
-    generator, or the client of ``request`` going away, stops the generation before its next token."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    job = Job(generation.stream, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-              cancelled=generation.cancelled)
-    scheduler.submit(job)  # QueueFull -> 429 before anything is sent
-    # not streamed: nothing is written until the end, so listen for the client going away meanwhile
-    watcher = None if request is None else asyncio.ensure_future(watch_disconnect(request.receive, events))
-    try:
+@dataclass(eq=False)
+class Job:
+    """A generation and ``emit``, which hands each event to the event loop: ("started", None) once its prompt is
+    in the batch, ("piece", text), then ("done", None) or ("error", exception)."""
+
+    generation: Generation
+    emit: Callable[[tuple], None]
+
+
+# --- the worker ---------------------------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """One thread, one batch of up to ``max_active`` generations, ``max_waiting`` more queued (see the module
+    docstring). The batch is made at the first request (:meth:`new_batch`), on the model of ``bot``."""
+
+    def __init__(self, bot=None, max_active: int = 32, max_waiting: int = 64):
+        if max_active < 1 or max_waiting < 0:
+            raise ZaizaiError("--max-active must be >= 1 and --max-waiting >= 0")
+        self.bot, self.max_active, self.max_waiting = bot, max_active, max_waiting
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.waiting: deque[Job] = deque()
+        self.closed = False
+        self.batch = None
+        self.running: dict = {}  # a Sequence of the batch -> its job (only the worker touches it)
+        self.active = self.completed = self.cancelled = self.failed = 0
+        self.steps = 0      # decode steps run
+        self.peak = 0       # the most generations one step advanced
+        self.thread = threading.Thread(target=self._run, name="zaizai-generate", daemon=True)
+        self.thread.start()
+
+    def new_batch(self) -> Batch:
+        return Batch(self.bot.model, self.bot.device)  # (its rows grow as generations join, up to max_active)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.closed:
+                raise ZaizaiError("the server is shutting down")
+            if self.active + len(self.waiting) >= self.max_active + self.max_waiting:
+                raise QueueFull
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The request is gone: a waiting job leaves the queue now, a running one the batch before the next step
+        (no-op for a job that has ended)."""
+        job.generation.cancelled.set()
+        with self.lock:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self.cancelled += 1
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"active": self.active, "waiting": len(self.waiting), "completed": self.completed,
+                    "cancelled": self.cancelled, "failed": self.failed, "steps": self.steps,
+                    "peak_batch": self.peak, "max_active": self.max_active}
+
+    def close(self) -> None:
+        """End the worker: generations still running or waiting get an error."""
+        with self.lock:
+            self.closed = True
+            self.wake.notify()
+
+    def _end(self, job: Job, outcome: str, event: tuple | None = None) -> None:
+        with self.lock:
+            self.active -= 1
+            setattr(self, outcome, getattr(self, outcome) + 1)
+        if event is not None:
+            emit(job, event)
+
+    def _run(self) -> None:
         while True:
-            kind, value = await events.get()
+            jobs = self._take()
+            if jobs is None:
+                break
+            for job in jobs:
+                self._start(job)
+            self._drop_cancelled()
+            if self.running:
+                self._step()
+        gone = ZaizaiError("the server is shutting down; try again when it is back")
+        for job in list(self.running.values()):
+            self._end(job, "failed", ("error", gone))
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+            self.failed += len(waiting)
+        for job in waiting:
+            emit(job, ("error", gone))
+
+    def _take(self) -> list[Job] | None:
+        """The waiting jobs that fit in the batch (waiting for one while none runs); None once closed."""
+        with self.wake:
+            while not (self.closed or self.waiting or self.running):
+                self.wake.wait()
+            if self.closed:
+                return None
+            room = self.max_active - len(self.running)
+            jobs = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            self.active += len(jobs)
+            return jobs
+
+    def _start(self, job: Job) -> None:
+        """Prefill the job's prompt: it joins the batch, and the next step gives its first token."""
+        g = job.generation
+        if g.cancelled.is_set():
+            return self._end(job, "cancelled")
+        try:
+            if self.batch is None:
+                self.batch = self.new_batch()
+            seq = self.batch.add(g.ids, g.sampling, g.stop_ids)
+        except Exception as e:  # noqa: BLE001 (handed to the request, which answers it)
+            return self._end(job, "failed", ("error", e))
+        guard_sampling(seq)
+        emit(job, ("started", None))
+        if seq.done:  # (max_tokens 0)
+            g.ended = "length"
+            return self._end(job, "completed", ("done", None))
+        self.running[seq] = job
+
+    def _drop_cancelled(self) -> None:
+        for seq, job in list(self.running.items()):
+            if job.generation.cancelled.is_set():
+                self.batch.cancel(seq)
+                del self.running[seq]
+                self._end(job, "cancelled")
+
+    def _step(self) -> None:
+        """One token for every running generation; those that ended leave."""
+        try:
+            events = self.batch.step()
+        except Exception as e:  # noqa: BLE001 (a step that fails takes its batch with it: start a new one)
+            error = GenerationFailed(f"generation failed: {type(e).__name__}: {e}")
+            for job in self.running.values():
+                self._end(job, "failed", ("error", error))
+            self.running, self.batch = {}, None
+            return
+        with self.lock:
+            self.steps += 1
+            self.peak = max(self.peak, len(events))
+        for seq, token in events:
+            job = self.running[seq]
+            g = job.generation
+            if token is not None:
+                g.completion_tokens += 1
+                text = g.text.push(token)
+                if text:
+                    emit(job, ("piece", text))
+            if g.text.stopped:  # a stop string: the text ends before it
+                if not seq.done:
+                    self.batch.cancel(seq)
+                self._finish(seq, job, "stop")
+            elif seq.done:
+                if seq.finish_reason == ERROR:
+                    del self.running[seq]
+                    self._end(job, "failed", ("error", GenerationFailed(seq.error)))
+                else:
+                    self._finish(seq, job, "length" if seq.finish_reason == LENGTH else "stop")
+
+    def _finish(self, seq, job: Job, reason: str) -> None:
+        del self.running[seq]
+        g = job.generation
+        text = g.text.finish()
+        if text:
+            emit(job, ("piece", text))
+        g.ended = reason
+        self._end(job, "completed", ("done", None))
+
+
+def guard_sampling(seq) -> None:
+    """Make a draw from probabilities that are not finite end ``seq`` alone, as scores that are not finite do.
+
+    The batch checks the model's scores, but finite scores can still overflow in the sampler (a huge score over a
+    small temperature): ``torch.multinomial`` then raises inside :meth:`Batch.step`, for the whole batch. Wrapped,
+    that sequence ends with ``finish_reason == "error"`` (its scores count as not finite) and the others go on."""
+    choose = seq.choose
+
+    def guarded():
+        try:
+            return choose()
+        except RuntimeError as e:
+            if "nan" not in str(e) and "inf" not in str(e):
+                raise
+            seq.finite = False
+            return choose()  # (ends it: error)
+
+    seq.choose = guarded
+
+
+def emit(job: Job, event: tuple) -> None:
+    try:
+        job.emit(event)
+    except RuntimeError:  # the event loop is closed (the server stopped): nobody is listening
+        pass
+
+
+# --- a request's side, on the event loop --------------------------------------------------------------------------
+
+
+class Submission:
+    """``generation`` submitted to ``scheduler`` (:class:`QueueFull` raised here, before anything is sent), seen
+    from the event loop. With ``request``, the client going away ends it (the worker drops it before its next
+    step); :meth:`close` ends it too (a no-op once it has ended)."""
+
+    def __init__(self, scheduler: Scheduler, generation: Generation, request=None):
+        loop = asyncio.get_running_loop()
+        self.scheduler = scheduler
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.job = Job(generation, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
+        scheduler.submit(self.job)
+        self.watcher = None
+        if request is not None:  # nothing is written meanwhile: listen for the client going away
+            self.watcher = asyncio.ensure_future(watch_disconnect(request.receive, self.events))
+
+    async def started(self) -> bool:
+        """Wait until its prompt is in the batch: True, or False when the client left first; raises its error."""
+        kind, value = await self.events.get()
+        if kind == "error":
+            raise value
+        return kind == "started"
+
+    async def next_piece(self) -> str | None:
+        """Its next piece of text; None at its end (or when the client left); raises its error."""
+        while True:
+            kind, value = await self.events.get()
             if kind == "piece":
-                yield value
-            elif kind == "error":
+                return value
+            if kind == "error":
                 raise value
-            else:  # "done", or "gone" (the client left)
-                return
-    finally:
-        job.cancelled.set()  # the worker drops the job at its next turn: no further token, its slot freed
-        if watcher is not None:
-            watcher.cancel()
+            if kind in ("done", "gone"):
+                return None
+
+    async def text(self) -> str:
+        pieces = []
+        while (piece := await self.next_piece()) is not None:
+            pieces.append(piece)
+        return "".join(pieces)
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+
+    def close(self) -> None:
+        self.scheduler.cancel(self.job)
+        self.stop_watching()
 
 
 async def watch_disconnect(receive, events: asyncio.Queue) -> None:
@@ -186,11 +359,3 @@ async def watch_disconnect(receive, events: asyncio.Queue) -> None:
     while (await receive())["type"] != "http.disconnect":
         await asyncio.sleep(DISCONNECT_POLL_S)
     events.put_nowait(("gone", None))
-
-
-async def anext_or_none(agen):
-    """The next item of an async generator, or None at its end."""
-    try:
-        return await agen.__anext__()
-    except StopAsyncIteration:
-        return None

@@ -26,7 +26,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-3
 
 Text = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-ReplyTokens = Annotated[Optional[int], Field(ge=0, json_schema_extra={"maximum": MAX_TOKENS_LIMIT})]
+ReplyTokens = Annotated[Optional[int], Field(ge=1, json_schema_extra={"maximum": MAX_TOKENS_LIMIT})]
 
 
 class APIError(Exception):

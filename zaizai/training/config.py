@@ -28,7 +28,7 @@ class TrainConfig:
 
     data_dir: str = ""
     out_dir: str = "out"
-    preset: str = "cpu"               # named defaults; see PRESETS
+    preset: str = "auto"              # named defaults; see PRESETS (auto: fitted to this machine, budget, corpus)
     batch_size: int = 32              # sequences per micro-step (per process under torchrun)
     grad_accum: int = 1               # micro-steps per optimizer step
     max_iters: int = 0                # optimizer steps; 0 = no step limit (then --max-time is required)
@@ -77,6 +77,10 @@ class TrainConfig:
             raise ZaizaiError("--weight-decay and --grad-clip must not be negative")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ZaizaiError("--beta1 and --beta2 must be in [0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ZaizaiError(f"--optimizer must be one of {' | '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.dtype.lower() not in (*DTYPES, "fp32", "bf16", "fp16"):
+            raise ZaizaiError(f"--dtype must be one of {' | '.join(DTYPES)}, got {self.dtype!r}")
         if self.loss_on not in ("assistant", "all"):
             raise ZaizaiError(f"--loss-on must be assistant or all, got {self.loss_on!r}")
         if self.resume and self.init_from:
@@ -89,8 +93,27 @@ class TrainConfig:
         return self.lr / 10 if self.min_lr < 0 else self.min_lr
 
 
+OPTIMIZERS = ("adamw", "muon")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # also their short forms fp32, bf16, fp16
+
+# The `auto` preset (the default): a modern block trained with Muon, its size, batch and lr chosen per run from
+# these candidates (smallest first) by zaizai/training/autopreset.py: by the corpus size, and for a --max-time run
+# by the tokens each candidate would train in the budget on this CPU (measured in the run's first seconds).
+# The values are starting points, to be tuned on a quiet machine (bench/time_to_quality.py).
+AUTO_COMMON = dict(model="modern", optimizer="muon", dropout=0.0, warmup_iters=100, beta2=0.99, eval_iters=20)
+AUTO_CANDIDATES: dict[str, dict[str, Any]] = {
+    # lr: Tang, 4x128, fp32, 500 steps: whole-val 4.941 at 6e-3 vs 5.011 at 3e-3 (Muon at 2x, optim.MUON_LR_SCALE).
+    "2x128": dict(n_layer=2, n_head=4, n_embd=128, block_size=64, batch_size=32, lr=6e-3),
+    "4x128": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, lr=6e-3),
+    "4x192": dict(n_layer=4, n_head=6, n_embd=192, block_size=128, batch_size=16, lr=3e-3),
+    "6x256": dict(n_layer=6, n_head=8, n_embd=256, block_size=128, batch_size=16, lr=2e-3),
+}
+AUTO_DEFAULT = "4x128"  # what `auto` stands for before it has seen the data (resolve_config alone, --help)
+
 # Presets: named field values for both ModelConfig and TrainConfig.
 PRESETS: dict[str, dict[str, Any]] = {
+    # Fitted to the run (see AUTO_CANDIDATES); with --model gpt|rnn|bigram or --init-from it is the `cpu` preset.
+    "auto": {**AUTO_COMMON, **AUTO_CANDIDATES[AUTO_DEFAULT]},
     # Tuned to learn the most per second on a laptop CPU (2 cores, bf16 where the CPU has it):
     # see bench/train_speed.py --mode preset.
     # Tang corpus, 210 s of wall time on 2 cores (AMD EPYC with bf16, 2026-12-02; about 20 evaluations and the final
@@ -152,17 +175,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(options: dict[str, Any] | None = None, config_file: str | Path | None = None,
-                   ) -> tuple[ModelConfig, TrainConfig]:
+                   preset_table: dict[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig]:
     """Combine defaults < preset < config file < ``options`` into (ModelConfig, TrainConfig).
 
-    ``options`` holds only the values the user set explicitly (None values are ignored).
+    ``options`` holds only the values the user set explicitly (None values are ignored). ``preset_table``: the
+    values the `auto` preset chose for this run, in place of its table. `auto` with another model than modern
+    (or with --init-from, which keeps the model it starts from) is the `cpu` preset: gpt runs stay as they were.
     """
     given = {k.replace("-", "_"): v for k, v in (options or {}).items() if v is not None}
     from_file = read_config_file(config_file) if config_file else {}
     preset_name = given.get("preset", from_file.get("preset", TrainConfig.preset))
     if preset_name not in PRESETS:
         raise ZaizaiError(f"unknown preset '{preset_name}'; choose one of: {', '.join(PRESETS)}")
-    merged: dict[str, Any] = {**PRESETS[preset_name], **from_file, **given, "preset": preset_name}
+    if preset_name == "auto" and (given.get("init_from", from_file.get("init_from"))
+                                  or given.get("model", from_file.get("model", "modern")) != "modern"):
+        preset_name = "cpu"
+    table = preset_table if preset_table is not None and preset_name == "auto" else PRESETS[preset_name]
+    merged: dict[str, Any] = {**table, **from_file, **given, "preset": preset_name}
     unknown = set(merged) - MODEL_FIELDS - TRAIN_FIELDS - {"vocab_size"}
     if unknown:
         raise ZaizaiError(f"unknown option(s): {', '.join(sorted(unknown))}; see `zaizai train --help`")

@@ -21,14 +21,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..common.device import (autocast, autocast_dtype, available_cpus, default_threads, enable_tf32, resolve_device,
-                             tune_glibc_malloc)
+from ..common.device import autocast, autocast_dtype, enable_tf32, resolve_device, set_threads, tune_glibc_malloc
 from ..common.distributed import (Distributed, agree, distributed_device, distributed_from_env, gradient_sync,
                                   mean_over_replicas, on_main, process_group, replica_max_diff, replicate)
 from ..common.errors import ZaizaiError
 from ..common.fileio import remove_stale_temps
 from ..data.batches import Batches
 from ..models import build_model
+from .autopreset import fit_auto_preset
 from .cadence import SAVE_SECONDS, fit_to_steps, fit_to_time, time_to_probe
 from .checkpoint import BEST, LAST, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -156,16 +156,11 @@ def train(data_dir: str | Path | None = None, out_dir: str | Path | None = None,
     finished = nothing_left_to_do(plan)
     if finished is not None:
         return _already_finished(plan, finished, dist, verbose)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif dist.enabled:
-        # torchrun sets OMP_NUM_THREADS=1; share the node's cores among its processes instead.
-        torch.set_num_threads(max(1, available_cpus() // dist.local_world_size))
-    else:
-        torch.set_num_threads(default_threads())
+    set_threads(cfg.threads, dist.local_world_size if dist.enabled else 1)
     device = distributed_device(cfg.device, dist) if dist.enabled else resolve_device(cfg.device)
+    plan = fit_auto_preset(plan, device, dist, started=started, verbose=verbose)  # `auto`: size, batch, lr
     with process_group(dist, device):
-        run, state = _setup(plan, dist, device, verbose)
+        run, state = _setup(plan, dist, device, verbose, started)
         stopped_by, last_eval, replica_diff, deadline = _loop(run, state, started, verbose=verbose, on_step=on_step)
         return _finish(run, state, stopped_by=stopped_by, last_eval=last_eval, replica_diff=replica_diff,
                        deadline=deadline, verbose=verbose)
@@ -190,8 +185,9 @@ def _already_finished(plan: Plan, last_record: dict, dist: Distributed, verbose:
                        replica_max_diff=state.replica_max_diff, full_val_share=None if full is None else 1.0)
 
 
-def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -> tuple[Run, RunState]:
-    """Build the model and optimizer (loaded from the checkpoint when resuming) and write the run's files.
+def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool,
+           started: float) -> tuple[Run, RunState]:
+    """Build the model and optimizer (loaded from the checkpoint when resuming), then write the run's files.
 
     Under torchrun every rank runs the whole run; rank 0 alone writes files and prints, the others wait for it
     where it does (``on_main``).
@@ -199,8 +195,6 @@ def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -
     mcfg, cfg, data = plan.model_config, plan.train_config, plan.data
     resume = plan.resume_from
     out = Path(cfg.out_dir)
-    on_main(dist, lambda: prepare_out_dir(out, cfg, resuming=resume is not None))
-
     amp_dtype = autocast_dtype(device, cfg.dtype)
     if device.type == "cpu":
         tune_glibc_malloc()
@@ -219,8 +213,13 @@ def _setup(plan: Plan, dist: Distributed, device: torch.device, verbose: bool) -
         if resume.optimizer_state is not None:
             optimizer.load_state_dict(resume.optimizer_state)
         state = RunState.from_dict({**state.to_dict(), **resume.state})
-        if dist.is_main:
-            truncate_metrics(out, state.step)
+    spent, _ = agree(dist, time.perf_counter() - started, False, device)
+    if cfg.max_time and resume is None and spent >= cfg.max_time:  # nothing written yet
+        raise ZaizaiError(f"--max-time {cfg.max_time:g} s is used up before the first step (getting ready took "
+                          f"{spent:.1f} s); give it more seconds")
+    on_main(dist, lambda: prepare_out_dir(out, cfg, resuming=resume is not None))
+    if resume is not None and dist.is_main:
+        truncate_metrics(out, state.step)
     if cfg.eval_interval:  # given (flag, config file, call): it wins, also over a resumed run's
         state.eval_interval, state.eval_iters = cfg.eval_interval, cfg.eval_iters
     elif state.eval_interval is None and not cfg.max_time:  # a --max-time run fits once it has timed a few steps

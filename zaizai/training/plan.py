@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,13 @@ class Plan:
     data: TokenData
     resume_from: Checkpoint | None = None   # --resume: model, optimizer and run state of out_dir's `last`
     init_from: Checkpoint | None = None     # --init-from: the weights a new run starts from
+    options: dict[str, Any] = field(default_factory=dict)  # what the user set (flags, call), for refit_plan
+    config_file: str | Path | None = None
+
+    @property
+    def auto(self) -> bool:
+        """Whether the `auto` preset has yet to choose this new run's size (see autopreset.py)."""
+        return self.train_config.preset == "auto" and self.resume_from is None and self.init_from is None
 
 
 def plan_run(data_dir, out_dir, config_file, options: dict[str, Any]) -> Plan:
@@ -53,11 +60,29 @@ def plan_run(data_dir, out_dir, config_file, options: dict[str, Any]) -> Plan:
     elif data.tokenizer.vocab_size != mcfg.vocab_size:
         raise ZaizaiError(f"{cfg.data_dir} has a different tokenizer ({data.tokenizer.vocab_size} tokens) than "
                           f"the checkpoint ({mcfg.vocab_size}); resume with the data it was trained on")
+    plan = Plan(mcfg, cfg, data, resume_from=ckpt, init_from=init, options=dict(options), config_file=config_file)
+    _check_fit(plan)
+    return plan
+
+
+def refit_plan(plan: Plan, preset_table: dict[str, Any]) -> Plan:
+    """``plan`` (a new run) with the `auto` preset's chosen values in place of its table, checked again."""
+    options = {**plan.options, "data_dir": plan.train_config.data_dir, "out_dir": plan.train_config.out_dir}
+    mcfg, cfg = resolve_config(options, plan.config_file, preset_table=preset_table)
+    mcfg.vocab_size = plan.data.tokenizer.vocab_size
+    cfg.validate()
+    fitted = replace(plan, model_config=mcfg, train_config=cfg)
+    _check_fit(fitted)
+    return fitted
+
+
+def _check_fit(plan: Plan) -> None:
+    """The model's config, and its context against the data (a block longer than the training split)."""
+    mcfg, data = plan.model_config, plan.data
     mcfg.validate()
     if data.kind != "dialogue" and data.num_tokens("train") <= mcfg.block_size:
         raise ZaizaiError(f"the training split has only {data.num_tokens('train')} tokens, fewer than "
                           f"block_size + 1 = {mcfg.block_size + 1}; use a smaller --block-size or more text")
-    return Plan(mcfg, cfg, data, resume_from=ckpt, init_from=init)
 
 
 def _configs(data_dir, out_dir, config_file, options) -> tuple[ModelConfig, TrainConfig, Checkpoint | None]:
@@ -69,6 +94,8 @@ def _configs(data_dir, out_dir, config_file, options) -> tuple[ModelConfig, Trai
         options["out_dir"] = str(out_dir)
     out = Path(options.get("out_dir", TrainConfig.out_dir))
     resume = bool(options.get("resume"))
+    if resume and options.get("overwrite"):
+        raise ZaizaiError(f"--resume continues the run in {out}, --overwrite starts it over; pick one")
     if not resume:
         mcfg, tcfg = resolve_config(options, config_file)
         check_out_dir(Path(tcfg.out_dir), overwrite=tcfg.overwrite, resuming=False)
@@ -89,11 +116,13 @@ def _configs(data_dir, out_dir, config_file, options) -> tuple[ModelConfig, Trai
         raise ZaizaiError(f"nothing to resume: {last} does not exist; start {again}")
     check_out_dir(out, overwrite=False, resuming=True)
     ckpt = load_checkpoint(last)
-    for name in MODEL_FIELDS:
-        if name in options and options[name] != ckpt.model_config.get(name):
-            raise ZaizaiError(f"cannot change {name} when resuming (the checkpoint has "
-                              f"{ckpt.model_config.get(name)}); start a new run with another --out")
     saved = {k: v for k, v in ckpt.train_config.items() if k in TRAIN_FIELDS}
+    kept = {**{name: ckpt.model_config.get(name) for name in MODEL_FIELDS},
+            "optimizer": saved.get("optimizer", "adamw")}  # the optimizer's state is saved for this one
+    for name, value in kept.items():
+        if name in options and options[name] != value:
+            raise ZaizaiError(f"cannot change {name} when resuming (the run has {value}); start fresh with "
+                              f"--overwrite instead of --resume, or choose another --out")
     merged = {**saved, **{k: v for k, v in options.items() if k in TRAIN_FIELDS}}
     merged.update({k: v for k, v in ckpt.model_config.items() if k in MODEL_FIELDS})
     merged.update(resume=True, overwrite=False)
