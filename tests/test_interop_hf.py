@@ -13,10 +13,9 @@ import transformers
 import zaizai
 from zaizai.data.dialogue import render_conversation
 from zaizai.common.errors import ZaizaiError
-from zaizai.inference.sampling import SamplingConfig
 from zaizai.interop.hf import export_hf, import_hf
 from zaizai.data.tokenizer import END_ID, EOT_ID
-from util import TINY, run_cli, write_corpus, write_pairs
+from util import TINY, greedy_pair, run_cli, write_corpus, write_pairs
 
 
 PAIRS = [("你好", "你好，我是崽崽。"), ("今天天气怎么样？", "晴天，适合出去走走。"), ("晚安", "晚安，做个好梦。"),
@@ -42,10 +41,6 @@ def models(tmp_path_factory, one_thread):
     return tmp
 
 
-def _greedy(bot, ids, n, stop):
-    return list(bot.stream_ids(ids, SamplingConfig(temperature=0.0, max_new_tokens=n), stop_ids=stop))
-
-
 @pytest.mark.parametrize("name", ["chat", "bpe", "nobias"])
 def test_exported_model_equals_zaizai_in_transformers(models, name, tmp_path):
     bot = zaizai.load(models / name)
@@ -65,12 +60,7 @@ def test_exported_model_equals_zaizai_in_transformers(models, name, tmp_path):
     chat = name == "chat"
     prompt = (render_conversation(bot.tokenizer, [{"role": "user", "content": "你好"}], add_generation_prompt=True)[0]
               if chat else [EOT_ID] + bot.tokenizer.encode("床前"))
-    n = bot.model_config.block_size - len(prompt)
-    ours = _greedy(bot, prompt, n, {END_ID, EOT_ID} if chat else {EOT_ID})
-    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
-    if out and out[-1] in (END_ID, EOT_ID):
-        out = out[:-1]  # transformers keeps the eos token it stopped at
+    out, ours = greedy_pair(bot, hf, prompt, chat)
     assert out == ours and len(ours) >= 3
     if chat:
         assert tok.decode(out) == "你好，我是崽崽。" == bot.tokenizer.decode(ours)

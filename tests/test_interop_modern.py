@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from util import TINY, run_cli, write_corpus, write_pairs
+from util import TINY, greedy_pair, run_cli, write_corpus, write_pairs
 
 import zaizai
 from zaizai.common.errors import ZaizaiError
@@ -85,12 +85,7 @@ def test_exported_modern_model_equals_zaizai_in_transformers(models, tmp_path, m
 
     chat = bot.is_chat_model
     prompt = _prompt(bot, chat)
-    n = c.block_size - len(prompt)
-    ours = _greedy(bot, prompt, n, {END_ID, EOT_ID} if chat else {EOT_ID})
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
-    if out and out[-1] in (END_ID, EOT_ID):
-        out = out[:-1]  # transformers keeps the eos token it stopped at
+    out, ours = greedy_pair(bot, model, prompt, chat)
     assert out == ours and len(ours) >= 3
 
 

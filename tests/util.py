@@ -88,3 +88,21 @@ def decode_prompt(n: int, seed: int = 0) -> list[int]:
     import torch
 
     return torch.randint(6, DECODE_VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_pair(bot, hf_model, prompt: list[int], chat: bool) -> tuple[list[int], list[int]]:
+    """Greedy continuations of ``prompt`` to the end of the context: (transformers' ``generate()``, zaizai's),
+    both stopping at the ids a chat (or plain) model stops at, the stop id itself left out."""
+    import torch
+
+    from zaizai.data.tokenizer import END_ID, EOT_ID
+    from zaizai.inference.sampling import SamplingConfig
+
+    stop = {END_ID, EOT_ID} if chat else {EOT_ID}
+    n = bot.model_config.block_size - len(prompt)
+    ours = list(bot.stream_ids(prompt, SamplingConfig(temperature=0.0, max_new_tokens=n), stop_ids=stop))
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    if out and out[-1] in stop:
+        out = out[:-1]  # transformers keeps the eos token it stopped at
+    return out, ours

@@ -45,40 +45,65 @@ class IncrementalDecoder:
         return text
 
 
+class TextPieces:
+    """Token ids in, text pieces out, one id at a time (what the server's worker pushes, and what
+    :func:`decode_stream` pulls through). Incomplete characters wait for their next ids; text that could still grow
+    into a stop string is held back until it cannot; ``stopped`` once one appeared (the text ends before it)."""
+
+    def __init__(self, decoder: IncrementalDecoder, stop: list[str] | None = None):
+        self.decoder = decoder
+        self.stops = [s for s in (stop or []) if s]
+        self.pending = ""  # decoded, not yet shown: at most the longest stop string's length - 1
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text to show after ``token`` ("" for none yet)."""
+        self.pending += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back, at the end of the generation."""
+        self.pending += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            text, self.pending = self.pending[:min(hits)], ""
+            return text
+        hold = 0 if final else longest_stop_prefix(self.pending, self.stops)
+        text, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return text
+
+
 def decode_stream(tokens: Iterator[int], decoder: IncrementalDecoder, stop: list[str] | None = None) -> Iterator[str]:
     """Decode ``tokens`` into text pieces; the first of the ``stop`` strings to appear ends the text there.
 
     Text that could still grow into a stop string is held back until it cannot, so a stop string is never
     partly shown. Ending early closes ``tokens`` (no further forward passes).
     """
-    stops = [s for s in (stop or []) if s]
-    pending = ""  # decoded but not yet yielded: at most the longest stop string's length - 1 between tokens
+    pieces = TextPieces(decoder, stop)
     try:
         for token in tokens:
-            pending += decoder.push(token)
-            hold = 0
-            if stops:
-                hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-                if hits:
-                    if min(hits) > 0:
-                        yield pending[:min(hits)]
-                    return
-                hold = _longest_stop_prefix(pending, stops)
-            if len(pending) > hold:
-                yield pending[:len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        pending += decoder.flush()
-        if pending:
-            yield pending
+            text = pieces.push(token)
+            if text:
+                yield text
+            if pieces.stopped:
+                return
+        text = pieces.finish()
+        if text:
+            yield text
     finally:
         if hasattr(tokens, "close"):
             tokens.close()
 
 
-def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+def longest_stop_prefix(text: str, stops: list[str]) -> int:
     """Length of the longest end of ``text`` that is the start of a stop string (and not a whole one)."""
-    for n in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
-        tail = text[-n:]
-        if any(s.startswith(tail) for s in stops):
+    for n in range(min(len(text), max((len(s) for s in stops), default=0) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
             return n
     return 0

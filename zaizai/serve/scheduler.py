@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..common.errors import ZaizaiError
 from ..inference.batch import ERROR, LENGTH, Batch
-from ..inference.text import IncrementalDecoder
+from ..inference.text import IncrementalDecoder, TextPieces
 
 DISCONNECT_POLL_S = 0.25
 
@@ -41,55 +41,13 @@ class GenerationFailed(Exception):
 # --- one request's generation -----------------------------------------------------------------------------------
 
 
-class TextPieces:
-    """A generation's token ids as text pieces, pushed one id at a time: the worker's (push) form of
-    :func:`zaizai.inference.text.decode_stream` (which pulls). Incomplete characters wait for their next ids, and
-    text that could still grow into a stop string is held back until it cannot; ``stopped`` once one appeared."""
-
-    def __init__(self, tokenizer, stop: list[str] | None = None):
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.stops = [s for s in (stop or []) if s]
-        self.pending = ""  # decoded, not yet shown: at most the longest stop string's length - 1
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        """The text to show after ``token`` ("" for none yet)."""
-        self.pending += self.decoder.push(token)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """The text still held back, at the end of the generation."""
-        self.pending += self.decoder.flush()
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stopped:
-            return ""
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            text, self.pending = self.pending[:min(hits)], ""
-            return text
-        hold = 0 if final else longest_stop_prefix(self.pending, self.stops)
-        text, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        return text
-
-
-def longest_stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest end of ``text`` that is the start of a stop string (and not a whole one)."""
-    for n in range(min(len(text), max((len(s) for s in stops), default=0) - 1), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops):
-            return n
-    return 0
-
-
 class Generation:
     """One request's generation: its prompt ids, sampling options, stop ids and strings; then its text decoder,
     token count and why it ended."""
 
     def __init__(self, bot, ids: list[int], sampling, stop_ids: set[int], stop: list[str]):
         self.ids, self.sampling, self.stop_ids = ids, sampling, stop_ids
-        self.text = TextPieces(bot.tokenizer, stop)
+        self.text = TextPieces(IncrementalDecoder(bot.tokenizer), stop)
         self.completion_tokens = 0
         self.ended: str | None = None  # "stop" or "length" once it has ended well
         self.cancelled = threading.Event()  # set when its request is gone: no further step for it
