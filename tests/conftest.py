@@ -47,3 +47,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["torch", "onednn"])
+def dense_backend(request, monkeypatch):
+    """Both ways a decode step multiplies (zaizai.models.decode.Dense): torch.mm on a transposed copy (small
+    weights, GPUs) and oneDNN's packed weights (CPU weights of 1 MiB and up); test models are small, so the
+    oneDNN one is forced by lowering its threshold to 0."""
+    from zaizai.models import decode
+
+    if request.param == "onednn":
+        if not decode._onednn_ok(torch_tensor()):
+            pytest.skip("this torch has no oneDNN linear")
+        monkeypatch.setattr(decode.Dense, "ONEDNN_BYTES", 0)
+    else:
+        monkeypatch.setattr(decode.Dense, "ONEDNN_BYTES", 1 << 62)
+    return request.param
+
+
+def torch_tensor():
+    import torch
+
+    return torch.zeros(1)

@@ -10,7 +10,7 @@ from zaizai.inference.batch import CANCELLED, ERROR, LENGTH, STOP, Batch
 from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig
 from zaizai.models import MODEL_NAMES
-from zaizai.models.decode import CacheDecoder, GPTDecoder, decoder_for
+from zaizai.models.decode import CacheDecoder, Dense, GPTDecoder, decoder_for
 from util import DECODE_VOCAB as VOCAB, decode_model as make, decode_prompt as prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ OPTIONS = [  # (prompt length, sampling options): lengths and options differ fro
 
 
 @torch.inference_mode()
-def test_gpt_decode_step_equals_the_forward_pass_for_rows_of_different_lengths():
+def test_gpt_decode_step_equals_the_forward_pass_for_rows_of_different_lengths(dense_backend):
     model = make(n_layer=3, n_head=4)
     a, b, c = prompt(9, 1), prompt(4, 2), prompt(15, 3)
     decoder = decoder_for(model, rows=1)
@@ -58,6 +58,25 @@ def test_gpt_decode_step_equals_the_forward_pass_for_rows_of_different_lengths()
     for row, seq in enumerate(seqs):
         generic.prefill(row, seq[:-1])
     torch.testing.assert_close(generic.step(torch.tensor([s[-1] for s in seqs])), logits, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@torch.inference_mode()
+def test_dense_equals_linear_layers_side_by_side(dense_backend, dtype, bias):
+    """Dense: the products of several linear layers stacked, with GELU or a residual added, as nn.Linear's."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(24, n, bias=bias).to(dtype) for n in (8, 16)]
+    dense = Dense([layer.weight for layer in layers], [layer.bias for layer in layers] if bias else None)
+    assert (dense.packed is not None) == (dense_backend == "onednn")
+    x, residual = torch.randn(5, 24, dtype=dtype), torch.randn(5, 24, dtype=dtype)
+    want = torch.cat([layer(x) for layer in layers], dim=1)  # (5, 24)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(dense(x), want, **tol)
+    torch.testing.assert_close(dense(x[:1]), want[:1], **tol)  # one row (a batch of 1)
+    torch.testing.assert_close(dense(x.t().contiguous().t()), want, **tol)  # a strided input
+    torch.testing.assert_close(dense.gelu(x), torch.nn.functional.gelu(want, approximate="tanh"), **tol)
+    torch.testing.assert_close(dense.add_to(residual, x), residual + want, **tol)
 
 
 @torch.inference_mode()

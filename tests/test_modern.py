@@ -69,7 +69,7 @@ def test_cached_generation_equals_the_full_forward(n_kv_head):
 @torch.inference_mode()
 @pytest.mark.parametrize("overrides", [dict(n_kv_head=0), dict(n_kv_head=2), dict(n_kv_head=1),
                                        dict(n_kv_head=2, qk_norm=False, rms_norm_eps=1e-5)])
-def test_decode_step_equals_the_forward_pass_for_rows_joining_at_different_times(overrides):
+def test_decode_step_equals_the_forward_pass_for_rows_joining_at_different_times(overrides, dense_backend):
     """The batched decode step (own cache of the key/value heads, rotary at each row's own position): every row's
     logits are those of a full forward pass over its sequence, and its greedy tokens the forward pass's, while
     rows of different lengths join, leave and move."""

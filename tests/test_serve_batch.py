@@ -246,3 +246,26 @@ def test_the_worker_needs_no_model_until_the_first_request():
         assert scheduler.batch is None and scheduler.stats()["max_active"] == 32
     finally:
         scheduler.close()
+
+
+def test_the_model_loads_in_a_thread_that_ends_and_its_errors_reach_the_caller():
+    """serve() loads the model off the main thread (so that only the generation thread runs OpenMP work):
+    the value comes back, an error is raised in the caller as it was, and the loading thread is gone."""
+    from zaizai.common.errors import ZaizaiError
+    from zaizai.serve.app import off_main_thread
+
+    names = []
+
+    def work(x, *, y):
+        names.append(threading.current_thread().name)
+        return x + y
+
+    assert off_main_thread(work, 2, y=3) == 5
+    assert names == ["zaizai-load"]
+    assert "zaizai-load" not in [t.name for t in threading.enumerate()]
+
+    def broken():
+        raise ZaizaiError("no checkpoint in out/")
+
+    with pytest.raises(ZaizaiError, match="no checkpoint in out/"):
+        off_main_thread(broken)

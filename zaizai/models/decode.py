@@ -4,8 +4,8 @@ A decoder holds *rows*, one sequence's cache each, and rows ``0 .. n-1`` are the
 keeps them packed (:meth:`move` fills the gap a finished sequence leaves). Sequences join and leave between
 steps, and each has its own length:
 
-- :meth:`prefill` starts a row over from a list of ids through the model's own forward pass (all positions
-  in one matrix multiply) and gives the logits of the token after them;
+- :meth:`prefill` starts a row over from a list of ids (all positions in one pass, causal attention among
+  them) and gives the logits of the token after them;
 - :meth:`step` takes one new token for each row in use and gives each row's next-token logits, (n, V).
 
 ``decoder_for(model)`` picks the decoder of a model: :class:`GPTDecoder` and :class:`ModernDecoder` (a KV
@@ -13,13 +13,16 @@ cache for every row, written in place; :class:`KVDecoder` is what they share), :
 state per row), :class:`StatelessDecoder` (bigram: the last token only) or, for any other model,
 :class:`CacheDecoder` (the model's own cache and forward pass, one row at a time).
 
-Why the step of gpt and modern is not the model's forward: one query against the cache is a matrix-vector
-product, and at batch 1 the step's time is the weights' read from memory plus the cost of every operation
-launched. The forward pass of the model is written for training (module calls, SDPA's flash kernel, which
-splits one query into blocks); here the same arithmetic runs as plain tensor operations on weights gathered
-once, attention as two batched matrix products over ``cache[:, :, :L]`` (grouped-query heads read their shared
-keys in place, no copy), and a mask only when the rows' lengths differ. The logits equal the forward pass's to
-float rounding (tests/test_batch_decode.py, tests/test_modern.py).
+Why gpt's and modern's decoders do not call the model's forward: one query against the cache is a
+matrix-vector product, and at batch 1 the step's time is the weights' read from memory plus the cost of every
+operation launched. The forward pass of the model is written for training (module calls, SDPA's flash kernel,
+which splits one query into blocks); here the same arithmetic runs as plain tensor operations on weights laid
+out once for small products (:class:`Dense`: oneDNN's packed layout on CPU), attention as two batched matrix
+products over ``cache[:, :, :L]`` (grouped-query heads read their shared keys in place, no copy), and a mask only
+when the rows' lengths differ. A prefill runs the same layers (``_run``) over all of a prompt's positions, with
+SDPA's causal attention, so that it too gets the packed weights (6L/384d, 200-token prompt: first token in
+~38 ms, 55 ms through the forward pass). The logits equal the forward pass's to float rounding
+(tests/test_batch_decode.py, tests/test_modern.py).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
-from .gpt import GPT, KVCache
-from .modern import ModernKVCache, ModernLM
+from .gpt import GPT
+from .modern import ModernLM
 from .rnn import RNNLM, RNNState
 
 
@@ -128,13 +131,20 @@ class KVDecoder(Decoder):
         self.lengths[row] = n
         self.positions[row] = n
 
-    def _row_cache(self, row: int):
-        """The model's own cache type, empty, over row ``row`` of the buffers (a prefill writes straight there)."""
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+        """The layers over N tokens, tokens (N,) at positions pos (N,): each token's keys and values go to
+        ``slots`` (N * 2 * heads,) of a layer's buffer; ``attend(q, kv)`` turns the scaled queries (N, nh, hs)
+        into the attention's output (N, nh * hs). -> the final norm's output (N, C). What a subclass writes."""
         raise NotImplementedError
 
+    def _slots(self, starts: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Where the keys, then values, of tokens at ``pos`` (N,) in rows starting at ``starts`` (N,) go in a
+        layer's buffer seen as (2 * rows * heads * block_size, hs): (N * 2 * heads,), token by token."""
+        return ((starts + pos).unsqueeze(1) + self.kv_offsets).view(-1)
+
     def prefill(self, row: int, ids: list[int]) -> torch.Tensor | None:
-        """Start ``row`` over from ``ids`` (at most block_size) through the model's forward pass; the logits
-        (V,) of the next token (None for no ids: an empty row)."""
+        """Start ``row`` over from ``ids`` (at most block_size), all positions in one pass (causal attention
+        among them); the logits (V,) of the next token (None for no ids: an empty row)."""
         if len(ids) > self.window:
             raise ZaizaiError(f"a row holds {self.window} tokens (block_size), not {len(ids)}; crop the prompt")
         self._room(row)
@@ -142,9 +152,27 @@ class KVDecoder(Decoder):
         self._set_length(row, 0)
         if not ids:
             return None
-        logits, _ = self.model(self._ids(ids), cache=self._row_cache(row), last_only=True)  # (1, 1, V)
-        self._set_length(row, len(ids))
-        return logits[0, -1]
+        T = len(ids)
+        pos = self.arange[:T]
+
+        def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # q (T, nh, hs) -> (T, nh * hs)
+            keys, values = kv[:, row, :, :T].unsqueeze(1)  # (1, heads, T, hs) each
+            y = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values, is_causal=True,
+                                               scale=1.0, enable_gqa=self.heads != q.size(1))  # (1, nh, T, hs)
+            return y[0].transpose(0, 1).reshape(T, -1)
+
+        x = self._run(torch.tensor(ids, dtype=torch.long, device=self.device), pos,
+                      self._slots(self.row_starts[row], pos), attend)
+        self._set_length(row, T)
+        return self.lm_head(x[-1:])[0]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (n,) int64, one for each row 0 .. n-1 -> the next-token logits (n, V) of each row."""
+        n = tokens.size(0)
+        L, pos, slots, hide = self._begin(n)
+        x = self._run(tokens, pos, slots, lambda q, kv: self._attend(q, kv, L, hide))
+        self._end(n)
+        return self.lm_head(x)  # (n, V)
 
     def move(self, src: int, dst: int) -> None:
         """Move row ``src``'s sequence into row ``dst`` (whose sequence has left); ``src`` is then free."""
@@ -169,7 +197,7 @@ class KVDecoder(Decoder):
             raise ZaizaiError(f"row {lengths.index(longest)} is full ({self.window} tokens); start it over")
         L = longest + 1
         pos = self.positions[:n]
-        slots = ((self.row_starts[:n] + pos).unsqueeze(1) + self.kv_offsets).view(-1)
+        slots = self._slots(self.row_starts[:n], pos)
         hide = (self.arange[:L] > pos.unsqueeze(1)).unsqueeze(1) if min(lengths) < longest else None
         return L, pos, slots, hide
 
@@ -202,34 +230,21 @@ class GPTDecoder(KVDecoder):
         t = model.transformer
         self.eps = t.ln_f.eps
         self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
-        self.lm_head_t = _transposed(model.lm_head)  # (C, V) contiguous: see _transposed
-        self.layers = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight.t(), b.attn.c_attn.bias,
-                        b.attn.c_proj.weight.t(), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                        b.mlp.c_fc.weight.t(), b.mlp.c_fc.bias, b.mlp.c_proj.weight.t(), b.mlp.c_proj.bias)
-                       for b in t.h]
+        self.lm_head = _dense1(model.lm_head)
+        self.layers = [(b.ln_1.weight, b.ln_1.bias, _dense1(b.attn.c_attn), _dense1(b.attn.c_proj), b.ln_2.weight,
+                        b.ln_2.bias, _dense1(b.mlp.c_fc), _dense1(b.mlp.c_proj)) for b in t.h]
         super().__init__(model, rows, device, cfg.n_head, cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype)
 
-    def _row_cache(self, row: int) -> KVCache:
-        return KVCache.over(self.k[:, row:row + 1], self.v[:, row:row + 1])
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (n,) int64, one for each row 0 .. n-1 -> the next-token logits (n, V) of each row."""
-        n = tokens.size(0)
-        L, pos, slots, hide = self._begin(n)
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+        N = tokens.size(0)
         nh, hs, C = self.n_head, self.head_size, self.n_embd
-        x = F.embedding(tokens, self.wte) + F.embedding(pos, self.wpe)  # (n, C)
-        for (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), kv in zip(
-                self.layers, self.kv):
-            h = F.layer_norm(x, (C,), ln1_w, ln1_b, self.eps)  # (n, C)
-            qkv = _affine(h, attn_w, attn_b)  # (n, 3C)
-            kv.view(-1, hs).index_copy_(0, slots, qkv[:, C:].reshape(n * 2 * nh, hs))  # in place: no new cache
-            y = self._attend((qkv[:, :C] * self.scale).view(n, nh, hs), kv, L, hide)  # (n, C) heads side by side
-            x = x + _affine(y, proj_w, proj_b)
-            h = F.layer_norm(x, (C,), ln2_w, ln2_b, self.eps)
-            x = x + _affine(F.gelu(_affine(h, fc_w, fc_b), approximate="tanh"), out_w, out_b)
-        x = F.layer_norm(x, (C,), self.ln_f[0], self.ln_f[1], self.eps)
-        self._end(n)
-        return torch.mm(x, self.lm_head_t)  # (n, V)
+        x = F.embedding(tokens, self.wte) + F.embedding(pos, self.wpe)  # (N, C)
+        for (ln1_w, ln1_b, attn, proj, ln2_w, ln2_b, fc, out), kv in zip(self.layers, self.kv):
+            qkv = attn(F.layer_norm(x, (C,), ln1_w, ln1_b, self.eps))  # (N, 3C)
+            kv.view(-1, hs).index_copy_(0, slots, qkv[:, C:].reshape(N * 2 * nh, hs))  # in place: no new cache
+            x = proj.add_to(x, attend((qkv[:, :C] * self.scale).view(N, nh, hs), kv))  # heads side by side
+            x = out.add_to(x, fc.gelu(F.layer_norm(x, (C,), ln2_w, ln2_b, self.eps)))
+        return F.layer_norm(x, (C,), self.ln_f[0], self.ln_f[1], self.eps)
 
 
 class ModernDecoder(KVDecoder):
@@ -237,7 +252,7 @@ class ModernDecoder(KVDecoder):
     grouped-query attention over a cache of the key/value heads only.
 
     Laid out for the step: q, k, v in one (C, (nh + 2 nkv) hs) matrix and gate, up in one (C, 2 H), contiguous
-    (one product each; see :func:`_laid_out`); the queries' and keys' norms as one (nh + nkv, hs) weight, the
+    (one product each; see :class:`Dense`); the queries' and keys' norms as one (nh + nkv, hs) weight, the
     attention scale folded into the queries' rows, so that queries and keys are normalised and rotated together
     (four small operations a layer instead of a dozen: at batch 1 a small model's step is mostly their count);
     RoPE's sign folded into the sine table, ``x cos + roll(x, hs/2) sin``. Weights are read when the decoder is
@@ -252,7 +267,7 @@ class ModernDecoder(KVDecoder):
         half = torch.ones(hs, dtype=model.rope_sin.dtype, device=model.rope_sin.device)
         half[:hs // 2] = -1.0  # rotate_half(x) = (-x2, x1) = roll(x, hs/2) * (-1 .. -1, 1 .. 1)
         self.cos, self.sin = model.rope_cos, model.rope_sin * half  # (block_size, hs) each
-        self.lm_head_t = _transposed(model.lm_head)
+        self.lm_head = _dense1(model.lm_head)
         self.layers = []
         scale = 1.0 / math.sqrt(hs)
         for b in m.layers:
@@ -261,69 +276,115 @@ class ModernDecoder(KVDecoder):
             ones = torch.ones(hs, dtype=a.q_proj.weight.dtype, device=a.q_proj.weight.device)
             qk_w = torch.cat([(ones if q_norm is None else q_norm.detach()).expand(cfg.n_head, hs) * scale,
                               (ones if k_norm is None else k_norm.detach()).expand(nkv, hs)])  # (nh + nkv, hs)
-            self.layers.append((b.input_layernorm.weight, _laid_out(a, (a.q_proj, a.k_proj, a.v_proj)),
-                                q_norm is not None, qk_w, a.o_proj.weight.t(), b.post_attention_layernorm.weight,
-                                _laid_out(mlp, (mlp.gate_proj, mlp.up_proj)), mlp.down_proj.weight.t()))
+            self.layers.append((b.input_layernorm.weight, dense(a, (a.q_proj, a.k_proj, a.v_proj)),
+                                q_norm is not None, qk_w, _dense1(a.o_proj), b.post_attention_layernorm.weight,
+                                dense(mlp, (mlp.gate_proj, mlp.up_proj)), _dense1(mlp.down_proj)))
         super().__init__(model, rows, device, nkv, hs, model.lm_head.weight.dtype)
 
-    def _row_cache(self, row: int) -> ModernKVCache:
-        cache = ModernKVCache.__new__(ModernKVCache)  # on the row's buffers, as gpt's KVCache.over
-        cache.k, cache.v = self.k[:, row:row + 1], self.v[:, row:row + 1]
-        cache.max_len, cache.pos = self.window, 0
-        return cache
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (n,) int64, one for each row 0 .. n-1 -> the next-token logits (n, V) of each row."""
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
         n = tokens.size(0)
-        L, pos, slots, hide = self._begin(n)
         nh, nkv, hs, C, eps = self.n_head, self.heads, self.head_size, self.n_embd, self.eps
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (n, 1, hs): each row's own angles
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (n, 1, hs): each token's own angles
         x = F.embedding(tokens, self.embed)  # (n, C)
-        for (ln1, qkv_w, qk_norm, qk_w, o_w, ln2, gate_up_w, down_w), kv in zip(self.layers, self.kv):
-            qkv = torch.mm(F.rms_norm(x, (C,), ln1, eps), qkv_w)  # (n, (nh + 2 nkv) hs)
+        for (ln1, qkv_proj, qk_norm, qk_w, o_proj, ln2, gate_up, down), kv in zip(self.layers, self.kv):
+            qkv = qkv_proj(F.rms_norm(x, (C,), ln1, eps))  # (n, (nh + 2 nkv) hs)
             qk = qkv[:, :(nh + nkv) * hs].view(n, nh + nkv, hs)  # queries, then keys
             qk = (F.rms_norm(qk, (hs,), None, eps) if qk_norm else qk) * qk_w  # QK-norm; queries scaled
             qk = torch.addcmul(qk * cos, qk.roll(hs // 2, dims=-1), sin)  # RoPE at each row's position
             new = torch.stack((qk[:, nh:], qkv[:, (nh + nkv) * hs:].view(n, nkv, hs)), dim=1)  # (n, 2, nkv, hs)
             kv.view(-1, hs).index_copy_(0, slots, new.view(n * 2 * nkv, hs))  # in place: no new cache
-            x = x + torch.mm(self._attend(qk[:, :nh], kv, L, hide), o_w)
-            gate, up = torch.mm(F.rms_norm(x, (C,), ln2, eps), gate_up_w).chunk(2, dim=1)  # (n, H) each
-            x = x + torch.mm(F.silu(gate) * up, down_w)
-        x = F.rms_norm(x, (C,), self.norm, eps)
-        self._end(n)
-        return torch.mm(x, self.lm_head_t)  # (n, V)
+            x = o_proj.add_to(x, attend(qk[:, :nh], kv))
+            gate, up = gate_up(F.rms_norm(x, (C,), ln2, eps)).chunk(2, dim=1)  # (n, H) each
+            x = down.add_to(x, F.silu(gate) * up)
+        return F.rms_norm(x, (C,), self.norm, eps)
 
 
-_LAID_OUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (its weights' versions, copy)
+_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (its weights' versions, Dense)
 
 
-def _laid_out(owner: torch.nn.Module, layers: tuple[torch.nn.Linear, ...]) -> torch.Tensor:
-    """The weights (C_out_i, C_in) of ``layers`` side by side and transposed, one contiguous (C_in, sum C_out_i)
-    matrix, made once per ``owner`` (again after a weight changes): a step's one product for several layers."""
-    weights = [layer.weight for layer in layers]
-    if any(w.is_inference() for w in weights):  # no version counter to tell a change: copy every time
-        return torch.cat(weights).t().contiguous()
-    version = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-    held = _LAID_OUT.get(owner)
-    if held is None or held[0] != version:
-        held = (version, torch.cat([w.detach() for w in weights]).t().contiguous())
-        _LAID_OUT[owner] = held
-    return held[1]
+class Dense:
+    """``y = x W^T + b`` of one or more linear layers side by side (their weights (C_out_i, C_in) stacked), laid
+    out once for a decode step's small products, with the activation or residual add fused where it can be.
 
-
-def _transposed(layer: torch.nn.Linear) -> torch.Tensor:
-    """A linear layer's weight (V, C) as a contiguous (C, V) copy, made once (again after the weight changes).
-
-    The output layer is the largest matrix of a small model (9.7k x 384 at 6L/384d: 15 MB) and one row
-    against it is most of a decode step. Stored as (C, V), the product runs 2-4x faster on CPU (MKL, 1 row:
-    0.4 vs 1.7 ms at 9.7k x 384, AMD EPYC Zen 4) than through the (V, C) weight ``nn.Linear`` keeps.
+    On CPU the weight is packed for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, the layout Inductor's
+    freezing uses): MKL's sgemm/sgemv, what ``F.linear`` calls, is 1.7-3x slower at 1-32 rows on the AMD EPYC
+    this project measures on (bench/generate_speed.py; 6L/384d, all of a step's products: 3.7 vs 6.8 ms at one
+    row, 7.5 vs 15.4 ms at 32). Elsewhere (CUDA, or a torch built without oneDNN) it is a contiguous (C_in, C_out)
+    copy and ``torch.mm``. A copy either way: the step reads these, not the model's weights.
     """
-    return _laid_out(layer, (layer,))
+
+    ROWS_HINT = 32  # the batch oneDNN lays the weight out for; any number of rows works
+    ONEDNN_BYTES = 1 << 20  # smaller weights stay with torch.mm: a oneDNN call costs ~20 us more at one row
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None):
+        weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+        self.bias = None if biases is None else torch.cat([b.detach() for b in biases]).contiguous()
+        self.packed = None
+        if weight.numel() * weight.element_size() >= self.ONEDNN_BYTES and _onednn_ok(weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.ROWS_HINT)
+        else:
+            self.weight_t = weight.t().contiguous()  # (C_in, C_out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, C_in) -> (n, C_out)."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU (tanh form, GPT-2's) of the product, fused into it where oneDNN runs it."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], "tanh")
+        return F.gelu(self(x), approximate="tanh")
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + the product of x: a block's output added to the stream it came from."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        if self.bias is None:
+            return torch.addmm(residual, x, self.weight_t)
+        return residual + torch.addmm(self.bias, x, self.weight_t)
 
 
-def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight_t + bias, what ``nn.Linear`` computes, given the transposed weight (C_in, C_out)."""
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+_ONEDNN: dict = {}
+
+
+def _onednn_ok(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's packed linear runs here for ``weight``'s dtype: CPU, fp32 or bf16, and a trial product
+    equal to torch's (a build without oneDNN, or one whose private ops changed, falls back to torch.mm)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if weight.dtype not in _ONEDNN:
+        try:
+            w = torch.linspace(-1, 1, 48, dtype=weight.dtype).view(6, 8)
+            x = torch.linspace(1, -1, 24, dtype=weight.dtype).view(3, 8)
+            y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none",
+                                                   [], "")
+            _ONEDNN[weight.dtype] = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
+                y.float(), (x.float() @ w.float().t()), atol=0.1)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _ONEDNN[weight.dtype] = False
+    return _ONEDNN[weight.dtype]
+
+
+def _dense1(layer: torch.nn.Linear) -> Dense:
+    return dense(layer, (layer,))
+
+
+def dense(owner: torch.nn.Module, layers: tuple[torch.nn.Linear, ...]) -> Dense:
+    """The :class:`Dense` of ``layers`` (side by side), made once per ``owner`` and again after a weight changes
+    (a training step, a load): a Batch makes its decoder per generation, the weights' layout is made once."""
+    weights = [layer.weight for layer in layers]
+    biases = None if layers[0].bias is None else [layer.bias for layer in layers]
+    if any(w.is_inference() for w in weights):  # no version counter to tell a change: lay out every time
+        return Dense(weights, biases)
+    tensors = weights + (biases or [])
+    version = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    held = _DENSE.get(owner)
+    if held is None or held[0] != version:
+        held = (version, Dense(weights, biases))
+        _DENSE[owner] = held
+    return held[1]
 
 
 class RNNDecoder(Decoder):
