@@ -16,7 +16,9 @@ Batch 1: greedy generation of ``--new-tokens`` (500) tokens after a ``--prompt-t
 - transformers: ``GPT2LMHeadModel.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`` with its
   own KV cache, SDPA attention, on a copy of the same weights (the four Conv1D weights transposed).
 - llama.cpp (where llama-cpp-python is installed): the model exported by ``zaizai export --format gguf`` as
-  F16, ``Llama.generate(temp=0)`` (see bench/gguf_speed.py); its KV cache is F16 too.
+  F16, ``Llama.generate(temp=0)`` (see bench/gguf_speed.py); its KV cache is F16 too. It runs in a child process
+  of its own (``bench/llama_run.py``), so its threads and torch's do not share a process; ``--llama-in-process``
+  runs it in this one.
 
 ``--model-kind modern``: the same sizes as zaizai's modern model (Qwen3-style: RMSNorm, RoPE, QK-norm, SwiGLU;
 ``--kv-heads`` key/value heads, 0 = as many as the heads), every weight random (its zero-initialised output
@@ -38,6 +40,7 @@ new tokens per second over the whole run, prefills included, and its ratio to ba
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import tempfile
@@ -56,7 +59,8 @@ from zaizai.training.checkpoint import BEST, save_checkpoint
 from zaizai.training.config import TrainConfig
 
 from corpus import N_SPECIAL_TOKENS, add_corpus_argument, load_corpus
-from gguf_speed import model_folder, run_llama
+from gguf_speed import model_folder
+from llama_run import LlamaRun
 
 SIZES = [(4, 4, 128), (6, 6, 384)]  # (n_layer, n_head, n_embd)
 
@@ -147,9 +151,9 @@ def run_hf(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, out[0, len(prompt):].tolist()
 
 
-def run_llama_timed(llm, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-    ttft = run_llama(llm, prompt, 1)[0]
-    total, out = run_llama(llm, prompt, n)
+def run_llama_timed(llm: LlamaRun, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    ttft = llm.generate(prompt, 1)[0]
+    total, out = llm.generate(prompt, n)
     return ttft, total, out
 
 
@@ -178,7 +182,7 @@ def measure(ours, hf, llm, prompt: list[int], args) -> dict:
     run_zaizai(ours, prompt, 20)  # warm-up: first calls allocate and pick kernels
     run_hf(hf, prompt, 20)
     if llm is not None:
-        run_llama(llm, prompt, 20)
+        llm.generate(prompt, 20)
     runs: dict[str, list] = {"zaizai": [], "hf": [], "llama": []}
     for r in range(args.rounds):
         order = ["zaizai", "hf", "llama"] if r % 2 == 0 else ["llama", "hf", "zaizai"]
@@ -217,18 +221,15 @@ def measure_batches(ours, vocab: int, args) -> dict[int, float]:
     return {b: b * args.batch_new_tokens / statistics.median(t) for b, t in times.items()}
 
 
-def load_llama(folder: Path, tmp: Path, threads: int):
+def load_llama(folder: Path, tmp: Path, threads: int, in_process: bool = False) -> LlamaRun | None:
     """llama.cpp on the F16 GGUF export of the model folder, or None without llama-cpp-python."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
     from zaizai.interop.gguf import export_gguf
 
     path = tmp / f"{folder.name}-f16.gguf"
     export_gguf(folder, path, dtype="f16", verbose=False)
-    return Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                 verbose=False)
+    return LlamaRun(path, threads, n_ctx=1024, in_process=in_process)
 
 
 def print_size(name: str, m: dict, batch: dict[int, float] | None) -> None:
@@ -262,6 +263,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32", help="batch sizes for the aggregate figures ('' = none)")
     ap.add_argument("--batch-new-tokens", type=int, default=100)
     ap.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
+    ap.add_argument("--llama-in-process", action="store_true",
+                    help="run llama.cpp in this process, beside torch (default: a child process of its own)")
     ap.add_argument("--model-kind", choices=("gpt", "modern"), default="gpt",
                     help="gpt (GPT-2 block) or modern (Qwen3-style: RMSNorm, RoPE, QK-norm, SwiGLU)")
     ap.add_argument("--kv-heads", type=int, default=0,
@@ -297,7 +300,8 @@ def main() -> None:
                 ours = model_folder(folder, tok, n_layer, n_head, n_embd, 1024).eval()
             hf = hf_copy(ours, dtype)
             ours = ours.to(dtype)
-            llm = None if args.no_llama or dtype != torch.float32 else load_llama(folder, Path(tmp), torch.get_num_threads())
+            llm = (None if args.no_llama or dtype != torch.float32
+                   else load_llama(folder, Path(tmp), torch.get_num_threads(), args.llama_in_process))
             m = measure(ours, hf, llm, prompt, args)
             batch = measure_batches(ours, tok.vocab_size, args) if args.batches else None
             print_size(f"{n_layer}L/{n_embd}d", m, batch)

@@ -11,7 +11,8 @@ each model is saved as a zaizai folder, exported with :func:`zaizai.interop.gguf
 and both run greedy generation of ``--new-tokens`` (500) at batch 1 after a ``--prompt-tokens`` (200) history.
 
 - zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, fp32, temperature 0).
-- llama.cpp: ``Llama.generate(prompt_ids, temp=0)`` (its greedy sampler; KV cache in F16, its default).
+- llama.cpp: ``Llama.generate(prompt_ids, temp=0)`` (its greedy sampler; KV cache in F16, its default), in a
+  child process of its own (``bench/llama_run.py``; ``--llama-in-process`` runs it in this one, beside torch).
 
 tokens/s counts the new tokens over the whole call, prompt processing included. Rounds alternate the order; the
 median round is reported. "same" is the share of generated tokens equal to zaizai's (F16 weights, and llama.cpp's
@@ -21,6 +22,7 @@ F16 KV cache, may flip near-ties on random weights, after which the texts part w
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -37,6 +39,7 @@ from zaizai.models import ModelConfig, build_model
 from zaizai.data.tokenizer import CharTokenizer
 
 from corpus import add_corpus_argument, load_corpus
+from llama_run import LlamaRun
 
 SIZES = [(4, 4, 128), (6, 6, 384), (12, 12, 768)]  # (n_layer, n_head, n_embd)
 
@@ -60,26 +63,18 @@ def run_zaizai(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - start, out
 
 
-def run_llama(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
-    llm.reset()
-    out: list[int] = []
-    start = time.perf_counter()
-    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
-        out.append(token)
-        if len(out) == n:
-            break
-    return time.perf_counter() - start, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--llama-in-process", action="store_true",
+                    help="run llama.cpp in this process, beside torch (default: a child process of its own)")
     add_corpus_argument(ap)
     args = ap.parse_args()
-    from llama_cpp import Llama
+    if importlib.util.find_spec("llama_cpp") is None:
+        ap.error("llama-cpp-python is not installed: pip install llama-cpp-python")
 
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args.corpus)
@@ -100,20 +95,19 @@ def main() -> None:
             for dtype in ("f32", "f16"):
                 path = Path(tmp) / f"{n_layer}x{n_embd}-{dtype}.gguf"
                 export_gguf(folder, path, dtype=dtype, verbose=False)
-                llms[dtype] = Llama(model_path=str(path), n_ctx=block, n_batch=512, n_threads=args.threads,
-                                    n_threads_batch=args.threads, verbose=False)
+                llms[dtype] = LlamaRun(path, args.threads, n_ctx=block, in_process=args.llama_in_process)
             times: dict[str, list[float]] = {"zaizai": [], "f32": [], "f16": []}
             outs: dict[str, list[int]] = {}
             run_zaizai(model, prompt, 8)  # warm up
             for llm in llms.values():
-                run_llama(llm, prompt, 8)
+                llm.generate(prompt, 8)
             for r in range(args.rounds):
                 order = ["zaizai", "f32", "f16"] if r % 2 == 0 else ["f16", "f32", "zaizai"]
                 for name in order:
                     if name == "zaizai":
                         t, out = run_zaizai(model, prompt, args.new_tokens)
                     else:
-                        t, out = run_llama(llms[name], prompt, args.new_tokens)
+                        t, out = llms[name].generate(prompt, args.new_tokens)
                     times[name].append(t)
                     outs[name] = out
             speed = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}

@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_speed.py                    # throughput: zaizai gpt vs transformers GPT2LMHeadModel
     .venv/bin/python bench/train_speed.py --dtype float32    # one precision only
     .venv/bin/python bench/train_speed.py --mode ablation    # what each speed change in zaizai is worth
-    .venv/bin/python bench/train_speed.py --mode preset      # default CPU preset, 210 s, vs nanoGPT's recipe
+    .venv/bin/python bench/train_speed.py --mode preset      # default preset (auto), 210 s, vs nanoGPT's recipe
     .venv/bin/python bench/train_speed.py --corpus ../shared/corpora/tang.txt.xz [--mode ...]  # the README's figures
 
 --corpus: a .txt, .txt.xz or folder of .txt files; the README's figures came from the 4.5M-character
@@ -19,6 +19,12 @@ Precision: bf16 autocast for both where the CPU has native bf16, and a line in f
 
 ablation mode: the same measurement over zaizai variants that add one change at a time, from a plain
 nanoGPT-style step (F.linear + F.cross_entropy on fp32 logits, SDPA in the autocast dtype, unfused AdamW).
+
+preset mode: not throughput but what a run learns. ``zaizai train --max-time T`` with its default preset
+(``auto``: a modern block with Muon, its size, batch and lr chosen for the corpus and this CPU in the run's first
+seconds; ``--preset cpu`` for the older fixed GPT preset, or any other) next to its peer, nanoGPT's README CPU
+recipe (preset ``nanogpt-cpu``), on the same prepared corpus, one after the other in the same process, each for
+``--max-time`` seconds of wall time; then each one's loss over the whole validation split.
 
 --tune-malloc keeps freed memory mapped (glibc mallopt) for the whole process, so both models stop
 page-faulting on their big per-step tensors; it helps the peer more than zaizai.
@@ -36,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 import zaizai.models.gpt as gpt_module
-from zaizai.common.device import autocast, cpu_has_fast_bf16, tune_glibc_malloc
+from zaizai.common.device import autocast, autocast_dtype, cpu_has_fast_bf16, tune_glibc_malloc
 from zaizai.models import ModelConfig, build_model
+from zaizai.training.config import PRESETS
 from zaizai.training.optim import configure_optimizer
 
 from corpus import add_corpus_argument, load_corpus
@@ -206,9 +213,11 @@ def ablation(vocab_size: int, args) -> None:
 
 
 def preset(corpus, args) -> int:
-    """`zaizai train` with the default CPU preset for --max-time seconds on the corpus, then the loss on
-    the whole validation split; the peer is nanoGPT's README CPU recipe (preset nanogpt-cpu: 4 layers, 128 wide,
-    block 64, batch 12, lr 1e-3, fp32, 2,000 iterations) on the same data in the same run and time budget."""
+    """`zaizai train` with ``--preset`` (default ``auto``, what `zaizai train` does without one) for --max-time
+    seconds on the corpus, then the loss on the whole validation split; the peer is nanoGPT's README CPU recipe
+    (preset nanogpt-cpu: 4 layers, 128 wide, block 64, batch 12, lr 1e-3, fp32, 2,000 iterations) on the same data
+    in the same run and time budget. The table says what each run trained (auto picks its size in the run)."""
+    import json
     import tempfile
 
     import zaizai
@@ -216,21 +225,31 @@ def preset(corpus, args) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="zaizai-bench-") as tmp:
         zaizai.prepare([corpus.write(Path(tmp))], Path(tmp) / "data", verbose=False)
-        runs = [("cpu", "zaizai default CPU preset")]
+        default = "zaizai default" if args.preset == "auto" else "zaizai"
+        runs = [(args.preset, f"{default} ({args.preset} preset)")]
         if not args.no_peer:
             runs.append(("nanogpt-cpu", "nanoGPT README CPU recipe"))
         for name, label in runs:
             print(f"== {label} (--preset {name}, --max-time {args.max_time:g})", flush=True)
-            result = zaizai.train(Path(tmp) / "data", Path(tmp) / name, preset=name, max_time=args.max_time,
+            out = Path(tmp) / f"run-{len(rows)}"
+            result = zaizai.train(Path(tmp) / "data", out, preset=name, max_time=args.max_time,
                                   verbose=not args.quiet)
-            rows.append((label, name, result))
+            config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+            m, t = config["model"], config["train"]
+            dtype = autocast_dtype(torch.device("cpu"), t["dtype"]) or torch.float32  # auto: bf16 where native
+            what = f"{m['model']} {m['n_layer']}x{m['n_embd']} {t['optimizer']} {str(dtype).removeprefix('torch.')}"
+            rows.append((label, name, what, result))
     print()
     print(f"{corpus.name} corpus, whole validation split, {args.max_time:g} s of training per run, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'run':<28} {'preset':<12} {'steps':>7} {'tokens':>11} {'tok/s':>8} {'val nats/char':>14}")
-    for label, name, r in rows:
-        print(f"{label:<28} {name:<12} {r.step:>7,} {r.tokens_seen:>11,} {r.tokens_seen / r.elapsed:>8,.0f} "
-              f"{r.full_val_loss:>14.4f}")
+    print(f"{'run':<30} {'preset':<12} {'trained':<28} {'steps':>7} {'tokens':>11} {'tok/s':>8} "
+          f"{'val nats/char':>14}")
+    for label, name, what, r in rows:
+        loss = "-" if r.full_val_loss is None else f"{r.full_val_loss:.4f}"
+        if r.full_val_share is not None and r.full_val_share < 1:  # --max-time cut the final pass short
+            loss += f" ({r.full_val_share:.0%} of val)"
+        print(f"{label:<30} {name:<12} {what:<28} {r.step:>7,} {r.tokens_seen:>11,} "
+              f"{r.tokens_seen / r.elapsed:>8,.0f} {loss:>14}")
     return 0
 
 
@@ -249,6 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--tune-malloc", action="store_true",
                    help="keep freed memory mapped (glibc mallopt), for every model in the run: fewer page faults")
     p.add_argument("--max-time", type=float, default=210.0, help="preset mode: seconds of training per run")
+    p.add_argument("--preset", default="auto", choices=sorted(PRESETS),
+                   help="preset mode: zaizai's run (default auto, `zaizai train`'s default; cpu: the older GPT preset)")
     p.add_argument("--no-peer", action="store_true", help="preset mode: skip the nanoGPT-recipe run")
     p.add_argument("--quiet", action="store_true", help="preset mode: no progress bars")
     args = p.parse_args(argv)

@@ -102,6 +102,54 @@ def test_a_row_reused_after_nan_keys_is_clean():
     torch.testing.assert_close(logits[1], model(torch.tensor([long + [8, 11]]))[0][0, -1], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name, kw", [("gpt", {}), ("modern", dict(n_head=4, n_kv_head=2))])
+@torch.inference_mode()
+def test_prefill_many_equals_prefills_one_at_a_time_and_the_forward_pass(dense_backend, name, kw):
+    """Prompts of different lengths (1 and block_size among them) prefilled together, into rows reused after
+    sequences that broke (nan keys): each row's logits, then a step's, as one prefill at a time and the forward."""
+    model = make(name, **kw)
+    prompts = [prompt(n, seed=20 + n) for n in (9, 1, 24, 4, 13)]
+    rows = [3, 0, 4, 1, 2]  # not in order
+    alone = decoder_for(model, rows=5)
+    one = [alone.prefill(row, ids) for row, ids in zip(rows, prompts)]
+    decoder = decoder_for(model, rows=2)  # prefill_many makes it grow
+    decoder.prefill_many([0, 1, 2, 3, 4], [prompt(20, seed=s) for s in range(5)])
+    decoder.kv[:, :, :5] = float("nan")  # what broken sequences leave behind
+    for row in range(5):
+        decoder.release(row)
+    many = decoder.prefill_many(rows, prompts)
+    assert decoder.lengths[:5] == alone.lengths[:5] == [1, 4, 13, 9, 24]
+    for ids, a, b in zip(prompts, one, many):
+        forward = model(torch.tensor([ids]))[0][0, -1]
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(b, forward, atol=2e-5, rtol=1e-5)
+    order = sorted(range(5), key=lambda i: rows[i])  # the prompts by row
+    for d in (decoder, alone):
+        d.release(4)  # (the full row leaves: the others step, masked beyond their lengths over the old nan keys)
+    logits = decoder.step(torch.tensor([7, 8, 9, 10]))
+    torch.testing.assert_close(logits, alone.step(torch.tensor([7, 8, 9, 10])), atol=2e-5, rtol=1e-5)
+    for row, i in enumerate(order[:4]):
+        torch.testing.assert_close(logits[row], model(torch.tensor([prompts[i] + [7 + row]]))[0][0, -1],
+                                   atol=2e-5, rtol=1e-5)
+    assert decoder.prefill_many([1, 3], [[], prompt(2)])[0] is None and decoder.lengths[1] == 0
+    with pytest.raises(ZaizaiError, match="block_size"):
+        decoder.prefill_many([0, 1], [prompt(2), prompt(25)])
+    assert decoder.lengths[:4] == [2, 0, 14, 2]  # a refused call changes no row
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@torch.inference_mode()
+def test_every_decoder_prefills_many_rows_as_one_at_a_time(name):
+    model = make(name)
+    prompts = [prompt(n, seed=n) for n in (5, 1, 11)]
+    decoders = [decoder_for(model, rows=3)] + ([CacheDecoder(model, 3, torch.device("cpu"))] if name == "gpt" else [])
+    for decoder in decoders:
+        many = decoder.prefill_many([2, 0, 1], prompts)
+        for row, ids, logits in zip([2, 0, 1], prompts, many):
+            torch.testing.assert_close(logits, model(torch.tensor([ids]))[0][0, -1], atol=2e-5, rtol=1e-5)
+            assert decoder.lengths[row] == len(ids)
+
+
 # --- alone or in a batch: the same tokens ---------------------------------------------------------------------------
 
 
@@ -122,9 +170,26 @@ def test_each_request_gets_the_same_tokens_alone_or_in_a_batch(name):
     assert len({tuple(t) for t in alone}) == len(alone)
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_sequences_added_together_get_the_same_tokens_as_alone(name):
+    model = make(name)
+    requests = [(prompt(n, seed=30 + i), SamplingConfig(max_new_tokens=12 + 2 * i, **kw), {5} if i == 2 else None)
+                for i, (n, kw) in enumerate(OPTIONS)]
+    alone = [list(generate_ids(model, ids, cfg, stop)) for ids, cfg, stop in requests]
+    batch = Batch(model)
+    seqs = batch.add_many(requests[:2])
+    batch.step()  # the others join together while the first ones run
+    seqs += batch.add_many(requests[2:])
+    assert batch.add_many([]) == [] and len(batch) == len(requests)
+    run(batch, seqs)
+    assert [s.tokens for s in seqs] == alone
+
+
 def test_windows_slide_in_a_batch_as_alone():
     model = make()  # block_size 24: every sequence slides its window several times
     requests = [(prompt(n, seed=n), SamplingConfig(max_new_tokens=50 + n, temperature=0)) for n in (2, 20, 30)]
+    # with the second one's length: the two slide at the same steps, their rows started over together
+    requests.append((prompt(20, seed=99), SamplingConfig(max_new_tokens=60, temperature=0.9, seed=4)))
     alone = [list(generate_ids(model, ids, cfg)) for ids, cfg in requests]
     batch = Batch(model)
     seqs = [batch.add(ids, cfg) for ids, cfg in requests]
@@ -182,4 +247,25 @@ def test_add_refuses_bad_requests():
         batch.add([1], SamplingConfig(temperature=-1))
     with pytest.raises(ZaizaiError, match="max_new_tokens"):  # no reply at all is refused (sampling.validate)
         batch.add([1, 2], SamplingConfig(max_new_tokens=0))
+    with pytest.raises(ZaizaiError, match="token ids must be in"):  # one bad request: none of them joins
+        batch.add_many([([1, 2], SamplingConfig(), None), ([VOCAB], SamplingConfig(), None)])
     assert len(batch) == 0
+
+
+def test_a_sequence_whose_draw_overflows_fails_alone():
+    """Finite scores so large that a small temperature takes them to inf: that sequence's draw has no
+    probabilities and it ends with an error; a greedy one beside it gets its usual tokens."""
+    model = make()
+    ids = prompt(6, seed=1)
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0)
+    with torch.no_grad():
+        scale = 1e36 / model(torch.tensor([ids]))[0].abs().max().item()  # the largest score ~1e36: / 1e-3 is inf
+        model.transformer.ln_f.weight.mul_(scale)
+        model.transformer.ln_f.bias.mul_(scale)
+    alone = list(generate_ids(model, ids, greedy))
+    batch = Batch(model)
+    hot = batch.add(prompt(4, seed=2), SamplingConfig(temperature=1e-3, seed=1))
+    cold = batch.add(ids, greedy)
+    run(batch, [hot, cold])
+    assert hot.finish_reason == ERROR and "temperature" in hot.error and hot.tokens == []
+    assert cold.finish_reason == LENGTH and cold.tokens == alone

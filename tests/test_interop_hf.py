@@ -13,7 +13,7 @@ import transformers
 import zaizai
 from zaizai.data.dialogue import render_conversation
 from zaizai.common.errors import ZaizaiError
-from zaizai.interop.hf import export_hf, import_hf
+from zaizai.interop.hf import chat_template, export_hf, import_hf
 from zaizai.data.tokenizer import END_ID, EOT_ID
 from util import TINY, greedy_pair, run_cli, write_corpus, write_pairs
 
@@ -261,6 +261,20 @@ def test_export_then_import_is_the_same_chat_model(models, tmp_path):
     assert b.tokenizer.encode("床前明月光，鑫") == a.tokenizer.encode("床前明月光，鑫")
     r = run_cli("chat", tmp_path / "back", "--message", "你好", "--temperature", "0")
     assert r.returncode == 0 and "你好，我是崽崽。" in r.stdout, r.stderr
+
+
+def test_export_then_import_keeps_a_plain_model_plain(models, tmp_path):
+    """Only a chat model's export has the chat template; import-hf reads a model as chat only from it."""
+    export_hf(models / "bpe", tmp_path / "hf", verbose=False)
+    assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text("utf-8"))
+    import_hf(tmp_path / "hf", tmp_path / "back", verbose=False)
+    assert not zaizai.load(tmp_path / "back").is_chat_model
+    # a plain model an older zaizai exported with the template (eos <|endoftext|>) comes back plain too
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text("utf-8"))
+    config["chat_template"] = chat_template()  # zaizai's markers, as every zaizai export has
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
+    import_hf(tmp_path / "hf", tmp_path / "back2", verbose=False)
+    assert not zaizai.load(tmp_path / "back2").is_chat_model
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -112,6 +112,7 @@ def test_export_then_import_is_the_same_modern_model(models, tmp_path):
         export_hf(models / name, tmp_path / f"hf-{name}", verbose=False)
         import_hf(tmp_path / f"hf-{name}", tmp_path / f"back-{name}", verbose=False)
         a, b = zaizai.load(models / name), zaizai.load(tmp_path / f"back-{name}")
+        assert b.is_chat_model == a.is_chat_model == (name == "chat")  # a plain model stays plain
         same = {**a.model_config.to_dict(), "bias": False, "ffn_hidden": swiglu_hidden(a.model_config)}
         assert b.model_config.to_dict() == same  # what modern ignores or derives, written out
         assert all(torch.equal(t, b.model.state_dict()[k]) for k, t in a.model.state_dict().items())

@@ -222,6 +222,51 @@ def test_a_cancelled_generation_leaves_the_batch_before_the_next_step(bot):
     assert paced_batches[0].rows[-1] == 1  # the last steps ran the other one alone
 
 
+class AdmittingBatch(PacedBatch):
+    """A paced batch that records how many sequences each :meth:`add_many` call brought in."""
+
+    def __init__(self, model, device, pace):
+        super().__init__(model, device, pace)
+        self.admitted: list[int] = []
+
+    def add_many(self, requests):
+        self.admitted.append(len(requests))
+        return super().add_many(requests)
+
+
+def test_waiting_requests_join_in_one_prefill_and_a_bad_one_fails_alone(bot):
+    """Requests that came in during a step join together (one prefill for all); one whose prompt the model cannot
+    take fails alone, the others run to their end."""
+    hold = threading.Event()
+    scheduler = Scheduler(bot, max_active=8)
+    batches = []
+    scheduler.new_batch = lambda: batches.append(AdmittingBatch(bot.model, bot.device, lambda b: hold.wait(10))) \
+        or batches[-1]
+    events: dict[str, list[str]] = {}
+
+    def job(g: Generation, name: str) -> Job:
+        return Job(g, lambda event: events.setdefault(name, []).append(event[0]))
+
+    bad = Generation(bot, [bot.model_config.vocab_size], SamplingConfig(max_new_tokens=3), set(), [])
+    jobs = [job(generation(bot, "你好", 5), "first"), job(generation(bot, "早上", 6), "a"),
+            job(bad, "bad"), job(generation(bot, "你会什么", 7), "b")]
+    try:
+        scheduler.submit(jobs[0])
+        wait_for(lambda: batches and len(batches[0]) == 1)  # the first runs, its step held: the others wait
+        for j in jobs[1:]:
+            scheduler.submit(j)
+        hold.set()
+        wait_for(lambda: scheduler.stats()["active"] == 0 and "done" in events.get("b", []))
+    finally:
+        scheduler.close()
+    assert batches[0].admitted == [1, 2]
+    assert events["bad"] == ["error"] and all(events[k][0] == "started" and events[k][-1] == "done"
+                                              for k in ("first", "a", "b"))
+    assert [j.generation.completion_tokens for j in jobs] == [5, 6, 0, 7]
+    stats = scheduler.stats()
+    assert stats["completed"] == 3 and stats["failed"] == 1
+
+
 def test_a_cancelled_waiting_request_frees_its_place_in_the_queue_at_once(bot):
     scheduler = Scheduler(bot, max_active=1, max_waiting=1)
     scheduler.new_batch = lambda: PacedBatch(bot.model, bot.device)

@@ -418,7 +418,8 @@ def test_auto_with_max_time_chooses_from_bucketed_speeds_and_resume_keeps_the_ch
     timed = []
 
     def speeds(fast):  # tokens/s by n_layer x n_embd; noise within a bucket changes nothing
-        def time_candidate(mcfg, table, device, amp_dtype, deadline):
+        def time_candidate(mcfg, table, device, amp_dtype, deadline, rows):
+            assert rows == 2  # the run's own batch is timed (--batch-size 2), not a smaller one
             timed.append(mcfg.n_layer * 1000 + mcfg.n_embd)
             return fast[(mcfg.n_layer, mcfg.n_embd)] * (1 + 0.01 * len(timed))
         return time_candidate
@@ -426,7 +427,7 @@ def test_auto_with_max_time_chooses_from_bucketed_speeds_and_resume_keeps_the_ch
     choices = []
     for fast in ({(2, 128): 1e6, (4, 128): 9e5, (4, 192): 5e5, (6, 256): 1e3},       # the big one is slow here
                  {(2, 128): 1e6, (4, 128): 9e5, (4, 192): 5e5, (6, 256): 1e3},       # again: the same choice
-                 {(2, 128): 3e4, (4, 128): 1e3, (4, 192): 1e3, (6, 256): 1e3}):      # a slow machine: the small one
+                 {(2, 128): 3e4, (4, 128): 20, (4, 192): 20, (6, 256): 20}):         # a slow machine: the small one
         monkeypatch.setattr(auto, "time_candidate", speeds(fast))
         out = tmp_path / f"run{len(choices)}"
         zaizai.train(data_dir, out, max_time=30.0, max_iters=1, threads=1, block_size=16, batch_size=2, eval_iters=1,

@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        starting_note()
+        if args.command != "prepare":  # prepare needs numpy and tokenizers only, not PyTorch
+            starting_note()
         return COMMANDS[args.command](args) or 0
     except ZaizaiError as e:
         print(f"zaizai: 错误 error: {e}", file=sys.stderr)

@@ -36,10 +36,9 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..common.errors import ZaizaiError
 from .corpus import PathLike
@@ -55,6 +54,9 @@ from .windows import (
     rows_in_order,
 )
 from .tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # only in annotations: `zaizai prepare` imports this module and must not load torch
+    import torch
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..common.errors import ZaizaiError
 from ..common.ids import IGNORE_INDEX
 from .dialogue import loss_mask
 from .tokenizer import EOT_ID
+
+if TYPE_CHECKING:  # torch only where tensors are made: `zaizai prepare` imports this module and never needs it
+    import torch
 
 NO_SEGMENT = -1  # segments value of padding (the models' convention)
 
@@ -39,6 +42,8 @@ def random_windows(
     data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator, *, split: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows of ``data``: inputs x and next-token targets y, int64 (B, T)."""
+    import torch
+
     n = len(data)
     if n < block_size + 1:
         raise ZaizaiError(
@@ -62,6 +67,8 @@ def eval_windows(
     Every token but the first is a target exactly once. The final window is padded: x with EOT,
     y with IGNORE_INDEX.
     """
+    import torch
+
     n_targets = len(data) - 1
     n_windows = math.ceil(n_targets / block_size) if n_targets > 0 else 0
     for first in range(0, n_windows, batch_size):
@@ -225,6 +232,8 @@ def assemble_rows(
     Padding: x EOT, y IGNORE_INDEX, segments NO_SEGMENT; targets ``loss_on`` does not count are
     IGNORE_INDEX too.
     """
+    import torch
+
     n_rows = len(rows)
     x = np.full((n_rows, block_size), EOT_ID, dtype=np.int64)
     y = np.full((n_rows, block_size), IGNORE_INDEX, dtype=np.int64)

@@ -281,9 +281,11 @@ def generate_replies(bot, contexts: list[list[dict]], samplings: list[SamplingCo
     running: list[tuple[int, object]] = []  # (index, sequence)
     queue = iter(enumerate(requests))
     while True:
-        while len(running) < rows and (job := next(queue, None)) is not None:  # free rows take the next contexts
-            k, (ids, sampling, stop_ids, _) = job
-            running.append((k, batch.add(ids, sampling, stop_ids)))
+        jobs = []  # free rows take the next contexts, their prompts prefilled together
+        while len(running) + len(jobs) < rows and (job := next(queue, None)) is not None:
+            jobs.append(job)
+        seqs = batch.add_many([(ids, sampling, stop_ids) for _, (ids, sampling, stop_ids, _) in jobs])
+        running += [(k, seq) for (k, _), seq in zip(jobs, seqs)]
         if not running:
             return replies
         batch.step()

@@ -3,8 +3,8 @@
 ``export_hf``: a zaizai gpt (modern) model folder -> a folder ``GPT2LMHeadModel`` (``Qwen3ForCausalLM``, or
 ``LlamaForCausalLM`` for a modern model without QK-norm) and ``AutoTokenizer`` load with ``from_pretrained``:
 ``config.json``, ``model.safetensors``, ``generation_config.json``, ``tokenizer.json`` and
-``tokenizer_config.json`` with a chat template that renders a conversation exactly as
-:func:`zaizai.data.dialogue.render_conversation` does.
+``tokenizer_config.json``; a chat model's has a chat template that renders a conversation exactly as
+:func:`zaizai.data.dialogue.render_conversation` does (and import reads a model as chat only when it has it).
 
 ``import_hf``: a local GPT-2, Qwen3 or Llama folder (``config.json``, safetensors weights, and a
 ``tokenizer.json``, a BERT-style ``vocab.txt`` as the Chinese GPT-2 checkpoints have, or GPT-2's ``vocab.json``
@@ -118,8 +118,9 @@ def export_hf(model_dir: str | os.PathLike, to: str | os.PathLike, *, overwrite:
         "additional_special_tokens": [n for n in names[2:] if n != names[eos]],
         "clean_up_tokenization_spaces": False,
         "model_max_length": c.block_size,
-        "chat_template": chat_template(names),
     }
+    if chat:  # a plain model has no turn markers to render; import-hf reads the template as "chat model"
+        tok_config["chat_template"] = chat_template(names)
     card = _model_card(bot, Path(to).name, names, chat, arch, step=bot.state.get("step"))
 
     from safetensors.torch import save_file
@@ -263,7 +264,9 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
         raise ZaizaiError(f"{src}: the weights do not fit config.json ({str(e).splitlines()[-1].strip()})") from None
 
     names = special_token_texts(tok)
-    chat = roles.get("chat_template") == chat_template(names)  # a model zaizai exported from a dialogue run
+    # A model zaizai exported from a dialogue run: its template, and eos <|end|> (an older zaizai wrote the
+    # template for plain models too; their eos is <|endoftext|>).
+    chat = roles.get("chat_template") == chat_template(names) and roles.get("eos_token") == names[END_ID]
     # Only the folder's name: the absolute path would tell whoever gets the model about this machine.
     run_state = {"step": 0, "tokens_seen": 0, "imported_from": src.resolve().name,
                  "data_kind": "dialogue" if chat else "plain"}

@@ -5,7 +5,8 @@ keeps them packed (:meth:`move` fills the gap a finished sequence leaves). Seque
 steps, and each has its own length:
 
 - :meth:`prefill` starts a row over from a list of ids (all positions in one pass, causal attention among
-  them) and gives the logits of the token after them;
+  them) and gives the logits of the token after them; :meth:`prefill_many` starts several rows, all their
+  prompts' tokens through the layers in one pass (gpt, modern; attention still within each prompt);
 - :meth:`step` takes one new token for each row in use and gives each row's next-token logits, (n, V).
 
 ``decoder_for(model)`` picks the decoder of a model: :class:`GPTDecoder` and :class:`ModernDecoder` (a KV
@@ -17,23 +18,24 @@ Why gpt's and modern's decoders do not call the model's forward: one query again
 matrix-vector product, and at batch 1 the step's time is the weights' read from memory plus the cost of every
 operation launched. The forward pass of the model is written for training (module calls, SDPA's flash kernel,
 which splits one query into blocks); here the same arithmetic runs as plain tensor operations on weights laid
-out once for small products (:class:`Dense`: oneDNN's packed layout on CPU), attention as two batched matrix
-products over ``cache[:, :, :L]`` (grouped-query heads read their shared keys in place, no copy), and a mask only
-when the rows' lengths differ. A prefill runs the same layers (``_run``) over all of a prompt's positions, with
-SDPA's causal attention, so that it too gets the packed weights (6L/384d, 200-token prompt: first token in
-~38 ms, 55 ms through the forward pass). The logits equal the forward pass's to float rounding
-(tests/test_batch_decode.py, tests/test_modern.py).
+out once for small products (:class:`~zaizai.models.dense.Dense`: oneDNN's packed layout on CPU), attention as
+two batched matrix products over ``cache[:, :, :L]`` (grouped-query heads read their shared keys in place, no
+copy), and a mask only when the rows' lengths differ. A prefill runs the same layers (``_run``) over all of a
+prompt's positions, with SDPA's causal attention, so that it too gets the packed weights (6L/384d, 200-token
+prompt: first token in ~38 ms, 55 ms through the forward pass); prompts prefilled together share those products
+(32 chat prompts of 10-30 tokens: ~3x faster than one at a time). The logits equal the forward pass's to float
+rounding (tests/test_batch_decode.py, tests/test_modern.py).
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
+from .dense import Dense, _dense1, _onednn_ok, dense  # noqa: F401 (Dense, _onednn_ok: for tests)
 from .gpt import GPT
 from .modern import ModernLM
 from .rnn import RNNLM, RNNState
@@ -81,6 +83,11 @@ class Decoder:
     def full(self, row: int) -> bool:
         """The row has no room for another token: its sequence has to start a new window."""
         return self.window is not None and self.lengths[row] >= self.window
+
+    def prefill_many(self, rows: list[int], prompts: list[list[int]]) -> list[torch.Tensor | None]:
+        """:meth:`prefill` of each of ``rows`` from its prompt: the next-token logits (V,) of each (None: no ids).
+        Here one at a time; a KV decoder runs all the prompts' tokens through its layers in one pass."""
+        return [self.prefill(row, ids) for row, ids in zip(rows, prompts, strict=True)]
 
     def release(self, row: int) -> None:
         """The row's sequence has left."""
@@ -145,26 +152,49 @@ class KVDecoder(Decoder):
     def prefill(self, row: int, ids: list[int]) -> torch.Tensor | None:
         """Start ``row`` over from ``ids`` (at most block_size), all positions in one pass (causal attention
         among them); the logits (V,) of the next token (None for no ids: an empty row)."""
-        if len(ids) > self.window:
-            raise ZaizaiError(f"a row holds {self.window} tokens (block_size), not {len(ids)}; crop the prompt")
-        self._room(row)
-        self._clean(row, len(ids))
-        self._set_length(row, 0)
-        if not ids:
-            return None
-        T = len(ids)
-        pos = self.arange[:T]
+        return self.prefill_many([row], [ids])[0]
 
-        def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # q (T, nh, hs) -> (T, nh * hs)
-            keys, values = kv[:, row, :, :T].unsqueeze(1)  # (1, heads, T, hs) each
-            y = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values, is_causal=True,
-                                               scale=1.0, enable_gqa=self.heads != q.size(1))  # (1, nh, T, hs)
-            return y[0].transpose(0, 1).reshape(T, -1)
+    def prefill_many(self, rows: list[int], prompts: list[list[int]]) -> list[torch.Tensor | None]:
+        """:meth:`prefill` of each of ``rows`` (distinct) from its prompt, all prompts' tokens in one pass through
+        the layers (each product gets every token at once), attention causal within each prompt only."""
+        if len(set(rows)) != len(rows) or len(rows) != len(prompts):
+            raise ZaizaiError(f"prefill_many needs one prompt for each of distinct rows, got rows {rows}")
+        for ids in prompts:
+            if len(ids) > self.window:
+                raise ZaizaiError(f"a row holds {self.window} tokens (block_size), not {len(ids)}; crop the prompt")
+        if rows:
+            self._room(max(rows))
+        for row, ids in zip(rows, prompts):
+            self._clean(row, len(ids))
+            self._set_length(row, 0)
+        parts = [(row, len(ids)) for row, ids in zip(rows, prompts) if ids]  # (row, T) of each prompt with ids
+        if not parts:
+            return [None] * len(rows)
+        sizes = torch.tensor([T for _, T in parts], device=self.device)
+        pos = torch.cat([self.arange[:T] for _, T in parts])  # (N,): each token's own position
+        starts = self.row_starts[[row for row, _ in parts]].repeat_interleave(sizes)  # (N,): its row's
+        tokens = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long, device=self.device)
+        x = self._run(tokens, pos, self._slots(starts, pos), self._prompts_attention(parts))
+        logits = iter(self.lm_head(x[sizes.cumsum(0) - 1]))  # (P, V): after each prompt's last token
+        for row, T in parts:
+            self._set_length(row, T)
+        return [next(logits) if ids else None for ids in prompts]
 
-        x = self._run(torch.tensor(ids, dtype=torch.long, device=self.device), pos,
-                      self._slots(self.row_starts[row], pos), attend)
-        self._set_length(row, T)
-        return self.lm_head(x[-1:])[0]
+    def _prompts_attention(self, parts: list[tuple[int, int]]):
+        """``attend`` for a prefill of prompts side by side, (row, T) each: causal attention of each prompt's
+        queries against its own row's first T keys (SDPA, one call per prompt)."""
+
+        def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # q (N, nh, hs) -> (N, nh * hs)
+            out, start = [], 0
+            for row, T in parts:
+                keys, values = kv[:, row, :, :T].unsqueeze(1)  # (1, heads, T, hs) each
+                y = F.scaled_dot_product_attention(q[start:start + T].transpose(0, 1).unsqueeze(0), keys, values,
+                                                   is_causal=True, scale=1.0, enable_gqa=self.heads != q.size(1))
+                out.append(y[0].transpose(0, 1).reshape(T, -1))  # (T, nh * hs)
+                start += T
+            return out[0] if len(out) == 1 else torch.cat(out)
+
+        return attend
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (n,) int64, one for each row 0 .. n-1 -> the next-token logits (n, V) of each row."""
@@ -297,94 +327,6 @@ class ModernDecoder(KVDecoder):
             gate, up = gate_up(F.rms_norm(x, (C,), ln2, eps)).chunk(2, dim=1)  # (n, H) each
             x = down.add_to(x, F.silu(gate) * up)
         return F.rms_norm(x, (C,), self.norm, eps)
-
-
-_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (its weights' versions, Dense)
-
-
-class Dense:
-    """``y = x W^T + b`` of one or more linear layers side by side (their weights (C_out_i, C_in) stacked), laid
-    out once for a decode step's small products, with the activation or residual add fused where it can be.
-
-    On CPU the weight is packed for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, the layout Inductor's
-    freezing uses): MKL's sgemm/sgemv, what ``F.linear`` calls, is 1.7-3x slower at 1-32 rows on the AMD EPYC
-    this project measures on (bench/generate_speed.py; 6L/384d, all of a step's products: 3.7 vs 6.8 ms at one
-    row, 7.5 vs 15.4 ms at 32). Elsewhere (CUDA, or a torch built without oneDNN) it is a contiguous (C_in, C_out)
-    copy and ``torch.mm``. A copy either way: the step reads these, not the model's weights.
-    """
-
-    ROWS_HINT = 32  # the batch oneDNN lays the weight out for; any number of rows works
-    ONEDNN_BYTES = 1 << 20  # smaller weights stay with torch.mm: a oneDNN call costs ~20 us more at one row
-
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None):
-        weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
-        self.bias = None if biases is None else torch.cat([b.detach() for b in biases]).contiguous()
-        self.packed = None
-        if weight.numel() * weight.element_size() >= self.ONEDNN_BYTES and _onednn_ok(weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.ROWS_HINT)
-        else:
-            self.weight_t = weight.t().contiguous()  # (C_in, C_out)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, C_in) -> (n, C_out)."""
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
-
-    def gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU (tanh form, GPT-2's) of the product, fused into it where oneDNN runs it."""
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], "tanh")
-        return F.gelu(self(x), approximate="tanh")
-
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + the product of x: a block's output added to the stream it came from."""
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
-        if self.bias is None:
-            return torch.addmm(residual, x, self.weight_t)
-        return residual + torch.addmm(self.bias, x, self.weight_t)
-
-
-_ONEDNN: dict = {}
-
-
-def _onednn_ok(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's packed linear runs here for ``weight``'s dtype: CPU, fp32 or bf16, and a trial product
-    equal to torch's (a build without oneDNN, or one whose private ops changed, falls back to torch.mm)."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if weight.dtype not in _ONEDNN:
-        try:
-            w = torch.linspace(-1, 1, 48, dtype=weight.dtype).view(6, 8)
-            x = torch.linspace(1, -1, 24, dtype=weight.dtype).view(3, 8)
-            y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none",
-                                                   [], "")
-            _ONEDNN[weight.dtype] = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                y.float(), (x.float() @ w.float().t()), atol=0.1)
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _ONEDNN[weight.dtype] = False
-    return _ONEDNN[weight.dtype]
-
-
-def _dense1(layer: torch.nn.Linear) -> Dense:
-    return dense(layer, (layer,))
-
-
-def dense(owner: torch.nn.Module, layers: tuple[torch.nn.Linear, ...]) -> Dense:
-    """The :class:`Dense` of ``layers`` (side by side), made once per ``owner`` and again after a weight changes
-    (a training step, a load): a Batch makes its decoder per generation, the weights' layout is made once."""
-    weights = [layer.weight for layer in layers]
-    biases = None if layers[0].bias is None else [layer.bias for layer in layers]
-    if any(w.is_inference() for w in weights):  # no version counter to tell a change: lay out every time
-        return Dense(weights, biases)
-    tensors = weights + (biases or [])
-    version = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-    held = _DENSE.get(owner)
-    if held is None or held[0] != version:
-        held = (version, Dense(weights, biases))
-        _DENSE[owner] = held
-    return held[1]
 
 
 class RNNDecoder(Decoder):

@@ -1,15 +1,15 @@
 """The generation worker: one thread owns a :class:`~zaizai.inference.batch.Batch` and does continuous batching.
 
 Every generation runs in one worker thread (:class:`Scheduler`), never on the event loop. The worker owns one
-batch: each decode step advances every running generation by one token in a single forward pass of the model
-(rows of different lengths side by side). Between steps, waiting requests join (their prompt is prefilled, then
-they take part in the next step), finished ones leave, and cancelled ones (a client that went away) are taken out
-before the next step, their row freed. Each generation keeps its own sampling options and seed, so its text is the
-same whether it ran alone or in a batch (greedy: exactly).
+batch: each decode step advances every running generation by one token in a single forward pass of the model (rows
+of different lengths side by side). Between steps, waiting requests join (their prompts are prefilled together, one
+pass through the model for all, then they take part in the next step), finished ones leave, and cancelled ones (a
+client that went away) are taken out before the next step, their row freed. Each generation keeps its own sampling
+options and seed, so its text is the same whether it ran alone or in a batch (greedy: exactly).
 
 At most ``max_active`` generations run at once, ``max_waiting`` more wait in a queue; one more raises
-:class:`QueueFull` (the app answers 429). A generation whose scores become nan/inf fails alone
-(:class:`GenerationFailed`: the app answers 500, or an error event in a stream); the others go on.
+:class:`QueueFull` (the app answers 429). A generation whose scores (or whose draw) become nan/inf fails
+alone (:class:`GenerationFailed`: the app answers 500, or an error event in a stream); the others go on.
 
 :class:`Submission` is a request's side on the event loop: it submits a :class:`Generation` and hands its text
 pieces over; closing it (or the client going away) cancels the generation.
@@ -138,8 +138,7 @@ class Scheduler:
             jobs = self._take()
             if jobs is None:
                 break
-            for job in jobs:
-                self._start(job)
+            self._start(jobs)
             self._drop_cancelled()
             if self.running:
                 self._step()
@@ -164,23 +163,35 @@ class Scheduler:
             self.active += len(jobs)
             return jobs
 
-    def _start(self, job: Job) -> None:
-        """Prefill the job's prompt: it joins the batch, and the next step gives its first token."""
-        g = job.generation
-        if g.cancelled.is_set():
-            return self._end(job, "cancelled")
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill the jobs' prompts, all in one pass: they join the batch, and the next step gives their first
+        tokens. A job cancelled meanwhile, or one the model cannot take, ends alone."""
+        ready = []
+        for job in jobs:
+            g = job.generation
+            if g.cancelled.is_set():
+                self._end(job, "cancelled")
+                continue
+            try:
+                if self.batch is None:
+                    self.batch = self.new_batch()
+                self.batch.check(g.ids, g.sampling)
+            except Exception as e:  # noqa: BLE001 (handed to the request, which answers it)
+                self._end(job, "failed", ("error", e))
+                continue
+            ready.append(job)
+        if not ready:
+            return
         try:
-            if self.batch is None:
-                self.batch = self.new_batch()
-            seq = self.batch.add(g.ids, g.sampling, g.stop_ids)
-        except Exception as e:  # noqa: BLE001 (handed to the request, which answers it)
-            return self._end(job, "failed", ("error", e))
-        guard_sampling(seq)
-        emit(job, ("started", None))
-        if seq.done:  # (max_tokens 0)
-            g.ended = "length"
-            return self._end(job, "completed", ("done", None))
-        self.running[seq] = job
+            seqs = self.batch.add_many([(j.generation.ids, j.generation.sampling, j.generation.stop_ids)
+                                        for j in ready])
+        except Exception as e:  # noqa: BLE001 (the prefill itself failed: none of them joined)
+            for job in ready:
+                self._end(job, "failed", ("error", e))
+            return
+        for job, seq in zip(ready, seqs):
+            emit(job, ("started", None))
+            self.running[seq] = job
 
     def _drop_cancelled(self) -> None:
         for seq, job in list(self.running.items()):
@@ -229,26 +240,6 @@ class Scheduler:
             emit(job, ("piece", text))
         g.ended = reason
         self._end(job, "completed", ("done", None))
-
-
-def guard_sampling(seq) -> None:
-    """Make a draw from probabilities that are not finite end ``seq`` alone, as scores that are not finite do.
-
-    The batch checks the model's scores, but finite scores can still overflow in the sampler (a huge score over a
-    small temperature): ``torch.multinomial`` then raises inside :meth:`Batch.step`, for the whole batch. Wrapped,
-    that sequence ends with ``finish_reason == "error"`` (its scores count as not finite) and the others go on."""
-    choose = seq.choose
-
-    def guarded():
-        try:
-            return choose()
-        except RuntimeError as e:
-            if "nan" not in str(e) and "inf" not in str(e):
-                raise
-            seq.finite = False
-            return choose()  # (ends it: error)
-
-    seq.choose = guarded
 
 
 def emit(job: Job, event: tuple) -> None:

@@ -40,7 +40,6 @@ MAX_EPOCHS = 4.0             # passes over the corpus that still count as new da
 LOSS_FIT = dict(A=406.4, B=410.7, alpha=0.34, beta=0.28)  # predicted loss A / N^alpha + B / D^beta (+ E)
 MEASURE_SECONDS = 3.0        # timing all candidates takes at most this long ...
 MEASURE_SHARE = 0.05         # ... and at most this share of the --max-time budget
-MEASURE_TOKENS = 512         # tokens per timed step (batch rows = this // block_size, at least 1)
 TIMED_STEPS = 2              # timed steps per candidate after one warm-up step; the fastest one counts
 WARMUP_SHARE = 0.1           # warmup_iters: this share of the expected steps, at most AUTO_COMMON's
 
@@ -53,6 +52,7 @@ class Candidate:
     params: int                   # parameters of the blocks (matrices Muon trains; no embeddings)
     flops: float                  # per token, forward + backward (for predicting an untimed candidate's speed)
     tokens_per_step: int
+    rows: int                     # batch rows of one forward/backward (a timed step is one of these)
     speed: float | None = None    # tokens/s, bucketed
     timed: bool = False
     tokens: float = 0.0           # tokens it would train in the budget
@@ -109,7 +109,7 @@ def _candidate(name: str, plan: Plan) -> Candidate | None:
     width = mcfg.n_embd
     flops = 6.0 * (params + mcfg.vocab_size * width) + 6.0 * mcfg.n_layer * mcfg.block_size * width
     return Candidate(name, mcfg, {**table, "optimizer": tcfg.optimizer}, params, flops,
-                     tokens_per_step=tcfg.batch_size * tcfg.grad_accum * mcfg.block_size)
+                     tokens_per_step=tcfg.batch_size * tcfg.grad_accum * mcfg.block_size, rows=tcfg.batch_size)
 
 
 def bucket(tokens_per_second: float) -> float:
@@ -125,10 +125,10 @@ def _measure(candidates: list[Candidate], device: torch.device, amp_dtype, allow
     last = None
     for c in candidates:
         if last is not None:
-            expected = (TIMED_STEPS + 1) * MEASURE_TOKENS / (last.speed * last.flops / c.flops)
+            expected = (TIMED_STEPS + 1) * c.rows * c.model_config.block_size / (last.speed * last.flops / c.flops)
             if time.perf_counter() - begin + expected > allowance:
                 break
-        speed = time_candidate(c.model_config, c.table, device, amp_dtype, deadline=begin + allowance)
+        speed = time_candidate(c.model_config, c.table, device, amp_dtype, deadline=begin + allowance, rows=c.rows)
         c.speed, c.timed = bucket(speed), True
         last = c
     for c in candidates:
@@ -137,11 +137,14 @@ def _measure(candidates: list[Candidate], device: torch.device, amp_dtype, allow
 
 
 def time_candidate(mcfg: ModelConfig, table: dict, device: torch.device, amp_dtype,
-                   deadline: float = math.inf) -> float:
-    """Tokens/s of a training step (forward, backward, optimizer) of this model on random tokens: the fastest of
-    TIMED_STEPS steps after a warm-up one (the warm-up alone once the perf_counter ``deadline`` has passed). The
-    global random state is left as it was."""
-    rows = max(1, MEASURE_TOKENS // mcfg.block_size)
+                   deadline: float = math.inf, rows: int = 1) -> float:
+    """Tokens/s of a training step (forward, backward, optimizer) of this model on ``rows`` random rows, the run's
+    own batch: the fastest of TIMED_STEPS steps after a warm-up one (the warm-up alone once the perf_counter
+    ``deadline`` has passed). The global random state is left as it was.
+
+    The whole batch, not a smaller one: a step's fixed costs (the optimizer, Muon's orthogonalisation, the
+    launches) weigh more on fewer tokens, and more for a larger model. Timed with 512 tokens instead of the runs'
+    2,048 (1 thread), 6x256 came out 31% slower than it trains, 2x128 5%: the choice leaned to small models."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model(mcfg).to(device).train()

@@ -1,0 +1,82 @@
+"""The benches' own plumbing, without the long measurements: bench/llama_run.py (llama.cpp in a child process,
+shared by bench/gguf_speed.py and bench/generate_speed.py) and bench/train_speed.py --mode preset."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from util import TINY, write_corpus
+
+import zaizai
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a bench script as its own folder would (its sibling modules on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def load(name: str):
+        return importlib.import_module(name)
+
+    yield load
+    for name in ("llama_run", "train_speed", "gguf_speed", "generate_speed", "corpus"):
+        sys.modules.pop(name, None)
+
+
+def test_llama_run_in_a_child_process_gives_the_same_greedy_tokens(bench, tmp_path, one_thread):
+    pytest.importorskip("llama_cpp")
+    from zaizai.interop.gguf import export_gguf
+
+    llama_run = bench("llama_run")
+    zaizai.prepare([write_corpus(tmp_path / "c.txt")], tmp_path / "data", verbose=False)
+    zaizai.train(tmp_path / "data", tmp_path / "m", max_iters=2, verbose=False, **TINY)
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype="f32", verbose=False)
+    prompt = [0] + zaizai.load(tmp_path / "m").tokenizer.encode("床前明月光")
+    with llama_run.LlamaRun(tmp_path / "m.gguf", 1, n_ctx=64, in_process=True) as here:
+        seconds, expected = here.generate(prompt, 10)
+    assert seconds > 0 and len(expected) == 10
+    runner = llama_run.LlamaRun(tmp_path / "m.gguf", 1, n_ctx=64)
+    child = runner.child
+    assert child is not None and runner.llm is None  # llama.cpp lives in the child, not beside torch
+    for _ in range(2):  # every call starts from an empty KV cache
+        seconds, tokens = runner.generate(prompt, 10)
+        assert seconds > 0 and tokens == expected
+    runner.close()
+    assert child.returncode == 0
+
+
+def test_llama_run_says_when_the_child_cannot_load(bench, tmp_path):
+    pytest.importorskip("llama_cpp")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(RuntimeError, match="child process ended"):
+        bench("llama_run").LlamaRun(tmp_path / "bad.gguf", 1, n_ctx=64)
+
+
+def test_train_speed_preset_mode_runs_the_default_auto_preset_next_to_nanogpts(bench, monkeypatch, capsys):
+    train_speed = bench("train_speed")
+    calls = []
+
+    def fake_train(data, out, *, preset, max_time, verbose):
+        calls.append(preset)
+        out.mkdir()
+        model = {"model": "modern" if preset == "auto" else "gpt", "n_layer": 4, "n_embd": 128}
+        train = {"optimizer": "muon" if preset == "auto" else "adamw", "dtype": "float32"}
+        (out / "config.json").write_text(json.dumps({"model": model, "train": train}), encoding="utf-8")
+        return SimpleNamespace(step=10, tokens_seen=1000, elapsed=1.0, full_val_loss=5.0, full_val_share=1.0)
+
+    monkeypatch.setattr(zaizai, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(zaizai, "train", fake_train)
+    assert train_speed.main(["--mode", "preset", "--max-time", "1", "--quiet"]) == 0
+    assert calls == ["auto", "nanogpt-cpu"]
+    table = capsys.readouterr().out.split("val nats/char")[-1]
+    assert "zaizai default (auto preset)" in table and "modern 4x128 muon" in table and "nanogpt-cpu" in table
+    calls.clear()
+    train_speed.main(["--mode", "preset", "--preset", "cpu", "--no-peer", "--quiet"])
+    assert calls == ["cpu"]
