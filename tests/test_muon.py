@@ -139,3 +139,46 @@ def test_interrupted_and_resumed_muon_run_equals_uninterrupted(tmp_path):
     bot = zaizai.load(tmp_path / "b")  # and the trained modern model samples, past its 16-token window
     text = bot.generate("床前", max_new_tokens=40, temperature=0.8, seed=3)
     assert text and text == bot.generate("床前", max_new_tokens=40, temperature=0.8, seed=3)
+
+
+def test_the_embedding_steps_at_its_own_lr_scale(monkeypatch):
+    import zaizai.training.optim as optim
+
+    model = make()  # modern: the output layer is tied to embed_tokens
+    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, optimizer="muon")
+    embed = [g for g in opt.adamw.param_groups if g.get("lr_scale")]
+    assert [p for g in embed for p in g["params"]] == [model.model.embed_tokens.weight]
+    assert embed[0]["lr_scale"] == optim.EMBED_LR_SCALE > 1 and embed[0]["weight_decay"] == 0.1
+    seen = []
+    monkeypatch.setattr(opt.adamw, "step", lambda: seen.append([g["lr"] for g in opt.adamw.param_groups]))
+    steps(model, opt, 0, 1, lr=0.01)
+    assert seen == [[0.01, 0.01 * optim.EMBED_LR_SCALE]]  # (tied: no other 2-D weight is AdamW's) vectors, embedding
+    assert all(g["lr"] == 0.01 for g in opt.param_groups)  # the schedule's value back, exactly
+    gpt = make("gpt")
+    tables = [g for g in configure_optimizer(gpt, lr=1e-3, weight_decay=0.1, optimizer="muon").adamw.param_groups
+              if "lr_scale" in g]
+    assert {id(p) for p in tables[0]["params"]} == {id(gpt.transformer.wte.weight), id(gpt.transformer.wpe.weight)}
+    assert not any("lr_scale" in g for g in configure_optimizer(gpt, lr=1e-3, weight_decay=0.1).param_groups)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_checkpoint_from_before_the_embedding_group_resumes_with_every_state(tied):
+    """Muon checkpoints written when the embedding shared AdamW's decay group load into today's layout: each
+    parameter gets its own moments back."""
+    model = make(tie_embeddings=tied)  # AdamW today: (lm_head when untied,) vectors, embedding
+    matrices = hidden_matrices(model)
+    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    old = MuonAdamW(torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+                                       {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}], lr=3e-3),
+                    torch.optim.Muon([{"params": matrices, "lr_scale": 2.0}], lr=3e-3, adjust_lr_fn="match_rms_adamw"))
+    steps(model, old, 0, 3)
+    saved = old.state_dict()
+    assert len([g for g in saved["param_groups"] if g["optimizer"] == "adamw"]) == 2
+    new = configure_optimizer(model, lr=3e-3, weight_decay=0.1, optimizer="muon")
+    new.load_state_dict(saved)
+    for optimizer in (old.adamw, old.muon):
+        for p, s in optimizer.state.items():
+            mine = new.adamw.state.get(p) or new.muon.state.get(p)
+            assert mine is not None and mine.keys() == s.keys()
+            assert all(torch.equal(mine[k], s[k]) for k in s)
+    steps(model, new, 3, 4)  # and it trains on

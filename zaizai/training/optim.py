@@ -15,6 +15,11 @@ from .config import OPTIMIZERS
 # nats/char scale 2 = 5.011, scale 4 = 5.062 (and at 120 steps: scale 1 = 6.113, scale 2 = 5.917, gpt + AdamW
 # 6.290); gpt + AdamW at 500 steps: 5.528. Measured on a loaded 2-core AMD EPYC, 1 thread each, 2026-12-03.
 MUON_LR_SCALE = 2.0
+# The embedding tables' AdamW lr relative to the schedule's, with Muon (the speedrun and nanochat train embeddings at
+# a far higher lr than the rest; a row moves only when its token occurs). Tang, modern 2x128 (embedding tied to the
+# output layer) + Muon, fp32, 800 steps of 32x64 tokens, lr 6e-3, whole-val nats/char: scale 1 = 4.839, 4 = 4.767,
+# 8 = 4.766 (1 thread each, 2026-12-03).
+EMBED_LR_SCALE = 4.0
 MUON_MOMENTUM = 0.95
 
 
@@ -62,11 +67,13 @@ def configure_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = hidden_matrices(model) if optimizer == "muon" else []
     rest = [p for p in params if all(p is not m for m in matrices)]
-    decay = [p for p in rest if p.dim() >= 2]
+    embeds = embedding_tables(model) if matrices else []
+    decay = [p for p in rest if p.dim() >= 2 and all(p is not e for e in embeds)]
     no_decay = [p for p in rest if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": embeds, "weight_decay": weight_decay, "lr_scale": EMBED_LR_SCALE},
     ]
     groups = [g for g in groups if g["params"]]  # the bigram model has no vectors at all
     if fused is None:
@@ -76,7 +83,12 @@ def configure_optimizer(
         return adamw
     muon = torch.optim.Muon([{"params": matrices, "lr_scale": MUON_LR_SCALE}], lr=lr, weight_decay=weight_decay,
                             momentum=MUON_MOMENTUM, adjust_lr_fn="match_rms_adamw")
-    return MuonAdamW(adamw, muon)
+    return MuonAdamW(adamw, muon, before_embed_group=[p for p in rest if p.dim() >= 2] + no_decay)
+
+
+def embedding_tables(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the model's nn.Embedding layers (a tied output layer shares the token embedding's)."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
 
 
 class MuonAdamW:
@@ -88,8 +100,10 @@ class MuonAdamW:
     first) and each group marked with ``"optimizer"``, so checkpoints save and restore it exactly as AdamW's.
     """
 
-    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon, before_embed_group: list | None = None):
         self.adamw, self.muon = adamw, muon
+        self.before_embed_group = before_embed_group  # AdamW's parameters in the order of a checkpoint made before
+        # the embedding had a group of its own (decay, then no-decay): such a checkpoint still resumes
 
     @property
     def param_groups(self) -> list[dict]:
@@ -101,15 +115,15 @@ class MuonAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.adamw.step()
-        lrs = [g["lr"] for g in self.muon.param_groups]
-        try:
-            for g, lr in zip(self.muon.param_groups, lrs):
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            self.muon.step()
-        finally:  # the schedule's values back, exactly
-            for g, lr in zip(self.muon.param_groups, lrs):
-                g["lr"] = lr
+        for optimizer in (self.adamw, self.muon):
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            try:
+                for g, lr in zip(optimizer.param_groups, lrs):
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                optimizer.step()
+            finally:  # the schedule's values back, exactly
+                for g, lr in zip(optimizer.param_groups, lrs):
+                    g["lr"] = lr
 
     def _kinds(self) -> list[str]:
         return ["adamw"] * len(self.adamw.param_groups) + ["muon"] * len(self.muon.param_groups)
@@ -123,6 +137,7 @@ class MuonAdamW:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = self._with_embed_group(state_dict)
         groups = state_dict["param_groups"]
         kinds = [g.get("optimizer", "adamw") for g in groups]
         if kinds != self._kinds():
@@ -138,3 +153,30 @@ class MuonAdamW:
             "state": {i - n: s for i, s in state.items() if i >= n},
             "param_groups": [{**strip(g), "params": [i - n for i in g["params"]]}
                              for g, kind in zip(groups, kinds) if kind == "muon"]})
+
+    def _with_embed_group(self, state_dict: dict) -> dict:
+        """A checkpoint from before the embedding tables had an AdamW group of their own (AdamW: decay, no-decay)
+        in today's layout: the same per-parameter state, renumbered; anything else as it is."""
+        groups = state_dict["param_groups"]
+        old = [g for g in groups if g.get("optimizer", "adamw") == "adamw"]
+        if (self.before_embed_group is None or any("lr_scale" in g for g in old)
+                or not any("lr_scale" in g for g in self.adamw.param_groups)
+                or sum(len(g["params"]) for g in old) != len(self.before_embed_group)):
+            return state_dict
+        now = [p for g in self.adamw.param_groups for p in g["params"]]
+        where = {id(p): i for i, p in enumerate(now)}
+        order = sorted(int(i) for g in old for i in g["params"])
+        renumber = {i: where[id(p)] for i, p in zip(order, self.before_embed_group)}
+        home = {renumber[int(i)]: g for g in old for i in g["params"]}  # today's index -> the group it was in
+        n_old, n_now = len(order), len(now)
+        state = {(renumber[int(i)] if int(i) < n_old else int(i) - n_old + n_now): s
+                 for i, s in state_dict["state"].items()}
+        adamw, start = [], 0
+        for g in self.adamw.param_groups:
+            ids = list(range(start, start + len(g["params"])))
+            settings = {k: v for k, v in home[ids[0]].items() if k != "params"}
+            adamw.append({**settings, "params": ids, **({"lr_scale": g["lr_scale"]} if "lr_scale" in g else {})})
+            start += len(ids)
+        muon = [{**g, "params": [int(i) - n_old + n_now for i in g["params"]]} for g in groups
+                if g.get("optimizer", "adamw") == "muon"]
+        return {"state": state, "param_groups": adamw + muon}
