@@ -51,21 +51,17 @@ def one_thread():
 
 @pytest.fixture(params=["torch", "onednn"])
 def dense_backend(request, monkeypatch):
-    """Both ways a decode step multiplies (zaizai.models.decode.Dense): torch.mm on a transposed copy (small
+    """Both ways a decode step multiplies (zaizai.models.dense.Dense): torch.mm on a transposed copy (small
     weights, GPUs) and oneDNN's packed weights (CPU weights of 1 MiB and up); test models are small, so the
     oneDNN one is forced by lowering its threshold to 0."""
-    from zaizai.models import decode
-
-    if request.param == "onednn":
-        if not decode._onednn_ok(torch_tensor()):
-            pytest.skip("this torch has no oneDNN linear")
-        monkeypatch.setattr(decode.Dense, "ONEDNN_BYTES", 0)
-    else:
-        monkeypatch.setattr(decode.Dense, "ONEDNN_BYTES", 1 << 62)
-    return request.param
-
-
-def torch_tensor():
     import torch
 
-    return torch.zeros(1)
+    from zaizai.models import dense
+
+    if request.param == "onednn":
+        if not dense._onednn_ok(torch.zeros(1)):
+            pytest.skip("this torch has no oneDNN linear")
+        monkeypatch.setattr(dense.Dense, "ONEDNN_BYTES", 0)
+    else:
+        monkeypatch.setattr(dense.Dense, "ONEDNN_BYTES", 1 << 62)
+    return request.param

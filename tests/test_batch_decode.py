@@ -10,7 +10,8 @@ from zaizai.inference.batch import CANCELLED, ERROR, LENGTH, STOP, Batch
 from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig
 from zaizai.models import MODEL_NAMES
-from zaizai.models.decode import CacheDecoder, Dense, GPTDecoder, decoder_for
+from zaizai.models.decode import CacheDecoder, GPTDecoder, decoder_for
+from zaizai.models.dense import Dense
 from util import DECODE_VOCAB as VOCAB, decode_model as make, decode_prompt as prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
-from .dense import Dense, _dense1, _onednn_ok, dense  # noqa: F401 (Dense, _onednn_ok: for tests)
+from .dense import _dense1, dense
 from .gpt import GPT
 from .modern import ModernLM
 from .rnn import RNNLM, RNNState
@@ -282,7 +282,7 @@ class ModernDecoder(KVDecoder):
     grouped-query attention over a cache of the key/value heads only.
 
     Laid out for the step: q, k, v in one (C, (nh + 2 nkv) hs) matrix and gate, up in one (C, 2 H), contiguous
-    (one product each; see :class:`Dense`); the queries' and keys' norms as one (nh + nkv, hs) weight, the
+    (one product each; see :class:`~zaizai.models.dense.Dense`); the queries' and keys' norms as one (nh + nkv, hs) weight, the
     attention scale folded into the queries' rows, so that queries and keys are normalised and rotated together
     (four small operations a layer instead of a dozen: at batch 1 a small model's step is mostly their count);
     RoPE's sign folded into the sine table, ``x cos + roll(x, hs/2) sin``. Weights are read when the decoder is

@@ -17,8 +17,8 @@ class Dense:
 
     On CPU the weight is packed for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, the layout Inductor's
     freezing uses): MKL's sgemm/sgemv, what ``F.linear`` calls, is 1.7-3x slower at 1-32 rows on the AMD EPYC
-    this project measures on (bench/generate_speed.py; 6L/384d, all of a step's products: 3.7 vs 6.8 ms at one
-    row, 7.5 vs 15.4 ms at 32). Elsewhere (CUDA, or a torch built without oneDNN) it is a contiguous (C_in, C_out)
+    this project measures on (6L/384d, a step's 25 products timed in a loop, 2 threads: 3.7 vs 6.8 ms at one
+    row, 7.5 vs 15.4 ms at 32; bench/generate_speed.py shows the whole step). Elsewhere (CUDA, or a torch built without oneDNN) it is a contiguous (C_in, C_out)
     copy and ``torch.mm``. A copy either way: the step reads these, not the model's weights.
     """
 
