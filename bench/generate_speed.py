@@ -252,7 +252,8 @@ def print_size(name: str, m: dict, batch: dict[int, float] | None) -> None:
                                                        for b, v in batch.items()), flush=True)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``; None: sys.argv's), checked, ``batches`` as a list of ints."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--prompt-tokens", type=int, default=200)
@@ -270,10 +271,15 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=0,
                     help="modern: key/value heads (grouped-query attention); 0 = as many as the heads")
     add_corpus_argument(ap)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if args.prompt_tokens * 3 // 2 + max(args.new_tokens, args.batch_new_tokens) > 1024:
         ap.error("--prompt-tokens x 1.5 + --new-tokens must fit in block_size 1024")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

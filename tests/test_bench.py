@@ -3,7 +3,7 @@ shared by bench/gguf_speed.py and bench/generate_speed.py) and bench/train_speed
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -80,3 +80,30 @@ def test_train_speed_preset_mode_runs_the_default_auto_preset_next_to_nanogpts(b
     calls.clear()
     train_speed.main(["--mode", "preset", "--preset", "cpu", "--no-peer", "--quiet"])
     assert calls == ["cpu"]
+
+
+def test_llama_in_process_flag_runs_llama_cpp_in_this_process(bench, monkeypatch, tmp_path):
+    """bench/generate_speed.py --llama-in-process: the flag parses (off by default), load_llama hands it to
+    LlamaRun, and LlamaRun(in_process=True) loads llama.cpp here, with no child process (llama.cpp itself and the
+    GGUF export are stand-ins: nothing is run)."""
+    generate_speed = bench("generate_speed")
+    assert generate_speed.parse_args([]).llama_in_process is False
+    assert generate_speed.parse_args(["--llama-in-process", "--sizes", "small"]).llama_in_process is True
+
+    llama_run = bench("llama_run")
+    monkeypatch.setattr(llama_run, "load", lambda path, threads, n_ctx: ("llama", str(path), threads, n_ctx))
+    monkeypatch.setattr(llama_run.subprocess, "Popen", lambda *a, **k: pytest.fail("started a child process"))
+    here = llama_run.LlamaRun(tmp_path / "m.gguf", 2, n_ctx=64, in_process=True)
+    assert here.llm == ("llama", str(tmp_path / "m.gguf"), 2, 64) and here.child is None
+    here.llm = None  # (the stand-in has no close)
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: load_llama gives no llama.cpp run without it")
+    from zaizai.interop import gguf
+
+    made = []
+    monkeypatch.setattr(gguf, "export_gguf", lambda *a, **k: None)
+    monkeypatch.setattr(generate_speed, "LlamaRun", lambda path, threads, n_ctx, in_process: made.append(in_process))
+    for argv in (["--llama-in-process"], []):
+        generate_speed.load_llama(tmp_path / "4x128", tmp_path, 1, generate_speed.parse_args(argv).llama_in_process)
+    assert made == [True, False]

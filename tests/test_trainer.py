@@ -412,7 +412,8 @@ def test_auto_with_max_time_chooses_from_bucketed_speeds_and_resume_keeps_the_ch
     import zaizai.training.autopreset as auto
     from zaizai.training.config import AUTO_CANDIDATES
 
-    assert auto.bucket(1100) == auto.bucket(1400) == 1024 and auto.bucket(1500) == 2 ** 10.5
+    assert auto.bucket(1100) == auto.bucket(1400) == 2 ** 10.25 and auto.bucket(1500) == 2 ** 10.75
+    assert auto.bucket(2 ** 10.25) == 2 ** 10.25 and auto.bucket(0) == 0.0  # the middle is its own bucket
     monkeypatch.setattr(auto, "MIN_TOKENS_PER_PARAM", 1e-6)   # as if the corpus were large: every candidate fits
     monkeypatch.setattr(auto, "MAX_EPOCHS", 1e6)              # and a long run would not run out of new text
     timed = []

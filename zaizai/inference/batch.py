@@ -30,13 +30,26 @@ prefill runs many positions in one matrix multiply, so it costs a few decode ste
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 
 from ..common.errors import ZaizaiError
 from ..models.decode import decoder_for
-from .sampling import NGramBlocker, SamplingConfig, apply_repetition_penalty, sample_next
+from .sampling import NGramBlocker, SamplingConfig, apply_repetition_penalty, draw, next_token_probs
 
 STOP, LENGTH, ERROR, CANCELLED = "stop", "length", "error", "cancelled"  # why a sequence ended
+
+
+class Checked(NamedTuple):
+    """A request :meth:`Batch.check` has taken: its ids as ints, options and stop ids. :meth:`Batch.add_many`
+    takes it as it is, without checking it again (a caller that checks each request first, so that a bad one
+    fails alone, checks it once)."""
+
+    ids: list[int]
+    cfg: SamplingConfig
+    stop_ids: set[int]
 
 
 class Sequence:
@@ -90,15 +103,16 @@ class Sequence:
                 logits = logits.float().index_fill(1, index, float("-inf"))
         if cfg.temperature == 0:
             return int(logits.argmax())
-        try:
-            return int(sample_next(logits, cfg, self.generator))
-        except RuntimeError as e:  # torch.multinomial on probabilities that are not finite: this sequence only
-            if not any(word in str(e) for word in ("nan", "inf", "multinomial")):
-                raise
+        # sample_next's draw, with the probabilities checked first: finite scores so large that the temperature
+        # takes them to inf give nan probabilities, which no draw can take from
+        probs = next_token_probs(logits, cfg)
+        total = float(probs.sum())  # one reduction: nan/inf if any probability is, 0 if none is left
+        if not 0 < total < math.inf:
             self._finish(ERROR, f"the next-token probabilities became nan/inf after {len(self.tokens)} tokens (scores "
                                 f"too large for temperature {cfg.temperature}); try a higher temperature or another "
                                 "checkpoint")
             return None
+        return int(draw(probs, self.generator))
 
     def accept(self, token: int) -> None:
         """``token`` is part of the text now: remember it for the penalties."""
@@ -132,14 +146,15 @@ class Batch:
         that end it (not yielded, never penalised). Raises ZaizaiError for options or ids the model cannot take."""
         return self.add_many([(ids, cfg, stop_ids)])[0]
 
-    def add_many(self, requests: list[tuple[list[int], SamplingConfig, set[int] | None]]) -> list[Sequence]:
+    def add_many(self, requests: list[tuple[list[int], SamplingConfig, set[int] | None] | Checked]) -> list[Sequence]:
         """:meth:`add` of each ``(ids, cfg, stop_ids)``, their prompts prefilled together (one pass through the
         model's layers for all of them: many short prompts join several times faster than one by one); the
-        same sequences, in order. Raises ZaizaiError, and none joins, if one of them cannot be taken."""
-        prompts = [self.check(ids, cfg) for ids, cfg, _ in requests]
+        same sequences, in order. Raises ZaizaiError, and none joins, if one of them cannot be taken. A
+        :class:`Checked` request (what :meth:`check` returned) is taken as it is, not checked again."""
+        checked = [r if isinstance(r, Checked) else self.check(*r) for r in requests]
+        prompts = [r.ids for r in checked]
         with torch.inference_mode():
-            seqs = [Sequence(ids, cfg, set(stop_ids or ()), self.vocab_size, self.device)
-                    for ids, (_, cfg, stop_ids) in zip(prompts, requests)]
+            seqs = [Sequence(r.ids, r.cfg, r.stop_ids, self.vocab_size, self.device) for r in checked]
             if self.window is not None:
                 prompts = [ids[-self.window:] for ids in prompts]
                 for seq, ids in zip(seqs, prompts):
@@ -152,16 +167,17 @@ class Batch:
         self.sequences += seqs
         return seqs
 
-    def check(self, ids: list[int], cfg: SamplingConfig) -> list[int]:
-        """``ids`` as ints, once this batch can take them with ``cfg`` (what :meth:`add` checks first): raises
-        ZaizaiError for options or ids the model cannot take."""
+    def check(self, ids: list[int], cfg: SamplingConfig, stop_ids: set[int] | None = None) -> Checked:
+        """The request as :meth:`add_many` takes it without checking it again (ids as ints), once this batch can
+        take ``ids`` with ``cfg`` (what :meth:`add` checks first): raises ZaizaiError for options or ids the model
+        cannot take."""
         cfg.validate()
         ids = [int(i) for i in ids]
         if not ids:
             raise ZaizaiError("generation needs at least one token to start from (e.g. the end-of-text token 0)")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ZaizaiError(f"token ids must be in [0, {self.vocab_size}); the prompt does not fit this model")
-        return ids
+        return Checked(ids, cfg, set(stop_ids or ()))
 
     def cancel(self, seq: Sequence) -> None:
         """Take ``seq`` out of the batch now (its row is free for the next one); no-op if it has ended."""

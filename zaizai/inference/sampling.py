@@ -119,8 +119,31 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     :func:`apply_repetition_penalty` and :class:`NGramBlocker`; :func:`generate_ids` applies them first.)"""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # no softmax: the largest logit is the most likely token
+    return draw(next_token_probs(logits, cfg), generator)
+
+
+def next_token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The probabilities a sampled draw (temperature > 0) picks from: logits (..., V) -> fp32 (..., V), after
+    temperature, top-k and top-p."""
     # A temperature near 0 must not overflow the logits to inf (softmax would give nan): below MIN_TEMPERATURE
     # the draw is, to float32 precision, the argmax anyway.
     logits = filter_logits(logits.float() / max(cfg.temperature, MIN_TEMPERATURE), cfg.top_k, cfg.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return torch.softmax(logits, dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from each row of ``probs`` (..., V), non-negative, summing to about 1: (..., 1) int64.
+
+    The inverse of the cumulative distribution: one uniform number per row, scaled by the row's total, then the
+    first token whose running sum passes it (a token of probability 0 is never taken). The same distribution as
+    ``torch.multinomial(probs, 1)``, which on CPU takes 13x longer (V = 9,706: 235 vs 18 us a draw, 1 thread):
+    at 32 sampled rows that was 7.5 ms a step, more than the 6L/384d step itself.
+    """
+    cdf = probs.cumsum(-1)  # (..., V)
+    total = cdf[..., -1:]  # (..., 1)
+    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device) * total
+    index = torch.searchsorted(cdf, u, right=True)  # (..., 1): the first running sum > u
+    past = index >= probs.size(-1)  # u rounded up to the total: take the last token that has any probability
+    if bool(past.any()):
+        index = torch.where(past, torch.searchsorted(cdf, total, right=False), index)
+    return index

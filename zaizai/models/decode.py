@@ -6,7 +6,8 @@ steps, and each has its own length:
 
 - :meth:`prefill` starts a row over from a list of ids (all positions in one pass, causal attention among
   them) and gives the logits of the token after them; :meth:`prefill_many` starts several rows, all their
-  prompts' tokens through the layers in one pass (gpt, modern; attention still within each prompt);
+  prompts' tokens through the layers together (gpt, modern: in passes of at most ``PREFILL_TOKENS`` tokens;
+  attention still within each prompt);
 - :meth:`step` takes one new token for each row in use and gives each row's next-token logits, (n, V).
 
 ``decoder_for(model)`` picks the decoder of a model: :class:`GPTDecoder` and :class:`ModernDecoder` (a KV
@@ -99,6 +100,15 @@ class KVDecoder(Decoder):
     written in place (both with one copy per layer); ``heads`` are the key/value heads (fewer than the query
     heads with grouped-query attention). A subclass gathers its model's weights and writes :meth:`step`."""
 
+    # The most tokens one prefill pass takes: prompts prefilled together go through the layers in passes of at
+    # most this many tokens (a prompt longer than that, up to block_size, in a pass of its own). A pass holds
+    # every token's activations at once, the MLP's hidden layer the largest (GPT: (N, 4C)): 32 prompts of 1024
+    # tokens at 768 wide would be 32768 x 3072 floats (400 MB) in one pass, 50 MB in passes of 4096. The
+    # products are as fast per token: a matrix product's speed levels off at a few hundred rows (6L/384d, 32
+    # prompts of 128 tokens, one thread: ~1.15 s in one pass and in passes of 4096 or 512 tokens alike), and
+    # the logits are the same to float rounding (tests/test_decode_prefill.py).
+    PREFILL_TOKENS = 4096
+
     def __init__(self, model, rows: int, device: torch.device, heads: int, head_size: int, dtype: torch.dtype):
         self.heads, self.head_size = heads, head_size
         self.window = model.config.block_size
@@ -155,8 +165,9 @@ class KVDecoder(Decoder):
         return self.prefill_many([row], [ids])[0]
 
     def prefill_many(self, rows: list[int], prompts: list[list[int]]) -> list[torch.Tensor | None]:
-        """:meth:`prefill` of each of ``rows`` (distinct) from its prompt, all prompts' tokens in one pass through
-        the layers (each product gets every token at once), attention causal within each prompt only."""
+        """:meth:`prefill` of each of ``rows`` (distinct) from its prompt, the prompts' tokens through the layers
+        together (each product gets every token of a pass at once; passes of at most :attr:`PREFILL_TOKENS`
+        tokens), attention causal within each prompt only."""
         if len(set(rows)) != len(rows) or len(rows) != len(prompts):
             raise ZaizaiError(f"prefill_many needs one prompt for each of distinct rows, got rows {rows}")
         for ids in prompts:
@@ -167,18 +178,34 @@ class KVDecoder(Decoder):
         for row, ids in zip(rows, prompts):
             self._clean(row, len(ids))
             self._set_length(row, 0)
-        parts = [(row, len(ids)) for row, ids in zip(rows, prompts) if ids]  # (row, T) of each prompt with ids
-        if not parts:
-            return [None] * len(rows)
+        logits: dict[int, torch.Tensor] = {}  # row -> its next-token logits
+        group: list[tuple[int, list[int]]] = []  # (row, ids) of the prompts in the next pass, size tokens
+        size = 0
+        for row, ids in zip(rows, prompts):
+            if not ids:
+                continue
+            if group and size + len(ids) > self.PREFILL_TOKENS:
+                logits.update(self._prefill_pass(group))
+                group, size = [], 0
+            group.append((row, ids))
+            size += len(ids)
+        if group:
+            logits.update(self._prefill_pass(group))
+        return [logits.get(row) for row in rows]
+
+    def _prefill_pass(self, group: list[tuple[int, list[int]]]) -> dict[int, torch.Tensor]:
+        """One pass through the layers of the prompts ``(row, ids)`` (ids not empty) side by side: each row's
+        cache holds its prompt; -> each row's next-token logits (V,)."""
+        parts = [(row, len(ids)) for row, ids in group]  # (row, T) of each prompt
         sizes = torch.tensor([T for _, T in parts], device=self.device)
         pos = torch.cat([self.arange[:T] for _, T in parts])  # (N,): each token's own position
         starts = self.row_starts[[row for row, _ in parts]].repeat_interleave(sizes)  # (N,): its row's
-        tokens = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long, device=self.device)
+        tokens = torch.tensor([t for _, ids in group for t in ids], dtype=torch.long, device=self.device)
         x = self._run(tokens, pos, self._slots(starts, pos), self._prompts_attention(parts))
-        logits = iter(self.lm_head(x[sizes.cumsum(0) - 1]))  # (P, V): after each prompt's last token
+        logits = self.lm_head(x[sizes.cumsum(0) - 1])  # (P, V): after each prompt's last token
         for row, T in parts:
             self._set_length(row, T)
-        return [next(logits) if ids else None for ids in prompts]
+        return {row: row_logits for (row, _), row_logits in zip(parts, logits)}
 
     def _prompts_attention(self, parts: list[tuple[int, int]]):
         """``attend`` for a prefill of prompts side by side, (row, T) each: causal attention of each prompt's
@@ -282,11 +309,12 @@ class ModernDecoder(KVDecoder):
     grouped-query attention over a cache of the key/value heads only.
 
     Laid out for the step: q, k, v in one (C, (nh + 2 nkv) hs) matrix and gate, up in one (C, 2 H), contiguous
-    (one product each; see :class:`~zaizai.models.dense.Dense`); the queries' and keys' norms as one (nh + nkv, hs) weight, the
-    attention scale folded into the queries' rows, so that queries and keys are normalised and rotated together
-    (four small operations a layer instead of a dozen: at batch 1 a small model's step is mostly their count);
-    RoPE's sign folded into the sine table, ``x cos + roll(x, hs/2) sin``. Weights are read when the decoder is
-    made (a Batch's lifetime)."""
+    (one product each; see :class:`~zaizai.models.dense.Dense`); the queries' and keys' QK-norm weights as one
+    (nh + nkv, hs) weight, ``qk_w`` (ones for a model without QK-norm), whose queries' rows carry the attention
+    scale 1/sqrt(hs): one multiply by ``qk_w`` applies the norms' weights and scales the queries, so that queries
+    and keys are normalised, scaled and rotated together (four small operations a layer instead of a dozen: at
+    batch 1 a small model's step is mostly their count); RoPE's sign folded into the sine table,
+    ``x cos + roll(x, hs/2) sin``. Weights are read when the decoder is made (a Batch's lifetime)."""
 
     def __init__(self, model: ModernLM, rows: int, device: torch.device):
         cfg = model.config

@@ -165,8 +165,9 @@ class Scheduler:
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill the jobs' prompts, all in one pass: they join the batch, and the next step gives their first
-        tokens. A job cancelled meanwhile, or one the model cannot take, ends alone."""
-        ready = []
+        tokens. A job cancelled meanwhile, or one the model cannot take, ends alone: each is checked here, once
+        (:meth:`Batch.add_many` takes the checked requests as they are)."""
+        ready = []  # (job, its request as the batch checked it)
         for job in jobs:
             g = job.generation
             if g.cancelled.is_set():
@@ -175,21 +176,20 @@ class Scheduler:
             try:
                 if self.batch is None:
                     self.batch = self.new_batch()
-                self.batch.check(g.ids, g.sampling)
+                request = self.batch.check(g.ids, g.sampling, g.stop_ids)
             except Exception as e:  # noqa: BLE001 (handed to the request, which answers it)
                 self._end(job, "failed", ("error", e))
                 continue
-            ready.append(job)
+            ready.append((job, request))
         if not ready:
             return
         try:
-            seqs = self.batch.add_many([(j.generation.ids, j.generation.sampling, j.generation.stop_ids)
-                                        for j in ready])
+            seqs = self.batch.add_many([request for _, request in ready])
         except Exception as e:  # noqa: BLE001 (the prefill itself failed: none of them joined)
-            for job in ready:
+            for job, _ in ready:
                 self._end(job, "failed", ("error", e))
             return
-        for job, seq in zip(ready, seqs):
+        for (job, _), seq in zip(ready, seqs):
             emit(job, ("started", None))
             self.running[seq] = job
 

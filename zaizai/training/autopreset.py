@@ -11,8 +11,9 @@ chosen from ``AUTO_CANDIDATES`` (config.py) before the run starts.
   budget follow (the periodic and final evaluations left out); the one with the lowest predicted loss
   ``A / N^alpha + B / D^beta`` (N: parameters of the blocks, D: tokens trained, at most ``MAX_EPOCHS`` passes over
   the corpus; Chinchilla's fit, Hoffmann et al. 2022) wins. On a GPU or under torchrun it is the corpus rule.
-- Same machine, same choice: a speed is rounded down to a half-octave bucket (2^(k/2) tokens/s) before it is
-  used, so the noise of a few timed steps changes the choice only for a machine right at a bucket's edge.
+- Same machine, same choice: a speed is replaced by the middle of its half-octave bucket (2^(k/2) to
+  2^((k+1)/2) tokens/s) before it is used, so the noise of a few timed steps changes the choice only for a
+  machine right at a bucket's edge.
 
 The choice goes into the run's configs (config.json, every checkpoint): --resume keeps it and measures nothing.
 """
@@ -113,10 +114,12 @@ def _candidate(name: str, plan: Plan) -> Candidate | None:
 
 
 def bucket(tokens_per_second: float) -> float:
-    """``tokens_per_second`` rounded down to a half-octave, 2^(k/2): what the choice sees of a measured speed."""
+    """What the choice sees of a measured speed: the middle (geometric) of its half-octave [2^(k/2), 2^((k+1)/2)),
+    2^(k/2 + 1/4). The lower edge, used before, made every prediction up to 29% short (a Tang run timed 2x128 at
+    "4.1k" and trained at 7k tokens/s); the middle is off by at most 19% either way."""
     if tokens_per_second <= 0:
         return 0.0
-    return 2.0 ** (math.floor(2 * math.log2(tokens_per_second)) / 2)
+    return 2.0 ** (math.floor(2 * math.log2(tokens_per_second)) / 2 + 0.25)
 
 
 def _measure(candidates: list[Candidate], device: torch.device, amp_dtype, allowance: float) -> None:
