@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -412,8 +413,8 @@ def test_auto_with_max_time_chooses_from_bucketed_speeds_and_resume_keeps_the_ch
     import zaizai.training.autopreset as auto
     from zaizai.training.config import AUTO_CANDIDATES
 
-    assert auto.bucket(1100) == auto.bucket(1400) == 2 ** 10.25 and auto.bucket(1500) == 2 ** 10.75
-    assert auto.bucket(2 ** 10.25) == 2 ** 10.25 and auto.bucket(0) == 0.0  # the middle is its own bucket
+    assert auto.bucket(1050) == auto.bucket(1100) == 2 ** 10.0625 and auto.bucket(1200) == 2 ** 10.1875
+    assert auto.bucket(2 ** 10.0625) == 2 ** 10.0625 and auto.bucket(0) == 0.0  # the middle is its own bucket
     monkeypatch.setattr(auto, "MIN_TOKENS_PER_PARAM", 1e-6)   # as if the corpus were large: every candidate fits
     monkeypatch.setattr(auto, "MAX_EPOCHS", 1e6)              # and a long run would not run out of new text
     timed = []
@@ -426,8 +427,8 @@ def test_auto_with_max_time_chooses_from_bucketed_speeds_and_resume_keeps_the_ch
         return time_candidate
 
     choices = []
-    for fast in ({(2, 128): 1e6, (4, 128): 9e5, (4, 192): 5e5, (6, 256): 1e3},       # the big one is slow here
-                 {(2, 128): 1e6, (4, 128): 9e5, (4, 192): 5e5, (6, 256): 1e3},       # again: the same choice
+    for fast in ({(2, 128): 1e6, (4, 128): 9e5, (4, 192): 8e5, (6, 256): 1e3},       # the big one is slow here
+                 {(2, 128): 1e6, (4, 128): 9e5, (4, 192): 8e5, (6, 256): 1e3},       # again: the same choice
                  {(2, 128): 3e4, (4, 128): 20, (4, 192): 20, (6, 256): 20}):         # a slow machine: the small one
         monkeypatch.setattr(auto, "time_candidate", speeds(fast))
         out = tmp_path / f"run{len(choices)}"
@@ -435,13 +436,28 @@ def test_auto_with_max_time_chooses_from_bucketed_speeds_and_resume_keeps_the_ch
                      verbose=False)
         model = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
         choices.append((model["n_layer"], model["n_embd"]))
-    # the slow machine: after 4x128 the next candidate would not be timed within 5% of the budget: predicted
-    assert len(timed) == 2 * len(AUTO_CANDIDATES) + 2
+    # each candidate timed twice, in turn; the slow machine: after 4x128 the next candidate would not be timed
+    # within 5% of the budget (predicted), and only 2x128 fits a second time
+    assert len(timed) == 2 * 2 * len(AUTO_CANDIDATES) + 3
     assert choices[0] == choices[1] == (4, 192) and choices[2] == (2, 128)
     monkeypatch.setattr(auto, "time_candidate", lambda *a: pytest.fail("resume measured again"))
     resumed = zaizai.train(out_dir=tmp_path / "run0", resume=True, max_iters=2, verbose=False)
     assert resumed.step == 2
     assert load_checkpoint(tmp_path / "run0" / LAST).model_config["n_embd"] == 192
+
+
+def test_auto_times_candidates_in_turn_and_keeps_each_ones_fastest(monkeypatch):
+    """A slow moment of the machine during one candidate's timing does not decide the choice: while the
+    allowance lasts each timed candidate is timed again, after the others, and its fastest counts."""
+    import zaizai.training.autopreset as auto
+
+    speeds = {"a": iter([5_000.0, 8_000.0]), "b": iter([4_000.0, 3_900.0])}  # a's first timing was a slow moment
+    monkeypatch.setattr(auto, "time_candidate", lambda mcfg, *a, **k: next(speeds[mcfg.name]))
+    cands = [auto.Candidate(name, SimpleNamespace(name=name, block_size=64), {}, params=1, flops=1.0,
+                            tokens_per_step=64, rows=1) for name in "ab"]
+    auto._measure(cands, torch.device("cpu"), None, allowance=60.0)
+    assert [c.speed for c in cands] == [auto.bucket(8_000), auto.bucket(4_000)]
+    assert auto.bucket(8_000) / auto.bucket(5_000) > 1.5 and auto.bucket(4_000) != auto.bucket(5_000)
 
 
 def test_auto_with_another_model_is_the_cpu_preset(tmp_path, data_dir):

@@ -10,10 +10,11 @@ chosen from ``AUTO_CANDIDATES`` (config.py) before the run starts.
   untimed is predicted from the last one timed by its arithmetic. From its speed, each candidate's tokens in the
   budget follow (the periodic and final evaluations left out); the one with the lowest predicted loss
   ``A / N^alpha + B / D^beta`` (N: parameters of the blocks, D: tokens trained, at most ``MAX_EPOCHS`` passes over
-  the corpus; Chinchilla's fit, Hoffmann et al. 2022) wins. On a GPU or under torchrun it is the corpus rule.
-- Same machine, same choice: a speed is replaced by the middle of its half-octave bucket (2^(k/2) to
-  2^((k+1)/2) tokens/s) before it is used, so the noise of a few timed steps changes the choice only for a
-  machine right at a bucket's edge.
+  the corpus; Chinchilla's form, Hoffmann et al. 2022, fitted to runs on Tang: ``LOSS_FIT``) wins. On a GPU or
+  under torchrun it is the corpus rule.
+- Same machine, same choice: a speed is replaced by the middle of its bucket (an eighth of an octave, 9% wide)
+  before it is used, so the noise of a few timed steps changes the choice only for a machine right at a
+  bucket's edge, where the candidates' predicted losses are close anyway.
 
 The choice goes into the run's configs (config.json, every checkpoint): --resume keeps it and measures nothing.
 """
@@ -38,10 +39,17 @@ from .plan import Plan, refit_plan
 # The rule's knobs (the candidates themselves are AUTO_CANDIDATES in config.py).
 MIN_TOKENS_PER_PARAM = 4.0   # corpus tokens per parameter of the blocks a candidate needs to be eligible
 MAX_EPOCHS = 4.0             # passes over the corpus that still count as new data in the loss prediction
-LOSS_FIT = dict(A=406.4, B=410.7, alpha=0.34, beta=0.28)  # predicted loss A / N^alpha + B / D^beta (+ E)
-MEASURE_SECONDS = 3.0        # timing all candidates takes at most this long ...
+# Predicted loss A / N^alpha + B / D^beta (+ E, which no choice depends on). Chinchilla's exponents; A and B
+# fitted (least squares, with E = 3.35) to this project's own runs of the candidates on Tang (fp32, whole-val
+# nats/char, bench/time_to_quality.py): 2x128 after 258k and 1.13M tokens (5.491, 4.892), 4x128 after 668k and
+# 2.38M (5.018, 4.572); every run within 0.013 of the fit. Chinchilla's own A and B (406.4, 410.7), used before,
+# weigh the model's size about twice as much against the tokens: they chose 4x128 for 210 s on Tang, which
+# reached 5.018 where 2x128 reached 4.892.
+LOSS_FIT = dict(A=26.3, B=59.8, alpha=0.34, beta=0.28)
+MEASURE_SECONDS = 5.0        # timing all candidates takes at most this long ...
 MEASURE_SHARE = 0.05         # ... and at most this share of the --max-time budget
 TIMED_STEPS = 2              # timed steps per candidate after one warm-up step; the fastest one counts
+BUCKETS_PER_OCTAVE = 8       # a measured speed counts as the middle of its 1/8 octave (bucket())
 WARMUP_SHARE = 0.1           # warmup_iters: this share of the expected steps, at most AUTO_COMMON's
 
 
@@ -114,26 +122,40 @@ def _candidate(name: str, plan: Plan) -> Candidate | None:
 
 
 def bucket(tokens_per_second: float) -> float:
-    """What the choice sees of a measured speed: the middle (geometric) of its half-octave [2^(k/2), 2^((k+1)/2)),
-    2^(k/2 + 1/4). The lower edge, used before, made every prediction up to 29% short (a Tang run timed 2x128 at
-    "4.1k" and trained at 7k tokens/s); the middle is off by at most 19% either way."""
+    """What the choice sees of a measured speed: the middle (geometric) of its eighth of an octave,
+    [2^(k/8), 2^((k+1)/8)), so at most 4.4% off. Half-octave buckets (41% wide) were too coarse: on Tang
+    (9.7k characters, the head's cost the same for both) 2x128 trains only ~1.3x faster than 4x128, and both
+    fell into one bucket, so the choice lost the difference that decides it."""
     if tokens_per_second <= 0:
         return 0.0
-    return 2.0 ** (math.floor(2 * math.log2(tokens_per_second)) / 2 + 0.25)
+    return 2.0 ** ((math.floor(BUCKETS_PER_OCTAVE * math.log2(tokens_per_second)) + 0.5) / BUCKETS_PER_OCTAVE)
 
 
 def _measure(candidates: list[Candidate], device: torch.device, amp_dtype, allowance: float) -> None:
-    """Each candidate's tokens/s (bucketed), smallest first, within ``allowance`` seconds; the rest predicted."""
+    """Each candidate's tokens/s (bucketed), smallest first, within ``allowance`` seconds; the rest predicted.
+    While time is left, the timed ones are timed again, in turn, and each keeps its fastest: a slow moment of the
+    machine (another program, a run just ending) then does not fall on one candidate alone."""
     begin = time.perf_counter()
+    raw: dict[str, float] = {}  # name -> tokens/s as timed
+
+    def fits(c: Candidate, speed: float) -> bool:  # its timing (warm-up included) fits in what is left
+        return time.perf_counter() - begin + (TIMED_STEPS + 1) * c.rows * c.model_config.block_size / speed <= allowance
+
+    def timed(c: Candidate) -> float:
+        return time_candidate(c.model_config, c.table, device, amp_dtype, deadline=begin + allowance, rows=c.rows)
+
     last = None
     for c in candidates:
-        if last is not None:
-            expected = (TIMED_STEPS + 1) * c.rows * c.model_config.block_size / (last.speed * last.flops / c.flops)
-            if time.perf_counter() - begin + expected > allowance:
-                break
-        speed = time_candidate(c.model_config, c.table, device, amp_dtype, deadline=begin + allowance, rows=c.rows)
-        c.speed, c.timed = bucket(speed), True
-        last = c
+        if last is not None and not fits(c, raw[last.name] * last.flops / c.flops):
+            break
+        raw[c.name], c.timed, last = timed(c), True, c
+    for c in [c for c in candidates if c.timed]:  # again, in turn, while each fits in what is left
+        if not fits(c, raw[c.name]):
+            break
+        raw[c.name] = max(raw[c.name], timed(c))
+    for c in candidates:
+        if c.timed:
+            c.speed = bucket(raw[c.name])
     for c in candidates:
         if not c.timed:
             c.speed = bucket(last.speed * last.flops / c.flops)
