@@ -153,12 +153,8 @@ def _measure(candidates: list[Candidate], device: torch.device, amp_dtype, allow
         if not fits(c, raw[c.name]):
             break
         raw[c.name] = max(raw[c.name], timed(c))
-    for c in candidates:
-        if c.timed:
-            c.speed = bucket(raw[c.name])
-    for c in candidates:
-        if not c.timed:
-            c.speed = bucket(last.speed * last.flops / c.flops)
+    for c in candidates:  # the untimed ones come after the last timed one: predicted from it
+        c.speed = bucket(raw[c.name] if c.timed else last.speed * last.flops / c.flops)
 
 
 def time_candidate(mcfg: ModelConfig, table: dict, device: torch.device, amp_dtype,
