@@ -12,7 +12,9 @@ Tang-poetry corpus the README's figures came from; without --corpus, the built-i
 
 Batch 1: greedy generation of ``--new-tokens`` (500) tokens after a ``--prompt-tokens`` (200) token history.
 
-- zaizai: :func:`zaizai.inference.generate.generate_ids` (its decode step over a preallocated KV cache).
+- zaizai: :func:`zaizai.inference.generate.generate_ids` (its decode step over a preallocated KV cache);
+  with ``--compile``, a second line: the same with its compiled decode step (``zaizai chat --compile``;
+  :mod:`zaizai.models.compiled`), compiled before the rounds.
 - transformers: ``GPT2LMHeadModel.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`` with its
   own KV cache, SDPA attention, on a copy of the same weights (the four Conv1D weights transposed).
 - llama.cpp (where llama-cpp-python is installed): the model exported by ``zaizai export --format gguf`` as
@@ -132,10 +134,10 @@ def hf_copy(ours, dtype: torch.dtype):
     return hf.to(dtype)
 
 
-def run_zaizai(model, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+def run_zaizai(model, prompt: list[int], n: int, compile: bool = False) -> tuple[float, float, list[int]]:
     """(seconds to the first token, seconds for all n, the tokens)."""
     t0 = time.perf_counter()
-    stream = generate_ids(model, prompt, SamplingConfig(max_new_tokens=n, temperature=0))
+    stream = generate_ids(model, prompt, SamplingConfig(max_new_tokens=n, temperature=0), compile=compile)
     tokens = [next(stream)]
     ttft = time.perf_counter() - t0
     tokens += stream
@@ -180,15 +182,18 @@ def agreement(a: list[int], b: list[int]) -> float:
 def measure(ours, hf, llm, prompt: list[int], args) -> dict:
     """Batch-1 figures: interleaved rounds, medians of each figure and of the round-by-round ratios."""
     run_zaizai(ours, prompt, 20)  # warm-up: first calls allocate and pick kernels
+    if args.compile:
+        run_zaizai(ours, prompt, 20, compile=True)  # (compiles the step)
     run_hf(hf, prompt, 20)
     if llm is not None:
         llm.generate(prompt, 20)
-    runs: dict[str, list] = {"zaizai": [], "hf": [], "llama": []}
+    runs: dict[str, list] = {"zaizai": [], "compiled": [], "hf": [], "llama": []}
     for r in range(args.rounds):
-        order = ["zaizai", "hf", "llama"] if r % 2 == 0 else ["llama", "hf", "zaizai"]
-        for who in order:
-            if who == "zaizai":
-                runs[who].append(run_zaizai(ours, prompt, args.new_tokens))
+        order = ["zaizai", "compiled", "hf", "llama"]
+        for who in order if r % 2 == 0 else order[::-1]:
+            if who in ("zaizai", "compiled"):
+                if who == "zaizai" or args.compile:
+                    runs[who].append(run_zaizai(ours, prompt, args.new_tokens, compile=who == "compiled"))
             elif who == "hf":
                 total, tokens = run_hf(hf, prompt, args.new_tokens)
                 runs[who].append((run_hf(hf, prompt, 1)[0], total, tokens))
@@ -200,9 +205,11 @@ def measure(ours, hf, llm, prompt: list[int], args) -> dict:
         if rs:
             m[who] = dict(tps=n / statistics.median(r[1] for r in rs), ttft=statistics.median(r[0] for r in rs),
                           tokens=rs[-1][2])
-    m["vs_hf"] = statistics.median(h[1] / z[1] for z, h in zip(runs["zaizai"], runs["hf"]))
-    if runs["llama"]:
-        m["vs_llama"] = statistics.median(ll[1] / z[1] for z, ll in zip(runs["zaizai"], runs["llama"]))
+    for who in ("zaizai", "compiled"):
+        if runs[who]:
+            m[who]["vs_hf"] = statistics.median(h[1] / z[1] for z, h in zip(runs[who], runs["hf"]))
+            if runs["llama"]:
+                m[who]["vs_llama"] = statistics.median(ll[1] / z[1] for z, ll in zip(runs[who], runs["llama"]))
     return m
 
 
@@ -233,19 +240,24 @@ def load_llama(folder: Path, tmp: Path, threads: int, in_process: bool = False) 
 
 
 def print_size(name: str, m: dict, batch: dict[int, float] | None) -> None:
-    z, h = m["zaizai"], m["hf"]
-    line = (f"{name:<9} {z['tps']:>8,.0f} {h['tps']:>8,.0f} {m['vs_hf']:>6.2f}x  ")
-    if "llama" in m:
-        ll = m["llama"]
-        line += f"{ll['tps']:>8,.0f} {m['vs_llama']:>6.2f}x  "
-    else:
-        line += f"{'-':>8} {'-':>7}  "
-    line += f"{z['ttft'] * 1e3:>7.1f} {h['ttft'] * 1e3:>7.1f} "
-    line += f"{m['llama']['ttft'] * 1e3:>7.1f}" if "llama" in m else f"{'-':>7}"
-    line += f" {'yes' if z['tokens'] == h['tokens'] else 'no':>5}"
-    if "llama" in m:
-        line += f" {agreement(z['tokens'], m['llama']['tokens']):>5.0%}"
-    print(line, flush=True)
+    h = m["hf"]
+    for who in ("zaizai", "compiled"):
+        if who not in m:
+            continue
+        z = m[who]
+        label = name if who == "zaizai" else "  compiled"
+        line = f"{label:<9} {z['tps']:>8,.0f} {h['tps']:>8,.0f} {z['vs_hf']:>6.2f}x  "
+        if "llama" in m:
+            ll = m["llama"]
+            line += f"{ll['tps']:>8,.0f} {z['vs_llama']:>6.2f}x  "
+        else:
+            line += f"{'-':>8} {'-':>7}  "
+        line += f"{z['ttft'] * 1e3:>7.1f} {h['ttft'] * 1e3:>7.1f} "
+        line += f"{m['llama']['ttft'] * 1e3:>7.1f}" if "llama" in m else f"{'-':>7}"
+        line += f" {'yes' if z['tokens'] == h['tokens'] else 'no':>5}"
+        if "llama" in m:
+            line += f" {agreement(z['tokens'], m['llama']['tokens']):>5.0%}"
+        print(line, flush=True)
     if batch:
         base = batch[min(batch)]
         print("          aggregate tok/s: " + " · ".join(f"batch {b}: {v:,.0f} ({v / base:.1f}x)"
@@ -268,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="run llama.cpp in this process, beside torch (default: a child process of its own)")
     ap.add_argument("--model-kind", choices=("gpt", "modern"), default="gpt",
                     help="gpt (GPT-2 block) or modern (Qwen3-style: RMSNorm, RoPE, QK-norm, SwiGLU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also zaizai with its compiled decode step (zaizai chat --compile), a line of its own")
     ap.add_argument("--kv-heads", type=int, default=0,
                     help="modern: key/value heads (grouped-query attention); 0 = as many as the heads")
     add_corpus_argument(ap)

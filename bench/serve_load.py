@@ -161,18 +161,20 @@ def train_model(folder: Path, args) -> Path:
     return folder / "model"
 
 
-def start_server(out_dir: str, api_key: str | None, max_active: int) -> tuple[subprocess.Popen, str]:
+def start_server(out_dir: str, api_key: str | None, max_active: int,
+                 compile: bool = False) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "zaizai", "serve", out_dir, "--port", str(port), "--max-active", str(max_active)]
+    cmd += ["--compile"] if compile else []
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     env.pop("ZAIZAI_API_KEY", None)
     if api_key:
         env["ZAIZAI_API_KEY"] = api_key  # (not on the command line, where `ps` shows it)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(1800 if compile else 600):  # (--compile compiles before the server listens)
         if proc.poll() is not None:
             raise SystemExit(f"zaizai serve exited with {proc.returncode}")
         try:
@@ -182,7 +184,7 @@ def start_server(out_dir: str, api_key: str | None, max_active: int) -> tuple[su
             pass
         time.sleep(0.1)
     proc.terminate()
-    raise SystemExit("zaizai serve did not start within 60 s")
+    raise SystemExit(f"zaizai serve did not start within {180 if compile else 60} s")
 
 
 def report(levels: dict[int, dict], args) -> None:
@@ -210,6 +212,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", default="1,8,16,32", help="concurrent clients, comma-separated (default 1,8,16,32)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per level (default 20)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default 64)")
+    p.add_argument("--compile", action="store_true",
+                   help="serve with --compile (a lone generation steps through the compiled decode step)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--embd", type=int, default=384)
@@ -236,7 +240,7 @@ def main() -> int:
             model = str(train_model(Path(tmp.name), args))
             print(f"model             {args.layers}L/{args.embd}d, block {args.block_size}, demo dialogues, "
                   f"trained {time.perf_counter() - started:.0f} s")
-        proc, url = start_server(model, args.api_key, max(args.levels))
+        proc, url = start_server(model, args.api_key, max(args.levels), args.compile)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rss: list[float] = []
     levels: dict[int, dict] = {}

@@ -107,3 +107,22 @@ def test_llama_in_process_flag_runs_llama_cpp_in_this_process(bench, monkeypatch
     for argv in (["--llama-in-process"], []):
         generate_speed.load_llama(tmp_path / "4x128", tmp_path, 1, generate_speed.parse_args(argv).llama_in_process)
     assert made == [True, False]
+
+
+def test_generate_speed_compile_flag_adds_a_compiled_line(bench, capsys, one_thread):
+    """bench/generate_speed.py --compile: zaizai measured a second time with its compiled decode step, next to the
+    same transformers runs; its greedy tokens are transformers' too, and the table has a line for it."""
+    import torch
+
+    from util import decode_model, decode_prompt
+
+    generate_speed = bench("generate_speed")
+    assert generate_speed.parse_args([]).compile is False
+    args = generate_speed.parse_args(["--compile", "--rounds", "1", "--new-tokens", "6"])
+    ours = decode_model(n_layer=2, n_head=2, block_size=32)
+    hf = generate_speed.hf_copy(ours, torch.float32)
+    m = generate_speed.measure(ours, hf, None, decode_prompt(8), args)
+    assert m["compiled"]["tokens"] == m["zaizai"]["tokens"] == m["hf"]["tokens"]
+    generate_speed.print_size("2L/32d", m, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2L/32d") and lines[1].startswith("  compiled") and lines[1].split()[-1] == "yes"

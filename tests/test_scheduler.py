@@ -62,3 +62,14 @@ def test_each_request_is_checked_once_and_a_bad_one_fails_alone():
     assert [g.completion_tokens for g in requests] == [3, 0, 5]
     stats = scheduler.stats()
     assert stats["completed"] == 2 and stats["failed"] == 1 and stats["active"] == 0
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_worker_batch_steps_compiled_as_the_bot_says(compile):
+    """`zaizai serve --compile` turns the bot's compile on: the worker's batches then step a lone generation
+    through the compiled step (zaizai.models.compiled); without it, never."""
+    bot = SimpleNamespace(model=decode_model(), device=torch.device("cpu"), compile=compile)
+    scheduler = Scheduler(bot, max_active=2)
+    scheduler.close()
+    scheduler.thread.join(10)
+    assert (scheduler.new_batch().decoder.compiled is not None) is compile

@@ -79,6 +79,13 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser, device: bool = True) 
         parser.add_argument("--device", default="auto", help="设备 · auto (default) | cpu | cuda | mps")
 
 
+def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="编译解码步骤（CPU 上 gpt/modern，单个生成约快 1.5-2 倍；需要 C++ 编译器，首次约 20 秒）· "
+                             "compile the decode step (gpt/modern on CPU: a lone generation ~1.5-2x faster; needs a "
+                             "C++ compiler; ~20 s the first time, then cached)")
+
+
 MODEL_DIR_HELP = "`zaizai train` 写的模型文件夹 · folder written by `zaizai train`"
 DATA_HELP = "数据文件夹 · prepared data folder (default: the one the model was trained on)"
 MAX_PAIRS_HELP = "评估的对话数 · held-out dialogue pairs to score (default 200)"
@@ -153,6 +160,7 @@ def _add_generation_commands(sub) -> None:
     sp.add_argument("out_dir", help=MODEL_DIR_HELP)
     sp.add_argument("--prompt", default="", help="要续写的文字 · text to continue")
     _add_sampling_flags(sp, max_new_tokens=200, temperature=0.8, top_p=1.0, repetition_penalty=1.0)
+    _add_compile_flag(sp)
     sp.add_argument("--stop", action="append", default=None,
                     help="出现这段文字就停 · stop when this text appears (repeatable)")
 
@@ -167,6 +175,7 @@ def _add_generation_commands(sub) -> None:
                          "its training dialogues had before their last: none for one-question-one-answer data; all "
                          "if unknown)")
     _add_sampling_flags(cp, max_new_tokens=100, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+    _add_compile_flag(cp)
 
     vp = sub.add_parser("serve", help="网页聊天 + OpenAI 兼容接口 · "
         "an OpenAI-compatible HTTP API and a chat page in the browser")
@@ -194,6 +203,7 @@ def _add_generation_commands(sub) -> None:
                     help="聊天提示保留的前几轮 · earlier exchanges a chat prompt keeps "
                          "(default: as many as the model's training dialogues had)")
     _add_checkpoint_flags(vp)
+    _add_compile_flag(vp)
 
 
 def _add_evaluation_commands(sub) -> None:
@@ -325,6 +335,8 @@ def cmd_sample(args) -> int:
     from .inference.loaded import load
 
     bot = load(args.out_dir, which=args.checkpoint, device=args.device)
+    if args.compile:
+        bot.compile_decoding(say=sys.stderr)
     unknown = bot.unknown_chars(args.prompt)
     if unknown:
         print(f"注意 note: {len(unknown)} prompt character(s) not in the vocabulary: {''.join(unknown[:20])}",
@@ -352,6 +364,8 @@ def cmd_chat(args) -> int:
                               no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
     sampling.validate()
     bot = load(args.out_dir, which=args.checkpoint, device=args.device)
+    if args.compile:
+        bot.compile_decoding(say=sys.stderr)
     session = ChatSession(bot, system=args.system, sampling=sampling, keep_history=args.history)
     if session.history_note():
         print(session.history_note(), file=sys.stderr)
@@ -427,7 +441,8 @@ def cmd_serve(args) -> int:
 
     serve(args.out_dir, host=args.host, port=args.port, api_key=args.api_key, api_key_file=args.api_key_file,
           allowed_hosts=args.allowed_host or [], which=args.checkpoint, device=args.device,
-          max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting, history=args.history)
+          max_tokens=args.max_tokens, max_active=args.max_active, max_waiting=args.max_waiting, history=args.history,
+          compile=args.compile)
     return 0
 
 

@@ -27,17 +27,18 @@ from .sampling import SamplingConfig
 
 
 def generate_ids(model, ids: list[int], cfg: SamplingConfig, stop_ids: set[int] | None = None,
-                 device: torch.device | str | None = None) -> Iterator[int]:
+                 device: torch.device | str | None = None, compile: bool = False) -> Iterator[int]:
     """Yield new token ids one by one, continuing ``ids``; stops after ``cfg.max_new_tokens`` or at a stop id
     (which is not yielded).
 
     With a seed, the same call gives the same tokens. Stop ids are never penalised or banned: ending a turn
     is not a repetition, however many turns the context already holds. ``device``: where the model is
-    (by default, where its parameters are). The model is put in eval mode; torch runs in inference mode
+    (by default, where its parameters are). ``compile``: step through a compiled decode step (gpt and modern on
+    CPU; :mod:`zaizai.models.compiled`). The model is put in eval mode; torch runs in inference mode
     inside each step only, never while the caller holds control. Raises ZaizaiError for bad options or ids,
     and if the model's scores become nan/inf.
     """
-    batch = Batch(model, device)
+    batch = Batch(model, device, compile=compile)
     seq = batch.add(ids, cfg, stop_ids)
     while batch:
         for _, token in batch.step():

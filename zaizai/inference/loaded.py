@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -33,6 +34,7 @@ class Zaizai:
         self.state = state
         self.device = device
         self.path = path
+        self.compile = False  # a lone generation steps through a compiled decode step (see compile_decoding)
 
     def __repr__(self) -> str:
         c = self.model_config
@@ -83,11 +85,29 @@ class Zaizai:
         """The whole continuation of ``prompt`` as one string (see :meth:`stream` for the options)."""
         return "".join(self.stream(prompt, **kwargs))
 
+    def compile_decoding(self, say: TextIO | None = None) -> bool:
+        """Step a lone generation through a compiled decode step from now on (gpt and modern on CPU:
+        :mod:`zaizai.models.compiled`), compiled here, so that the first reply does not wait for it (10-20 s the
+        first time, a few seconds once Inductor has it on disk). False, and nothing changes, for a model or device
+        it does not apply to. Where compiling fails, one line on stderr says so and generation goes on without it.
+        ``say``: where to write a line saying what happens (``zaizai chat --compile``)."""
+        if self.model_config.model not in ("gpt", "modern") or self.device.type != "cpu":
+            if say is not None:
+                print("注意 note: --compile applies to gpt and modern models on CPU; decoding as usual", file=say)
+            return False
+        if say is not None:
+            print("编译解码步骤 compiling the decode step (~20 s the first time, then cached) ...", file=say, flush=True)
+        self.compile = True
+        for _ in self.stream_ids([0, 0], SamplingConfig(max_new_tokens=3, temperature=0)):
+            pass
+        return True
+
     def stream_ids(self, ids: list[int], sampling: SamplingConfig | None = None,
                    stop_ids: set[int] | None = None) -> Iterator[int]:
         """Yield the ids that continue ``ids`` (already tokenized, e.g. a rendered conversation), one by one;
         a stop id ends the stream and is not yielded."""
-        return generate_ids(self.model, ids, sampling or SamplingConfig(), stop_ids=stop_ids, device=self.device)
+        return generate_ids(self.model, ids, sampling or SamplingConfig(), stop_ids=stop_ids, device=self.device,
+                            compile=self.compile)
 
     def stream_text(self, ids: list[int], sampling: SamplingConfig | None = None, stop_ids: set[int] | None = None,
                     stop: list[str] | None = None) -> Iterator[str]:

@@ -25,7 +25,8 @@ copy), and a mask only when the rows' lengths differ. A prefill runs the same la
 prompt's positions, with SDPA's causal attention, so that it too gets the packed weights (6L/384d, 200-token
 prompt: first token in ~38 ms, 55 ms through the forward pass); prompts prefilled together share those products
 (32 chat prompts of 10-30 tokens: ~3x faster than one at a time). The logits equal the forward pass's to float
-rounding (tests/test_batch_decode.py, tests/test_modern.py).
+rounding (tests/test_batch_decode.py, tests/test_modern.py). With ``compile``, a lone sequence steps through a
+compiled step instead (:mod:`zaizai.models.compiled`; CPU).
 """
 
 from __future__ import annotations
@@ -36,20 +37,23 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
+from .compiled import CompiledStep, detached, gpt_step, modern_step
 from .dense import _dense1, dense
 from .gpt import GPT
 from .modern import ModernLM
 from .rnn import RNNLM, RNNState
 
 
-def decoder_for(model, rows: int = 1, device: torch.device | str | None = None):
+def decoder_for(model, rows: int = 1, device: torch.device | str | None = None, compile: bool = False):
     """The decoder of ``model`` (gpt, modern, rnn or bigram) with room for ``rows`` sequences (it grows when
-    asked for more)."""
+    asked for more). ``compile``: gpt and modern on CPU step a lone sequence with a compiled step
+    (:mod:`zaizai.models.compiled`); other models and devices ignore it."""
     device = next(model.parameters()).device if device is None else torch.device(device)
+    compile = compile and device.type == "cpu"
     if isinstance(model, GPT):
-        return GPTDecoder(model, rows, device)
+        return GPTDecoder(model, rows, device, compile)
     if isinstance(model, ModernLM):  # with QK-norm (Qwen3) or without (Llama)
-        return ModernDecoder(model, rows, device)
+        return ModernDecoder(model, rows, device, compile)
     if isinstance(model, RNNLM):
         return RNNDecoder(model, rows, device)
     if model.new_cache(1, device) is None:
@@ -109,6 +113,8 @@ class KVDecoder(Decoder):
     # the logits are the same to float rounding (tests/test_decode_prefill.py).
     PREFILL_TOKENS = 4096
 
+    compiled: CompiledStep | None = None  # a lone sequence's step, compiled (set by a subclass for --compile)
+
     def __init__(self, model, rows: int, device: torch.device, heads: int, head_size: int, dtype: torch.dtype):
         self.heads, self.head_size = heads, head_size
         self.window = model.config.block_size
@@ -127,6 +133,7 @@ class KVDecoder(Decoder):
             kv[:, :, :self.capacity].copy_(self.kv)
         self.kv = kv
         self.k, self.v = kv[:, 0], kv[:, 1]  # (n_layer, rows, heads, block_size, hs) each
+        self.row0 = list(zip(self.k[:, 0], self.v[:, 0]))  # each layer's row-0 (keys, values), (heads, block_size, hs)
         # where a head's new key (then value) goes in a layer's buffer seen as (2 * rows * heads * block_size, hs)
         offsets = torch.arange(heads, device=self.device) * window  # (heads,)
         self.kv_offsets = torch.cat([offsets, offsets + rows * heads * window])  # (2 heads,)
@@ -226,10 +233,26 @@ class KVDecoder(Decoder):
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (n,) int64, one for each row 0 .. n-1 -> the next-token logits (n, V) of each row."""
         n = tokens.size(0)
+        if n == 1 and self.compiled is not None and self.compiled.MIN_PAST <= self.lengths[0] < self.window:
+            logits = self._step_compiled(tokens)
+            if logits is not None:
+                return logits
         L, pos, slots, hide = self._begin(n)
         x = self._run(tokens, pos, slots, lambda q, kv: self._attend(q, kv, L, hide))
         self._end(n)
         return self.lm_head(x)  # (n, V)
+
+    def _step_compiled(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`step` of row 0 alone through the compiled step: its logits (1, V), or None where it could not be
+        compiled (nothing written: the eager step follows)."""
+        p = self.lengths[0]
+        out = self.compiled(tokens, self.positions[:1], [(keys[:, :p], values[:, :p]) for keys, values in self.row0])
+        if out is None:
+            return None
+        logits, new = out
+        self.kv[:, :, 0, :, p] = new  # (n_layer, 2, heads, hs)
+        self._end(1)
+        return logits
 
     def move(self, src: int, dst: int) -> None:
         """Move row ``src``'s sequence into row ``dst`` (whose sequence has left); ``src`` is then free."""
@@ -281,7 +304,7 @@ class KVDecoder(Decoder):
 class GPTDecoder(KVDecoder):
     """GPT-2: the step in plain tensor operations on the model's weights (see the module docstring)."""
 
-    def __init__(self, model: GPT, rows: int, device: torch.device):
+    def __init__(self, model: GPT, rows: int, device: torch.device, compile: bool = False):
         cfg = model.config
         self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
         t = model.transformer
@@ -290,6 +313,12 @@ class GPTDecoder(KVDecoder):
         self.lm_head = _dense1(model.lm_head)
         self.layers = [(b.ln_1.weight, b.ln_1.bias, _dense1(b.attn.c_attn), _dense1(b.attn.c_proj), b.ln_2.weight,
                         b.ln_2.bias, _dense1(b.mlp.c_fc), _dense1(b.mlp.c_proj)) for b in t.h]
+        if compile:
+            weights = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                        b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+                        b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
+            self.compiled = CompiledStep(gpt_step, detached((t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias,
+                                                              model.lm_head.weight, weights)), cfg.n_head, self.eps)
         super().__init__(model, rows, device, cfg.n_head, cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -316,7 +345,7 @@ class ModernDecoder(KVDecoder):
     batch 1 a small model's step is mostly their count); RoPE's sign folded into the sine table,
     ``x cos + roll(x, hs/2) sin``. Weights are read when the decoder is made (a Batch's lifetime)."""
 
-    def __init__(self, model: ModernLM, rows: int, device: torch.device):
+    def __init__(self, model: ModernLM, rows: int, device: torch.device, compile: bool = False):
         cfg = model.config
         self.n_head, self.n_embd, hs, nkv = cfg.n_head, cfg.n_embd, cfg.n_embd // cfg.n_head, cfg.kv_heads
         m = model.model
@@ -326,7 +355,7 @@ class ModernDecoder(KVDecoder):
         half[:hs // 2] = -1.0  # rotate_half(x) = (-x2, x1) = roll(x, hs/2) * (-1 .. -1, 1 .. 1)
         self.cos, self.sin = model.rope_cos, model.rope_sin * half  # (block_size, hs) each
         self.lm_head = _dense1(model.lm_head)
-        self.layers = []
+        self.layers, raw = [], []  # raw: each layer's weights as they are, for the compiled step
         scale = 1.0 / math.sqrt(hs)
         for b in m.layers:
             a, mlp = b.self_attn, b.mlp
@@ -337,6 +366,12 @@ class ModernDecoder(KVDecoder):
             self.layers.append((b.input_layernorm.weight, dense(a, (a.q_proj, a.k_proj, a.v_proj)),
                                 q_norm is not None, qk_w, _dense1(a.o_proj), b.post_attention_layernorm.weight,
                                 dense(mlp, (mlp.gate_proj, mlp.up_proj)), _dense1(mlp.down_proj)))
+            raw.append((b.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, q_norm is not None,
+                        qk_w, a.o_proj.weight, b.post_attention_layernorm.weight, mlp.gate_proj.weight,
+                        mlp.up_proj.weight, mlp.down_proj.weight))
+        if compile:
+            self.compiled = CompiledStep(modern_step, detached((self.embed, self.norm, model.lm_head.weight, self.cos,
+                                                                 self.sin, raw)), cfg.n_head, self.eps)
         super().__init__(model, rows, device, nkv, hs, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:

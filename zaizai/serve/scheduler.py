@@ -94,7 +94,8 @@ class Scheduler:
         self.thread.start()
 
     def new_batch(self) -> Batch:
-        return Batch(self.bot.model, self.bot.device)  # (its rows grow as generations join, up to max_active)
+        # its rows grow as generations join, up to max_active; a lone one steps compiled with --compile
+        return Batch(self.bot.model, self.bot.device, compile=self.bot.compile)
 
     def submit(self, job: Job) -> None:
         with self.lock:

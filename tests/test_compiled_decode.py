@@ -1,0 +1,120 @@
+"""The compiled decode step (--compile): the same logits as the eager step, one compilation for every cache length
+and row count, the same greedy text, and the eager step where compiling fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zaizai.common.errors import ZaizaiError
+from zaizai.inference.generate import generate_ids
+from zaizai.inference.sampling import SamplingConfig
+from zaizai.models import compiled
+from zaizai.models.decode import decoder_for
+from util import decode_model as make, decode_prompt as prompt, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = [  # (model, options): GPT-2; Qwen3-style with grouped-query attention; Llama-style (no QK-norm)
+    ("gpt", {}),
+    ("modern", dict(n_head=4, n_kv_head=2)),
+    ("modern", dict(n_head=2, qk_norm=False)),
+]
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("name, options", KINDS)
+@torch.inference_mode()
+def test_compiled_steps_equal_the_eager_ones_compiled_once_for_every_length_and_row_count(name, options):
+    model = make(name, **options)
+    fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
+    assert fast.compiled is not None and eager.compiled is None
+    ids = prompt(5)
+    a, b = fast.prefill(0, ids), eager.prefill(0, ids)
+    before = None
+    for i in range(15):
+        token = b.argmax().view(1)
+        a, b = fast.step(token), eager.step(token)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        before = graphs() if i == 0 else before  # the first compiled step compiled it
+    fast._room(5)  # a server's cache grows: the rows' views keep their strides, nothing compiles again
+    eager._room(5)
+    a, b = fast.prefill(0, ids[:3]), eager.prefill(0, ids[:3])
+    for _ in range(3):
+        token = b.argmax().view(1)
+        a, b = fast.step(token), eager.step(token)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert graphs() == before
+    assert fast.compiled.steps == 15 + 3  # every step: row 0 alone, at least MIN_PAST tokens before it
+    assert fast.lengths == eager.lengths and fast.positions.tolist() == eager.positions.tolist()
+    torch.testing.assert_close(fast.kv[:, :, 0], eager.kv[:, :, 0], rtol=1e-5, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_several_rows_and_a_full_row_step_as_before():
+    model = make()
+    fast, eager = decoder_for(model, 2, compile=True), decoder_for(model, 2)
+    for d in (fast, eager):
+        d.prefill_many([0, 1], [prompt(4), prompt(7, seed=1)])
+    steps = fast.compiled.steps
+    torch.testing.assert_close(fast.step(torch.tensor([7, 8])), eager.step(torch.tensor([7, 8])), rtol=1e-5, atol=1e-4)
+    assert fast.compiled.steps == steps  # two rows: the eager step
+    for d in (fast, eager):
+        d.release(1)
+        d.prefill(0, prompt(24))  # block_size tokens: the row is full
+    for d in (fast, eager):
+        with pytest.raises(ZaizaiError, match="full"):
+            d.step(torch.tensor([7]))
+
+
+@pytest.mark.parametrize("name, options", KINDS[:2])
+def test_generation_gives_the_same_text_compiled_past_the_window(name, options):
+    model = make(name, **options)
+    for seed, cfg in enumerate([SamplingConfig(max_new_tokens=40, temperature=0),
+                                SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=20, seed=3)]):
+        ids = prompt(10, seed=seed)  # 10 + 40 tokens: the 24-token window slides twice
+        assert list(generate_ids(model, ids, cfg, compile=True)) == list(generate_ids(model, ids, cfg))
+
+
+@torch.inference_mode()
+def test_a_compiler_that_fails_is_said_once_and_the_eager_step_goes_on(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(compiled, "_COMPILED", {compiled.gpt_step: broken})
+    monkeypatch.setattr(compiled, "_FAILED", [])
+    model = make()
+    fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
+    ids = prompt(6)
+    fast.prefill(0, ids), eager.prefill(0, ids)
+    for token in (9, 10, 11):
+        torch.testing.assert_close(fast.step(torch.tensor([token])), eager.step(torch.tensor([token])))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not compile the decode step (InvalidCxxCompiler: No working C++" in err
+    assert "C++ compiler" in err and fast.compiled.steps == 0
+    assert fast.lengths == eager.lengths  # nothing was written by the failed call
+
+
+def test_compile_applies_to_gpt_and_modern_on_cpu_only():
+    assert decoder_for(make("rnn", n_layer=1), 1, compile=True).__class__.__name__ == "RNNDecoder"
+    assert getattr(decoder_for(make("bigram"), 1, compile=True), "compiled", None) is None
+
+
+def test_cli_sample_with_compile_writes_the_same_text(tmp_path):
+    from util import TINY, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    assert run_cli("prepare", corpus, "--out", tmp_path / "data").returncode == 0
+    flags = [f for k, v in TINY.items() for f in ("--" + k.replace("_", "-"), str(v))]
+    r = run_cli("train", tmp_path / "data", "--out", tmp_path / "out", "--max-iters", "10", *flags)
+    assert r.returncode == 0, r.stderr
+    args = ("sample", tmp_path / "out", "--prompt", "床前", "--max-new-tokens", "20", "--temperature", "0")
+    plain, fast = run_cli(*args), run_cli(*args, "--compile")
+    assert fast.returncode == 0, fast.stderr
+    assert "compiling the decode step" in fast.stderr and "could not compile" not in fast.stderr
+    assert fast.stdout == plain.stdout and len(plain.stdout) > 2
