@@ -3,6 +3,7 @@
     .venv/bin/python bench/gguf_speed.py                 # three sizes, 2 threads
     .venv/bin/python bench/gguf_speed.py --threads 1
     .venv/bin/python bench/gguf_speed.py --corpus ../shared/corpora/tang.txt.xz   # the README's figures
+    .venv/bin/python bench/gguf_speed.py --compile       # zaizai with its compiled decode step
 
 For GPTs of 4 layers/128 wide, 6/384 and 12/768 (GPT-2 small's body) with random weights, block_size 1024 and
 the ``--corpus`` character vocabulary (9,706 tokens for the 4.5M-character Tang-poetry corpus the README's
@@ -10,7 +11,8 @@ figures came from; without --corpus, the built-in demo corpus's, see ``bench/cor
 each model is saved as a zaizai folder, exported with :func:`zaizai.interop.gguf.export_gguf` as F32 and F16,
 and both run greedy generation of ``--new-tokens`` (500) at batch 1 after a ``--prompt-tokens`` (200) history.
 
-- zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, fp32, temperature 0).
+- zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, fp32, temperature 0); with ``--compile``,
+  its compiled decode step (``zaizai chat --compile``; :mod:`zaizai.models.compiled`), compiled before the rounds.
 - llama.cpp: ``Llama.generate(prompt_ids, temp=0)`` (its greedy sampler; KV cache in F16, its default), in a
   child process of its own (``bench/llama_run.py``; ``--llama-in-process`` runs it in this one, beside torch).
 
@@ -56,14 +58,15 @@ def model_folder(folder: Path, tok: CharTokenizer, n_layer: int, n_head: int, n_
     return model
 
 
-def run_zaizai(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
+def run_zaizai(model, prompt: list[int], n: int, compile: bool = False) -> tuple[float, list[int]]:
     start = time.perf_counter()
     with torch.inference_mode():
-        out = list(generate_ids(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=n)))
+        out = list(generate_ids(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=n), compile=compile))
     return time.perf_counter() - start, out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``; None: sys.argv's)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=200)
@@ -71,10 +74,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llama-in-process", action="store_true",
                     help="run llama.cpp in this process, beside torch (default: a child process of its own)")
+    ap.add_argument("--compile", action="store_true",
+                    help="zaizai with its compiled decode step (zaizai chat --compile)")
     add_corpus_argument(ap)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if importlib.util.find_spec("llama_cpp") is None:
-        ap.error("llama-cpp-python is not installed: pip install llama-cpp-python")
+        raise SystemExit("llama-cpp-python is not installed: pip install llama-cpp-python")
 
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args.corpus)
@@ -84,7 +93,8 @@ def main() -> None:
     prompt = [0] + torch.randint(6, tok.vocab_size, (args.prompt_tokens - 1,), generator=g).tolist()
     print(corpus.header())
     print(f"vocab {tok.vocab_size} ({source}) · prompt {args.prompt_tokens} · new {args.new_tokens} · "
-          f"threads {args.threads} · median of {args.rounds} rounds")
+          f"threads {args.threads} · median of {args.rounds} rounds"
+          + (" · zaizai: compiled decode step (--compile)" if args.compile else ""))
     print(f"{'model':>10} | {'zaizai tok/s':>12} | {'llama.cpp F32':>13} | {'F32 same':>8} | "
           f"{'llama.cpp F16':>13} | {'F16 same':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,14 +108,14 @@ def main() -> None:
                 llms[dtype] = LlamaRun(path, args.threads, n_ctx=block, in_process=args.llama_in_process)
             times: dict[str, list[float]] = {"zaizai": [], "f32": [], "f16": []}
             outs: dict[str, list[int]] = {}
-            run_zaizai(model, prompt, 8)  # warm up
+            run_zaizai(model, prompt, 8, args.compile)  # warm up (and compile)
             for llm in llms.values():
                 llm.generate(prompt, 8)
             for r in range(args.rounds):
                 order = ["zaizai", "f32", "f16"] if r % 2 == 0 else ["f16", "f32", "zaizai"]
                 for name in order:
                     if name == "zaizai":
-                        t, out = run_zaizai(model, prompt, args.new_tokens)
+                        t, out = run_zaizai(model, prompt, args.new_tokens, args.compile)
                     else:
                         t, out = llms[name].generate(prompt, args.new_tokens)
                     times[name].append(t)
@@ -120,9 +130,9 @@ def main() -> None:
                     agree += 1
                 return f"{agree / args.new_tokens:.0%}"
 
-            print(f"{n_layer:>2}L/{n_embd:<4}d | {speed['zaizai']:>12,.0f} | {speed['f32']:>8,.0f} {speed['f32'] / speed['zaizai']:>3.1f}x |"
-                  f" {same('f32'):>8} | {speed['f16']:>8,.0f} {speed['f16'] / speed['zaizai']:>3.1f}x | {same('f16'):>8}",
-                  flush=True)
+            z = speed["zaizai"]
+            print(f"{n_layer:>2}L/{n_embd:<4}d | {z:>12,.0f} | {speed['f32']:>8,.0f} {speed['f32'] / z:>3.1f}x |"
+                  f" {same('f32'):>8} | {speed['f16']:>8,.0f} {speed['f16'] / z:>3.1f}x | {same('f16'):>8}", flush=True)
             for llm in llms.values():
                 llm.close()
 

@@ -126,3 +126,12 @@ def test_generate_speed_compile_flag_adds_a_compiled_line(bench, capsys, one_thr
     generate_speed.print_size("2L/32d", m, None)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("2L/32d") and lines[1].startswith("  compiled") and lines[1].split()[-1] == "yes"
+
+
+def test_gguf_speed_flags_parse(bench):
+    """bench/gguf_speed.py: --llama-in-process and --compile are off unless given."""
+    gguf_speed = bench("gguf_speed")
+    plain = gguf_speed.parse_args([])
+    assert plain.llama_in_process is False and plain.compile is False and plain.threads == 2
+    both = gguf_speed.parse_args(["--llama-in-process", "--compile", "--threads", "1"])
+    assert both.llama_in_process is True and both.compile is True and both.threads == 1
