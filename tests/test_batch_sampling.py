@@ -10,7 +10,7 @@ from zaizai.common.errors import ZaizaiError
 import zaizai.inference.batch as batch_module
 from zaizai.inference.batch import ERROR, LENGTH, Batch, Checked
 from zaizai.inference.generate import generate_ids
-from zaizai.inference.sampling import SamplingConfig, draw, sample_next
+from zaizai.inference.sampling import SamplingConfig, draw, draw_cumulative, sample_next
 from util import DECODE_VOCAB as VOCAB, decode_model as make, decode_prompt as prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,8 +40,8 @@ def test_probabilities_that_cannot_be_drawn_from_end_the_sequence_before_the_dra
     greedy = SamplingConfig(max_new_tokens=6, temperature=0)
     alone = list(generate_ids(model, ids, greedy))
     draws = []
-    monkeypatch.setattr(batch_module, "draw", lambda probs, g: draws.append(bool(torch.isfinite(probs).all()))
-                        or draw(probs, g))
+    monkeypatch.setattr(batch_module, "draw_cumulative",
+                        lambda cdf, g: draws.append(bool(torch.isfinite(cdf).all())) or draw_cumulative(cdf, g))
     batch = Batch(model)
     hot = batch.add(prompt(4, seed=2), SamplingConfig(temperature=1e-3, seed=1))
     cold = batch.add(ids, greedy)
@@ -52,7 +52,7 @@ def test_probabilities_that_cannot_be_drawn_from_end_the_sequence_before_the_dra
                          "temperature 0.001); try a higher temperature or another checkpoint")
     assert cold.finish_reason == LENGTH and cold.tokens == alone
     assert warm.finish_reason == LENGTH and len(warm.tokens) == 4
-    assert draws == [True] * 4  # the warm sequence's draws only, all on finite probabilities
+    assert draws == [True] * 4  # the warm sequence's draws only, all on finite running sums
 
 
 @pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.3, top_k=5),

@@ -37,7 +37,7 @@ import torch
 
 from ..common.errors import ZaizaiError
 from ..models.decode import decoder_for
-from .sampling import NGramBlocker, SamplingConfig, apply_repetition_penalty, draw, next_token_probs
+from .sampling import NGramBlocker, SamplingConfig, apply_repetition_penalty, draw_cumulative, next_token_probs
 
 STOP, LENGTH, ERROR, CANCELLED = "stop", "length", "error", "cancelled"  # why a sequence ended
 
@@ -105,14 +105,14 @@ class Sequence:
             return int(logits.argmax())
         # sample_next's draw, with the probabilities checked first: finite scores so large that the temperature
         # takes them to inf give nan probabilities, which no draw can take from
-        probs = next_token_probs(logits, cfg)
-        total = float(probs.sum())  # one reduction: nan/inf if any probability is, 0 if none is left
+        cdf = next_token_probs(logits, cfg).cumsum(-1)  # (1, V): the draw's running sums, made once
+        total = float(cdf[0, -1])  # nan/inf if any probability is, 0 if none is left
         if not 0 < total < math.inf:
             self._finish(ERROR, f"the next-token probabilities became nan/inf after {len(self.tokens)} tokens (scores "
                                 f"too large for temperature {cfg.temperature}); try a higher temperature or another "
                                 "checkpoint")
             return None
-        return int(draw(probs, self.generator))
+        return int(draw_cumulative(cdf, self.generator))
 
     def accept(self, token: int) -> None:
         """``token`` is part of the text now: remember it for the penalties."""
