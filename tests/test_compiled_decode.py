@@ -118,3 +118,16 @@ def test_cli_sample_with_compile_writes_the_same_text(tmp_path):
     assert fast.returncode == 0, fast.stderr
     assert "compiling the decode step" in fast.stderr and "could not compile" not in fast.stderr
     assert fast.stdout == plain.stdout and len(plain.stdout) > 2
+
+
+def test_compile_decoding_says_when_it_does_not_apply():
+    import io
+    from pathlib import Path
+
+    from zaizai.inference.loaded import Zaizai
+
+    model = make("rnn", n_layer=1)
+    bot = Zaizai(model, None, model.config, {}, {}, torch.device("cpu"), Path("."))
+    said = io.StringIO()
+    assert bot.compile_decoding(say=said) is False and bot.compile is False
+    assert "applies to gpt and modern models on CPU" in said.getvalue()

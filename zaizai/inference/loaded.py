@@ -96,7 +96,8 @@ class Zaizai:
                 print("注意 note: --compile applies to gpt and modern models on CPU; decoding as usual", file=say)
             return False
         if say is not None:
-            print("编译解码步骤 compiling the decode step (~20 s the first time, then cached) ...", file=say, flush=True)
+            print("编译解码步骤 compiling the decode step (~20 s the first time, a few seconds after that) ...",
+                  file=say, flush=True)
         self.compile = True
         for _ in self.stream_ids([0, 0], SamplingConfig(max_new_tokens=3, temperature=0)):
             pass
