@@ -94,7 +94,8 @@ def test_a_compiler_that_fails_is_said_once_and_the_eager_step_goes_on(monkeypat
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(compiled, "_COMPILED", {compiled.gpt_step: broken})
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)  # it fails when first called, as without gcc
     monkeypatch.setattr(compiled, "_FAILED", [])
     model = make()
     fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
@@ -140,3 +141,22 @@ def test_compile_decoding_says_when_it_does_not_apply():
     said = io.StringIO()
     assert bot.compile_decoding(say=said) is False and bot.compile is False
     assert "applies to gpt and modern models on CPU" in said.getvalue()
+
+
+@needs_compiler
+@torch.inference_mode()
+def test_each_model_shape_compiles_on_its_own_past_the_recompile_limit(monkeypatch):
+    """A process that decodes models of many shapes (more than torch's recompile limit, 8) keeps each compiled:
+    with the limit lowered to 1, a second shape still compiles (a graph of its own) and gives the eager logits."""
+    import torch._dynamo.config
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    before = graphs()
+    for width in (40, 56):
+        model = make(n_embd=width)
+        fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
+        fast.prefill(0, prompt(4)), eager.prefill(0, prompt(4))
+        for token in (7, 8):
+            torch.testing.assert_close(fast.step(torch.tensor([token])), eager.step(torch.tensor([token])),
+                                       rtol=1e-5, atol=1e-4)
+    assert graphs() == before + 2

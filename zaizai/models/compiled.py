@@ -22,6 +22,7 @@ line, and goes on with the eager step, which gives the same logits to float roun
 from __future__ import annotations
 
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,18 @@ def modern_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tu
     return _product(F.rms_norm(x, (C,), norm_w, eps), head).unsqueeze(0), torch.stack(new)
 
 
+def _shapes(weights) -> tuple:
+    """The shapes, dtypes and flags of ``weights`` (nested tuples of tensors and flags): a model's shape."""
+    if isinstance(weights, tuple):
+        return tuple(_shapes(w) for w in weights)
+    return (tuple(weights.shape), weights.dtype) if isinstance(weights, torch.Tensor) else weights
+
+
+def _own_code(fn):
+    """``fn`` on a copy of its code object: dynamo keeps one cache of compiled code per code object."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def detached(weights):
     """``weights`` (tuples and lists of tensors and flags) with every tensor detached: the compiled step takes
     no part in autograd."""
@@ -95,7 +108,10 @@ def detached(weights):
     return weights.detach() if isinstance(weights, torch.Tensor) else weights
 
 
-_COMPILED: dict = {}  # step function -> its torch.compile'd form (shared by every decoder: one cache of code)
+_COMPILED: dict = {}  # (step function, the weights' shapes) -> its torch.compile'd form, shared by every decoder of
+# such a model (a Batch makes one per generation): each on a code object of its own, so that each model shape has
+# a cache of its own. On one code object, the ninth shape would pass torch's recompile limit (8), and the step
+# would then run uncompiled, where each (W * x).sum(-1) makes a copy of W: many times slower than the eager step.
 _FAILED: list[str] = []  # why compiling failed in this process (then every decoder steps eagerly)
 
 
@@ -121,9 +137,10 @@ class CompiledStep:
         caller steps eagerly)."""
         if _FAILED:
             return None
-        compiled = _COMPILED.get(self.fn)
+        key = (self.fn, self.n_head, self.eps, _shapes(self.weights))
+        compiled = _COMPILED.get(key)
         if compiled is None:
-            compiled = _COMPILED[self.fn] = torch.compile(self.fn, fullgraph=True, options=self.OPTIONS)
+            compiled = _COMPILED[key] = torch.compile(_own_code(self.fn), fullgraph=True, options=self.OPTIONS)
         if not self.marked:  # the cache's length: one compilation for every length
             for keys, values in past:
                 torch._dynamo.mark_dynamic(keys, 1)
