@@ -260,6 +260,9 @@ def test_new_flags_reach_the_library(monkeypatch, capsys):
     assert in_process(["serve", "m", "--allowed-host", "a.example", "--allowed-host", "b.example",
                        "--api-key-file", "key.txt"], capsys)[0] == 0
     assert seen["serve"]["allowed_hosts"] == ["a.example", "b.example"] and seen["serve"]["api_key_file"] == "key.txt"
+    assert seen["serve"]["compile"] is False
+    assert in_process(["serve", "m", "--compile"], capsys)[0] == 0
+    assert seen["serve"]["compile"] is True
     assert in_process(["serve", "m"], capsys)[0] == 0
     assert seen["serve"]["allowed_hosts"] == [] and seen["serve"]["api_key_file"] is None
     assert in_process(["export", "m", "--format", "gguf", "--to", "m.gguf", "--overwrite"], capsys)[0] == 0

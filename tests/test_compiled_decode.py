@@ -115,7 +115,7 @@ def test_compile_applies_to_gpt_and_modern_on_cpu_only():
 
 
 @needs_compiler
-def test_cli_sample_with_compile_writes_the_same_text(tmp_path):
+def test_sample_and_chat_with_compile_write_the_same_text_and_serve_compiles_first(tmp_path, monkeypatch):
     from util import TINY, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.txt")
@@ -123,11 +123,40 @@ def test_cli_sample_with_compile_writes_the_same_text(tmp_path):
     flags = [f for k, v in TINY.items() for f in ("--" + k.replace("_", "-"), str(v))]
     r = run_cli("train", tmp_path / "data", "--out", tmp_path / "out", "--max-iters", "10", *flags)
     assert r.returncode == 0, r.stderr
-    args = ("sample", tmp_path / "out", "--prompt", "床前", "--max-new-tokens", "20", "--temperature", "0")
-    plain, fast = run_cli(*args), run_cli(*args, "--compile")
-    assert fast.returncode == 0, fast.stderr
-    assert "compiling the decode step" in fast.stderr and "could not compile" not in fast.stderr
-    assert fast.stdout == plain.stdout and len(plain.stdout) > 2
+    for args in (("sample", tmp_path / "out", "--prompt", "床前", "--max-new-tokens", "20", "--temperature", "0"),
+                 ("chat", tmp_path / "out", "-m", "你好", "--max-new-tokens", "20", "--temperature", "0")):
+        plain, fast = run_cli(*args), run_cli(*args, "--compile")
+        assert fast.returncode == 0, fast.stderr
+        assert "compiling the decode step" in fast.stderr and "could not compile" not in fast.stderr
+        assert fast.stdout == plain.stdout and len(plain.stdout) > 2
+
+    # serve --compile: compiled before the server listens, in a thread that has ended (see off_main_thread)
+    import threading
+
+    import uvicorn
+
+    from zaizai.inference.loaded import Zaizai
+    from zaizai.serve import app
+
+    compiled_in = []
+    real = Zaizai.compile_decoding
+
+    def compile_decoding(bot, say=None):  # records whether it ran on the main thread, and whether it applied
+        compiled_in.append(threading.current_thread() is threading.main_thread())
+        compiled_in.append(real(bot, say=say))
+        return compiled_in[-1]
+
+    class NoServer:
+        def __init__(self, config):
+            pass
+
+        def run(self):
+            compiled_in.append("listening")
+
+    monkeypatch.setattr(Zaizai, "compile_decoding", compile_decoding)
+    monkeypatch.setattr(uvicorn, "Server", NoServer)
+    app.serve(tmp_path / "out", port=8765, compile=True)
+    assert compiled_in == [False, True, "listening"]
 
 
 def test_compile_decoding_says_when_it_does_not_apply():

@@ -81,8 +81,8 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser, device: bool = True) 
 
 def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
-                        help="编译解码步骤（CPU 上 gpt/modern，单个生成约快 1.5-1.7 倍；需要 C++ 编译器，首次约 20 秒）· "
-                             "compile the decode step (gpt/modern on CPU: a lone generation ~1.5-1.7x faster; needs a "
+                        help="编译解码步骤（CPU 上 gpt/modern，单个生成约快 1.2-1.7 倍；需要 C++ 编译器，首次约 20 秒）· "
+                             "compile the decode step (gpt/modern on CPU: a lone generation ~1.2-1.7x faster; needs a "
                              "C++ compiler; ~20 s the first time, then cached)")
 
 

@@ -127,7 +127,7 @@ class CompiledStep:
 
     def __init__(self, fn, weights: tuple, n_head: int, eps: float):
         self.fn, self.weights, self.n_head, self.eps = fn, weights, n_head, eps
-        self.marked = False  # whether a call has marked the cache's length dynamic (the first: it compiles then)
+        self.fn_compiled = None  # fn compiled for this model's shape, found at the first call (which compiles it)
         self.steps = 0  # steps it has run
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, past: tuple):
@@ -137,17 +137,16 @@ class CompiledStep:
         caller steps eagerly)."""
         if _FAILED:
             return None
-        key = (self.fn, self.n_head, self.eps, _shapes(self.weights))
-        compiled = _COMPILED.get(key)
-        if compiled is None:
-            compiled = _COMPILED[key] = torch.compile(_own_code(self.fn), fullgraph=True, options=self.OPTIONS)
-        if not self.marked:  # the cache's length: one compilation for every length
-            for keys, values in past:
+        if self.fn_compiled is None:
+            key = (self.fn, self.n_head, self.eps, _shapes(self.weights))
+            if key not in _COMPILED:
+                _COMPILED[key] = torch.compile(_own_code(self.fn), fullgraph=True, options=self.OPTIONS)
+            self.fn_compiled = _COMPILED[key]
+            for keys, values in past:  # the cache's length: one compilation for every length
                 torch._dynamo.mark_dynamic(keys, 1)
                 torch._dynamo.mark_dynamic(values, 1)
-            self.marked = True
         try:
-            out = compiled(token, pos, past, self.weights, self.n_head, self.eps)
+            out = self.fn_compiled(token, pos, past, self.weights, self.n_head, self.eps)
         except Exception as e:  # noqa: BLE001 - a compiler missing or failing: the eager step gives the same logits
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             _FAILED.append(reason)

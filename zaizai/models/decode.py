@@ -355,7 +355,7 @@ class ModernDecoder(KVDecoder):
         half[:hs // 2] = -1.0  # rotate_half(x) = (-x2, x1) = roll(x, hs/2) * (-1 .. -1, 1 .. 1)
         self.cos, self.sin = model.rope_cos, model.rope_sin * half  # (block_size, hs) each
         self.lm_head = _dense1(model.lm_head)
-        self.layers, raw = [], []  # raw: each layer's weights as they are, for the compiled step
+        self.layers, raw = [], []  # raw: each layer's weights as they are, for a compiled step
         scale = 1.0 / math.sqrt(hs)
         for b in m.layers:
             a, mlp = b.self_attn, b.mlp
@@ -366,9 +366,9 @@ class ModernDecoder(KVDecoder):
             self.layers.append((b.input_layernorm.weight, dense(a, (a.q_proj, a.k_proj, a.v_proj)),
                                 q_norm is not None, qk_w, _dense1(a.o_proj), b.post_attention_layernorm.weight,
                                 dense(mlp, (mlp.gate_proj, mlp.up_proj)), _dense1(mlp.down_proj)))
-            raw.append((b.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, q_norm is not None,
+            raw += [(b.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, q_norm is not None,
                         qk_w, a.o_proj.weight, b.post_attention_layernorm.weight, mlp.gate_proj.weight,
-                        mlp.up_proj.weight, mlp.down_proj.weight))
+                        mlp.up_proj.weight, mlp.down_proj.weight)] if compile else []
         if compile:
             self.compiled = CompiledStep(modern_step, detached((self.embed, self.norm, model.lm_head.weight, self.cos,
                                                                  self.sin, raw)), cfg.n_head, self.eps)
