@@ -42,6 +42,7 @@ new tokens per second over the whole run, prefills included, and its ratio to ba
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import platform
 import statistics
@@ -56,6 +57,7 @@ from zaizai.inference.batch import Batch
 from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig
 from zaizai.models import ModelConfig, build_model
+from zaizai.models.compiled import round_weights
 from zaizai.models.modern import swiglu_hidden
 from zaizai.training.checkpoint import BEST, save_checkpoint
 from zaizai.training.config import TrainConfig
@@ -179,21 +181,21 @@ def agreement(a: list[int], b: list[int]) -> float:
     return same / max(1, len(a))
 
 
-def measure(ours, hf, llm, prompt: list[int], args) -> dict:
-    """Batch-1 figures: interleaved rounds, medians of each figure and of the round-by-round ratios."""
-    run_zaizai(ours, prompt, 20)  # warm-up: first calls allocate and pick kernels
-    if args.compile:
-        run_zaizai(ours, prompt, 20, compile=True)  # (compiles the step)
+def measure(variants: dict, hf, llm, prompt: list[int], args) -> dict:
+    """Batch-1 figures: interleaved rounds, medians of each figure and of the round-by-round ratios.
+    ``variants``: zaizai's lines, name -> (model, compile)."""
+    for model, compile in variants.values():  # warm-up: first calls allocate, pick kernels (and compile)
+        run_zaizai(model, prompt, 20, compile=compile)
     run_hf(hf, prompt, 20)
     if llm is not None:
         llm.generate(prompt, 20)
-    runs: dict[str, list] = {"zaizai": [], "compiled": [], "hf": [], "llama": []}
+    runs: dict[str, list] = {who: [] for who in [*variants, "hf", "llama"]}
     for r in range(args.rounds):
-        order = ["zaizai", "compiled", "hf", "llama"]
+        order = [*variants, "hf", "llama"]
         for who in order if r % 2 == 0 else order[::-1]:
-            if who in ("zaizai", "compiled"):
-                if who == "zaizai" or args.compile:
-                    runs[who].append(run_zaizai(ours, prompt, args.new_tokens, compile=who == "compiled"))
+            if who in variants:
+                model, compile = variants[who]
+                runs[who].append(run_zaizai(model, prompt, args.new_tokens, compile=compile))
             elif who == "hf":
                 total, tokens = run_hf(hf, prompt, args.new_tokens)
                 runs[who].append((run_hf(hf, prompt, 1)[0], total, tokens))
@@ -205,11 +207,10 @@ def measure(ours, hf, llm, prompt: list[int], args) -> dict:
         if rs:
             m[who] = dict(tps=n / statistics.median(r[1] for r in rs), ttft=statistics.median(r[0] for r in rs),
                           tokens=rs[-1][2])
-    for who in ("zaizai", "compiled"):
-        if runs[who]:
-            m[who]["vs_hf"] = statistics.median(h[1] / z[1] for z, h in zip(runs[who], runs["hf"]))
-            if runs["llama"]:
-                m[who]["vs_llama"] = statistics.median(ll[1] / z[1] for z, ll in zip(runs[who], runs["llama"]))
+    for who in variants:
+        m[who]["vs_hf"] = statistics.median(h[1] / z[1] for z, h in zip(runs[who], runs["hf"]))
+        if runs["llama"]:
+            m[who]["vs_llama"] = statistics.median(ll[1] / z[1] for z, ll in zip(runs[who], runs["llama"]))
     return m
 
 
@@ -241,12 +242,12 @@ def load_llama(folder: Path, tmp: Path, threads: int, in_process: bool = False) 
 
 def print_size(name: str, m: dict, batch: dict[int, float] | None) -> None:
     h = m["hf"]
-    for who in ("zaizai", "compiled"):
+    for who in ("zaizai", "compiled", "compiled f16"):
         if who not in m:
             continue
         z = m[who]
-        label = name if who == "zaizai" else "  compiled"
-        line = f"{label:<9} {z['tps']:>8,.0f} {h['tps']:>8,.0f} {z['vs_hf']:>6.2f}x  "
+        label = name if who == "zaizai" else f"  {who}"
+        line = f"{label:<14} {z['tps']:>8,.0f} {h['tps']:>8,.0f} {z['vs_hf']:>6.2f}x  "
         if "llama" in m:
             ll = m["llama"]
             line += f"{ll['tps']:>8,.0f} {z['vs_llama']:>6.2f}x  "
@@ -260,7 +261,7 @@ def print_size(name: str, m: dict, batch: dict[int, float] | None) -> None:
         print(line, flush=True)
     if batch:
         base = batch[min(batch)]
-        print("          aggregate tok/s: " + " · ".join(f"batch {b}: {v:,.0f} ({v / base:.1f}x)"
+        print("               aggregate tok/s: " + " · ".join(f"batch {b}: {v:,.0f} ({v / base:.1f}x)"
                                                        for b, v in batch.items()), flush=True)
 
 
@@ -282,6 +283,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="gpt (GPT-2 block) or modern (Qwen3-style: RMSNorm, RoPE, QK-norm, SwiGLU)")
     ap.add_argument("--compile", action="store_true",
                     help="also zaizai with its compiled decode step (zaizai chat --compile), a line of its own")
+    ap.add_argument("--weights", choices=("float32", "float16"), default="float32",
+                    help="float16: also zaizai's compiled step on its weights rounded to float16 (zaizai chat --compile "
+                         "--weights float16), a line of its own: the bytes llama.cpp's F16 file holds")
     ap.add_argument("--kv-heads", type=int, default=0,
                     help="modern: key/value heads (grouped-query attention); 0 = as many as the heads")
     add_corpus_argument(ap)
@@ -309,7 +313,7 @@ def main() -> None:
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads, {args.dtype}; {args.model_kind}{kv}; block 1024; batch 1 greedy, "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; median of {args.rounds} interleaved rounds")
-    print(f"{'model':<9} {'tok/s: zaizai':>13} {'HF':>4} {'zaizai/HF':>9}  {'llama.cpp F16':>13} {'z/llama':>7}"
+    print(f"{'model':<14} {'tok/s: zaizai':>13} {'HF':>4} {'zaizai/HF':>9}  {'llama.cpp F16':>13} {'z/llama':>7}"
           f"  {'TTFT ms: zaizai':>15} {'HF':>3} {'llama':>7} {'same':>4} {'llama':>5}")
     with tempfile.TemporaryDirectory() as tmp:
         for n_layer, n_head, n_embd in sizes:
@@ -322,7 +326,13 @@ def main() -> None:
             ours = ours.to(dtype)
             llm = (None if args.no_llama or dtype != torch.float32
                    else load_llama(folder, Path(tmp), torch.get_num_threads(), args.llama_in_process))
-            m = measure(ours, hf, llm, prompt, args)
+            variants = {"zaizai": (ours, False)}
+            if args.compile:
+                variants["compiled"] = (ours, True)
+            if args.weights == "float16":
+                variants["compiled f16"] = (copy.deepcopy(ours), True)
+                round_weights(variants["compiled f16"][0], torch.float16)
+            m = measure(variants, hf, llm, prompt, args)
             batch = measure_batches(ours, tok.vocab_size, args) if args.batches else None
             print_size(f"{n_layer}L/{n_embd}d", m, batch)
             if llm is not None:

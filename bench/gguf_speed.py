@@ -4,6 +4,7 @@
     .venv/bin/python bench/gguf_speed.py --threads 1
     .venv/bin/python bench/gguf_speed.py --corpus ../shared/corpora/tang.txt.xz   # the README's figures
     .venv/bin/python bench/gguf_speed.py --compile       # zaizai with its compiled decode step
+    .venv/bin/python bench/gguf_speed.py --compile --weights float16   # ... on float16 weights, as the F16 file
 
 For GPTs of 4 layers/128 wide, 6/384 and 12/768 (GPT-2 small's body) with random weights, block_size 1024 and
 the ``--corpus`` character vocabulary (9,706 tokens for the 4.5M-character Tang-poetry corpus the README's
@@ -12,7 +13,9 @@ each model is saved as a zaizai folder, exported with :func:`zaizai.interop.gguf
 and both run greedy generation of ``--new-tokens`` (500) at batch 1 after a ``--prompt-tokens`` (200) history.
 
 - zaizai: :func:`zaizai.inference.generate.generate_ids` (KV cache, fp32, temperature 0); with ``--compile``,
-  its compiled decode step (``zaizai chat --compile``; :mod:`zaizai.models.compiled`), compiled before the rounds.
+  its compiled decode step (``zaizai chat --compile``; :mod:`zaizai.models.compiled`), compiled before the rounds;
+  with ``--weights float16`` too, that step on the model's matrices rounded to float16 (``zaizai chat --compile
+  --weights float16``): the bytes the F16 file holds, arithmetic in fp32.
 - llama.cpp: ``Llama.generate(prompt_ids, temp=0)`` (its greedy sampler; KV cache in F16, its default), in a
   child process of its own (``bench/llama_run.py``; ``--llama-in-process`` runs it in this one, beside torch).
 
@@ -38,6 +41,7 @@ from zaizai.inference.generate import generate_ids
 from zaizai.inference.sampling import SamplingConfig
 from zaizai.interop.gguf import export_gguf
 from zaizai.models import ModelConfig, build_model
+from zaizai.models.compiled import round_weights
 from zaizai.data.tokenizer import CharTokenizer
 
 from corpus import add_corpus_argument, load_corpus
@@ -76,8 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="run llama.cpp in this process, beside torch (default: a child process of its own)")
     ap.add_argument("--compile", action="store_true",
                     help="zaizai with its compiled decode step (zaizai chat --compile)")
+    ap.add_argument("--weights", choices=("float32", "float16"), default="float32",
+                    help="float16 (with --compile): zaizai's compiled step on float16 weights, as llama.cpp's F16")
     add_corpus_argument(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.weights != "float32" and not args.compile:
+        ap.error("--weights float16 needs --compile")
+    return args
 
 
 def main() -> None:
@@ -94,7 +103,8 @@ def main() -> None:
     print(corpus.header())
     print(f"vocab {tok.vocab_size} ({source}) · prompt {args.prompt_tokens} · new {args.new_tokens} · "
           f"threads {args.threads} · median of {args.rounds} rounds"
-          + (" · zaizai: compiled decode step (--compile)" if args.compile else ""))
+          + (" · zaizai: compiled decode step (--compile)" if args.compile else "")
+          + (" on float16 weights" if args.weights == "float16" else ""))
     print(f"{'model':>10} | {'zaizai tok/s':>12} | {'llama.cpp F32':>13} | {'F32 same':>8} | "
           f"{'llama.cpp F16':>13} | {'F16 same':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +116,8 @@ def main() -> None:
                 path = Path(tmp) / f"{n_layer}x{n_embd}-{dtype}.gguf"
                 export_gguf(folder, path, dtype=dtype, verbose=False)
                 llms[dtype] = LlamaRun(path, args.threads, n_ctx=block, in_process=args.llama_in_process)
+            if args.weights == "float16":  # (after the F32 export, which keeps the weights as they were)
+                round_weights(model, torch.float16)
             times: dict[str, list[float]] = {"zaizai": [], "f32": [], "f16": []}
             outs: dict[str, list[int]] = {}
             run_zaizai(model, prompt, 8, args.compile)  # warm up (and compile)

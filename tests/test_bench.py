@@ -109,29 +109,42 @@ def test_llama_in_process_flag_runs_llama_cpp_in_this_process(bench, monkeypatch
     assert made == [True, False]
 
 
-def test_generate_speed_compile_flag_adds_a_compiled_line(bench, capsys, one_thread):
-    """bench/generate_speed.py --compile: zaizai measured a second time with its compiled decode step, next to the
-    same transformers runs; its greedy tokens are transformers' too, and the table has a line for it."""
+def test_generate_speed_compile_and_weights_flags_add_compiled_lines(bench, capsys, one_thread):
+    """bench/generate_speed.py --compile --weights float16: zaizai measured again with its compiled decode step, and
+    with that step on float16 weights, next to the same transformers runs. The compiled step's greedy tokens are
+    transformers'; the float16 line is a copy of the model rounded to float16 (the original is left as it was)."""
+    import copy
+
     import torch
 
     from util import decode_model, decode_prompt
+    from zaizai.models.compiled import round_weights
 
     generate_speed = bench("generate_speed")
-    assert generate_speed.parse_args([]).compile is False
-    args = generate_speed.parse_args(["--compile", "--rounds", "1", "--new-tokens", "6"])
+    assert generate_speed.parse_args([]).compile is False and generate_speed.parse_args([]).weights == "float32"
+    args = generate_speed.parse_args(["--compile", "--weights", "float16", "--rounds", "1", "--new-tokens", "6"])
     ours = decode_model(n_layer=2, n_head=2, block_size=32)
     hf = generate_speed.hf_copy(ours, torch.float32)
-    m = generate_speed.measure(ours, hf, None, decode_prompt(8), args)
+    half = copy.deepcopy(ours)
+    round_weights(half, torch.float16)
+    variants = {"zaizai": (ours, False), "compiled": (ours, True), "compiled f16": (half, True)}
+    m = generate_speed.measure(variants, hf, None, decode_prompt(8), args)
     assert m["compiled"]["tokens"] == m["zaizai"]["tokens"] == m["hf"]["tokens"]
+    assert len(m["compiled f16"]["tokens"]) == 6 and not hasattr(ours, "weights_dtype")
     generate_speed.print_size("2L/32d", m, None)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("2L/32d") and lines[1].startswith("  compiled") and lines[1].split()[-1] == "yes"
+    assert lines[0].startswith("2L/32d") and lines[1].startswith("  compiled ") and lines[1].split()[-1] == "yes"
+    assert lines[2].startswith("  compiled f16")
 
 
 def test_gguf_speed_flags_parse(bench):
-    """bench/gguf_speed.py: --llama-in-process and --compile are off unless given."""
+    """bench/gguf_speed.py: --llama-in-process and --compile are off unless given; --weights float16 needs
+    --compile."""
     gguf_speed = bench("gguf_speed")
     plain = gguf_speed.parse_args([])
     assert plain.llama_in_process is False and plain.compile is False and plain.threads == 2
-    both = gguf_speed.parse_args(["--llama-in-process", "--compile", "--threads", "1"])
+    both = gguf_speed.parse_args(["--llama-in-process", "--compile", "--threads", "1", "--weights", "float16"])
     assert both.llama_in_process is True and both.compile is True and both.threads == 1
+    assert plain.weights == "float32" and both.weights == "float16"
+    with pytest.raises(SystemExit):
+        gguf_speed.parse_args(["--weights", "float16"])  # without --compile

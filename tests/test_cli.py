@@ -6,6 +6,7 @@ import os
 import pytest
 
 from util import TINY, run_cli, write_corpus
+from zaizai.common.errors import ZaizaiError
 
 
 def tiny_flags(**extra):
@@ -245,6 +246,19 @@ def test_ctrl_c_during_startup_is_one_line_and_exit_130(monkeypatch, capsys, whe
     assert code == 130 and err.strip() == "zaizai: 已中断 interrupted"
 
 
+@pytest.mark.parametrize("argv", [["sample", "m", "--weights", "float16"], ["chat", "m", "--weights", "bfloat16"]])
+def test_16_bit_weights_without_compile_are_refused_before_the_model_loads(argv, capsys):
+    code, err = in_process(argv, capsys)  # no folder m: a load would say so instead
+    assert code == 2 and err.count("\n") == 1 and f"--weights {argv[-1]} needs --compile" in err
+
+
+def test_serve_refuses_16_bit_weights_without_compile_before_loading(tmp_path):
+    from zaizai.serve.app import serve
+
+    with pytest.raises(ZaizaiError, match="--weights float16 needs --compile"):
+        serve(tmp_path / "missing", weights="float16")
+
+
 def test_new_flags_reach_the_library(monkeypatch, capsys):
     seen = {}
 
@@ -262,7 +276,9 @@ def test_new_flags_reach_the_library(monkeypatch, capsys):
     assert seen["serve"]["allowed_hosts"] == ["a.example", "b.example"] and seen["serve"]["api_key_file"] == "key.txt"
     assert seen["serve"]["compile"] is False
     assert in_process(["serve", "m", "--compile"], capsys)[0] == 0
-    assert seen["serve"]["compile"] is True
+    assert seen["serve"]["compile"] is True and seen["serve"]["weights"] == "float32"
+    assert in_process(["serve", "m", "--compile", "--weights", "bfloat16"], capsys)[0] == 0
+    assert seen["serve"]["weights"] == "bfloat16"
     assert in_process(["serve", "m"], capsys)[0] == 0
     assert seen["serve"]["allowed_hosts"] == [] and seen["serve"]["api_key_file"] is None
     assert in_process(["export", "m", "--format", "gguf", "--to", "m.gguf", "--overwrite"], capsys)[0] == 0

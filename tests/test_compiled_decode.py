@@ -141,9 +141,9 @@ def test_sample_and_chat_with_compile_write_the_same_text_and_serve_compiles_fir
     compiled_in = []
     real = Zaizai.compile_decoding
 
-    def compile_decoding(bot, say=None):  # records whether it ran on the main thread, and whether it applied
+    def compile_decoding(bot, say=None, weights="float32"):  # records the thread it ran on, and whether it applied
         compiled_in.append(threading.current_thread() is threading.main_thread())
-        compiled_in.append(real(bot, say=say))
+        compiled_in.append(real(bot, say=say, weights=weights))
         return compiled_in[-1]
 
     class NoServer:
@@ -174,18 +174,85 @@ def test_compile_decoding_says_when_it_does_not_apply():
 
 @needs_compiler
 @torch.inference_mode()
-def test_each_model_shape_compiles_on_its_own_past_the_recompile_limit(monkeypatch):
+def test_each_model_shape_compiles_on_its_own_past_the_recompile_limit():
     """A process that decodes models of many shapes (more than torch's recompile limit, 8) keeps each compiled:
     with the limit lowered to 1, a second shape still compiles (a graph of its own) and gives the eager logits."""
     import torch._dynamo.config
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     before = graphs()
-    for width in (40, 56):
-        model = make(n_embd=width)
-        fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
-        fast.prefill(0, prompt(4)), eager.prefill(0, prompt(4))
-        for token in (7, 8):
-            torch.testing.assert_close(fast.step(torch.tensor([token])), eager.step(torch.tensor([token])),
-                                       rtol=1e-5, atol=1e-4)
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch's undo deletes the config entry)
+        for width in (40, 56):
+            model = make(n_embd=width)
+            fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
+            fast.prefill(0, prompt(4)), eager.prefill(0, prompt(4))
+            for token in (7, 8):
+                torch.testing.assert_close(fast.step(torch.tensor([token])), eager.step(torch.tensor([token])),
+                                           rtol=1e-5, atol=1e-4)
     assert graphs() == before + 2
+
+
+def matrices(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.dim() == 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_weights_rounds_the_matrices_only(dtype):
+    model, plain = make("modern", n_head=4, n_kv_head=2), make("modern", n_head=4, n_kv_head=2)
+    compiled.round_weights(model, dtype)
+    assert model.weights_dtype == dtype and not hasattr(plain, "weights_dtype")
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert p.dtype == torch.float32
+        if p.dim() == 2:
+            assert torch.equal(p, q.to(dtype).float()), name
+        else:
+            assert torch.equal(p, q), name  # norms and biases as they were
+    assert not all(torch.equal(p, q) for p, q in zip(matrices(model), matrices(plain)))
+
+
+def test_flatten_lays_out_every_tensor_once_and_unflatten_gives_them_back():
+    a, b, c = torch.randn(5, 3), torch.randn(7), torch.randn(2, 2).half()
+    weights = (a, (b, True, a), c, 1e-5)
+    buffers, layout = compiled.flatten(weights)
+    assert [x.dtype for x in buffers] == [torch.float32, torch.float16]
+    assert buffers[0].numel() == 2 * compiled.ALIGN and buffers[1].numel() == compiled.ALIGN  # a once: tied
+    back = compiled.unflatten(buffers, layout)
+    assert torch.equal(back[0], a) and torch.equal(back[1][0], b) and back[1][1] is True
+    assert torch.equal(back[1][2], a) and torch.equal(back[2], c) and back[3] == 1e-5
+    assert back[0].data_ptr() == back[1][2].data_ptr()  # views of one buffer
+
+
+def test_flat_weights_are_made_once_per_model_and_again_after_a_change():
+    model = make()
+    first, second = decoder_for(model, 1, compile=True), decoder_for(model, 1, compile=True)
+    assert first.compiled.buffers is second.compiled.buffers  # a Batch makes a decoder per generation
+    with torch.no_grad():
+        model.transformer.ln_f.weight.add_(1.0)  # training, or a load, changes the weights
+    third = decoder_for(model, 1, compile=True)
+    assert third.compiled.buffers is not first.compiled.buffers
+    assert torch.equal(compiled.unflatten(third.compiled.buffers, third.compiled.layout)[2],
+                       model.transformer.ln_f.weight)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name, options", KINDS[:2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.inference_mode()
+def test_a_16_bit_compiled_step_reads_half_the_bytes_and_gives_the_rounded_models_logits(name, options, dtype):
+    """With round_weights, the compiled step keeps the matrices in 16 bits (the model's vectors in fp32) and
+    computes in fp32: the logits of the eager step on the same, rounded, weights; the text is the same."""
+    model = make(name, **options)
+    compiled.round_weights(model, dtype)
+    fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
+    sixteen = [b for b in fast.compiled.buffers if b.dtype == dtype]
+    assert len(sixteen) == 1 and len(fast.compiled.buffers) == 2
+    stored = {id(p): p.numel() for p in matrices(model)}  # tied embeddings once
+    assert sum(stored.values()) <= sixteen[0].numel() < sum(stored.values()) + compiled.ALIGN * len(stored)
+    ids = prompt(5)
+    a, b = fast.prefill(0, ids), eager.prefill(0, ids)
+    for _ in range(8):
+        token = b.argmax().view(1)
+        a, b = fast.step(token), eager.step(token)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert fast.compiled.steps == 8
+    cfg = SamplingConfig(max_new_tokens=30, temperature=0)
+    assert list(generate_ids(model, prompt(6), cfg, compile=True)) == list(generate_ids(model, prompt(6), cfg))

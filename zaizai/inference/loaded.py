@@ -15,11 +15,23 @@ from ..common.errors import ZaizaiError
 from ..data.tokendata import trained_exchanges
 from ..data.tokenizer import EOT_ID, load_tokenizer
 from ..models import ModelConfig, build_model
+from ..models.compiled import round_weights
 from ..training.checkpoint import find_checkpoint, load_checkpoint
 from .generate import generate_ids
 from .prompt import text_ids
 from .sampling import SamplingConfig
 from .text import IncrementalDecoder, decode_stream
+
+
+WEIGHTS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}  # compile_decoding's weights
+
+
+def check_weights(compile: bool, weights: str) -> None:
+    """``weights`` (of sample, chat and serve) is a known type, and a 16-bit one goes with ``compile``."""
+    if weights not in WEIGHTS:
+        raise ZaizaiError(f"unknown weights type '{weights}'; choose {', '.join(WEIGHTS)}")
+    if weights != "float32" and not compile:
+        raise ZaizaiError(f"--weights {weights} needs --compile: only the compiled decode step reads 16-bit weights")
 
 
 class Zaizai:
@@ -85,12 +97,16 @@ class Zaizai:
         """The whole continuation of ``prompt`` as one string (see :meth:`stream` for the options)."""
         return "".join(self.stream(prompt, **kwargs))
 
-    def compile_decoding(self, say: TextIO | None = None) -> bool:
+    def compile_decoding(self, say: TextIO | None = None, weights: str = "float32") -> bool:
         """Step a lone generation through a compiled decode step from now on (gpt and modern on CPU:
         :mod:`zaizai.models.compiled`), compiled here, so that the first reply does not wait for it (10-20 s the
         first time, a few seconds once Inductor has it on disk). False, and nothing changes, for a model or device
         it does not apply to. Where compiling fails, one line on stderr says so and generation goes on without it.
-        ``say``: where to write a line saying what happens (``zaizai chat --compile``)."""
+        ``say``: where to write a line saying what happens (``zaizai chat --compile``). ``weights``: float16 or
+        bfloat16 rounds the model's matrices to that type for good (every later step, compiled or not, computes
+        with the rounded values), and the compiled step reads them at that size: half the bytes, arithmetic in
+        float32 (:func:`~zaizai.models.compiled.round_weights`)."""
+        check_weights(True, weights)
         if self.model_config.model not in ("gpt", "modern") or self.device.type != "cpu":
             if say is not None:
                 print("注意 note: --compile applies to gpt and modern models on CPU; decoding as usual", file=say)
@@ -98,6 +114,8 @@ class Zaizai:
         if say is not None:
             print("编译解码步骤 compiling the decode step (~20 s the first time, a few seconds after that) ...",
                   file=say, flush=True)
+        if WEIGHTS[weights] is not None:
+            round_weights(self.model, WEIGHTS[weights])
         self.compile = True
         for _ in self.stream_ids([0, 0], SamplingConfig(max_new_tokens=3, temperature=0)):
             pass

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
-from .compiled import CompiledStep, detached, gpt_step, modern_step
+from .compiled import CompiledStep, flat_weights, gpt_step, modern_step
 from .dense import _dense1, dense
 from .gpt import GPT
 from .modern import ModernLM
@@ -317,8 +317,9 @@ class GPTDecoder(KVDecoder):
             weights = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
                         b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
-            self.compiled = CompiledStep(gpt_step, detached((t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias,
-                                                              model.lm_head.weight, weights)), cfg.n_head, self.eps)
+            flat = flat_weights(model, (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, model.lm_head.weight,
+                                        weights))
+            self.compiled = CompiledStep(gpt_step, flat, cfg.n_head, self.eps)
         super().__init__(model, rows, device, cfg.n_head, cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -370,8 +371,8 @@ class ModernDecoder(KVDecoder):
                         qk_w, a.o_proj.weight, b.post_attention_layernorm.weight, mlp.gate_proj.weight,
                         mlp.up_proj.weight, mlp.down_proj.weight)] if compile else []
         if compile:
-            self.compiled = CompiledStep(modern_step, detached((self.embed, self.norm, model.lm_head.weight, self.cos,
-                                                                 self.sin, raw)), cfg.n_head, self.eps)
+            flat = flat_weights(model, (self.embed, self.norm, model.lm_head.weight, self.cos, self.sin, raw))
+            self.compiled = CompiledStep(modern_step, flat, cfg.n_head, self.eps)
         super().__init__(model, rows, device, nkv, hs, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:

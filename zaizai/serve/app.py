@@ -244,21 +244,23 @@ def serve(out_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
           api_key_file: str | None = None, allowed_hosts: list[str] | None = None, which: str = "auto",
           device: str = "auto", max_tokens: int = MAX_TOKENS_LIMIT, max_active: int = MAX_ACTIVE, max_waiting: int = 64,
           history: int | None = None, header_timeout_s: float = HEADER_TIMEOUT_S,
-          body_timeout_s: float = BODY_TIMEOUT_S, compile: bool = False) -> None:
+          body_timeout_s: float = BODY_TIMEOUT_S, compile: bool = False, weights: str = "float32") -> None:
     """Load the model in ``out_dir`` and serve it until interrupted (see the module docstring). ``allowed_hosts``:
     names accepted in the ``Host`` header besides the localhost names and ``host`` itself. ``compile``: a lone
-    generation steps through a compiled decode step, compiled before the server listens (``zaizai serve --compile``)."""
+    generation steps through a compiled decode step, compiled before the server listens (``zaizai serve --compile``);
+    ``weights``: its weights' type (see :meth:`~zaizai.inference.loaded.Zaizai.compile_decoding`)."""
     try:
         import uvicorn
     except ImportError:
         raise ZaizaiError("serving needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
-    from ..inference.loaded import load
+    from ..inference.loaded import check_weights, load
 
+    check_weights(compile, weights)
     key = read_api_key(api_key, api_key_file)
     hosts = allowed_names(host, allowed_hosts or ())  # (a wrong --allowed-host is told before the model loads)
     bot = off_main_thread(load, out_dir, which=which, device=device)
     if compile:  # before listening, off the main thread too (see off_main_thread)
-        off_main_thread(bot.compile_decoding, say=sys.stdout)
+        off_main_thread(bot.compile_decoding, say=sys.stdout, weights=weights)
     app = create_app(bot, api_key=key, max_tokens=max_tokens, max_active=max_active, max_waiting=max_waiting,
                      history=history, allowed_hosts=hosts, body_timeout_s=body_timeout_s)
     shown = f"[{host}]" if ":" in host else host
