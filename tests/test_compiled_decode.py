@@ -256,3 +256,36 @@ def test_a_16_bit_compiled_step_reads_half_the_bytes_and_gives_the_rounded_model
     assert fast.compiled.steps == 8
     cfg = SamplingConfig(max_new_tokens=30, temperature=0)
     assert list(generate_ids(model, prompt(6), cfg, compile=True)) == list(generate_ids(model, prompt(6), cfg))
+
+
+@needs_compiler
+@pytest.mark.parametrize("name, options", KINDS[:2])
+@torch.inference_mode()
+def test_16_bit_keys_and_values_follow_row_0_through_moves_new_sequences_and_batched_steps(name, options):
+    """With 16-bit weights the cache holds keys and values rounded to 16 bits (eager or compiled alike), and the
+    compiled step reads row 0 from a 16-bit copy, brought up to date after eager steps and started over when row
+    0 gets another sequence: every step's logits are the eager decoder's."""
+    model = make(name, **options)
+    compiled.round_weights(model, torch.float16)
+    fast, eager = decoder_for(model, 2, compile=True), decoder_for(model, 2)
+
+    def both(call, *args):
+        a, b = getattr(fast, call)(*args), getattr(eager, call)(*args)
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+    both("prefill_many", [0, 1], [prompt(4), prompt(7, seed=1)])
+    assert torch.equal(eager.kv, eager.kv.half().float())  # rounded as written
+    for token in (7, 8):
+        both("step", torch.tensor([token, token + 1]))  # two rows: eager, row 0's copy falls behind
+    for token in (9, 10):
+        both("step", torch.tensor([token]))  # row 1 waits: row 0 alone, compiled, its copy caught up
+    both("release", 0)
+    both("move", 1, 0)  # row 1's sequence into row 0: the copy starts over
+    for token in (11, 12, 13):
+        both("step", torch.tensor([token]))
+    both("prefill", 0, prompt(5, seed=2))  # a new sequence in row 0
+    for token in (14, 15):
+        both("step", torch.tensor([token]))
+    assert fast.compiled.steps == 7 and fast.compiled.mirror.dtype == torch.float16
+    torch.testing.assert_close(fast.kv[:, :, 0], eager.kv[:, :, 0], rtol=1e-5, atol=1e-4)

@@ -85,9 +85,9 @@ def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
                              "compile the decode step (gpt/modern on CPU: a lone generation ~1.2-1.7x faster; needs a "
                              "C++ compiler; ~20 s the first time, then cached)")
     parser.add_argument("--weights", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="解码权重精度（配合 --compile）：float16/bfloat16 读一半字节，约快 1.5 倍，计算仍是 float32 · "
+                        help="解码权重精度（配合 --compile）：float16/bfloat16 读一半字节，约快 1.4 倍，计算仍是 float32 · "
                              "weights of the compiled step (with --compile): float16 or bfloat16 rounds the model's "
-                             "matrices and reads half the bytes (~1.5x faster; arithmetic stays float32)")
+                             "matrices and reads half the bytes (~1.4x faster; arithmetic stays float32)")
 
 
 MODEL_DIR_HELP = "`zaizai train` 写的模型文件夹 · folder written by `zaizai train`"

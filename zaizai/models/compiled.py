@@ -51,11 +51,23 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tenso
     faster at 100-900 tokens of cache than the same as elementwise products and sums (6L/384d, interleaved)."""
     nkv, p, hs = keys.shape
     q = q.view(nkv, -1, hs)  # (nkv, group, hs)
-    old = torch.bmm(q, keys.transpose(1, 2))  # (nkv, group, p)
+    if keys.dtype == torch.float32:
+        old = torch.bmm(q, keys.transpose(1, 2))  # (nkv, group, p)
+    else:  # a 16-bit cache, widened in the loop (a bmm would take a widened copy of it)
+        old = (keys.unsqueeze(1).float() * q.unsqueeze(2)).sum(-1)
     new = (q * k.unsqueeze(1)).sum(-1, keepdim=True)  # (nkv, group, 1)
     att = torch.softmax(torch.cat([old, new], dim=-1), dim=-1)
-    y = torch.bmm(att[..., :p], values) + att[..., p:] * v.unsqueeze(1)  # (nkv, group, hs)
+    if values.dtype == torch.float32:
+        y = torch.bmm(att[..., :p], values)  # (nkv, group, hs)
+    else:
+        y = (att[..., :p].unsqueeze(-1) * values.unsqueeze(1).float()).sum(2)
+    y = y + att[..., p:] * v.unsqueeze(1)
     return y.reshape(-1)
+
+
+def _cached(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x as the cache holds it: rounded to a 16-bit cache's type (see :class:`CompiledStep`), float32 still."""
+    return x if cache.dtype == torch.float32 else x.to(cache.dtype).float()
 
 
 def gpt_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tuple, n_head: int, eps: float):
@@ -68,6 +80,7 @@ def gpt_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tuple
     new = []
     for (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), kv in zip(layers, past):
         q, k, v = _product(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), attn_w, attn_b).view(3, n_head, hs)
+        k, v = _cached(k, kv[0]), _cached(v, kv[0])
         new.append(torch.stack((k, v)))
         x = x + _product(_attend(q * hs ** -0.5, k, v, *kv), proj_w, proj_b)
         h = F.gelu(_product(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b), approximate="tanh")
@@ -90,7 +103,7 @@ def modern_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tu
         qk = torch.cat([_product(h, q_w), _product(h, k_w)]).view(n_head + nkv, hs)
         qk = (F.rms_norm(qk, (hs,), None, eps) if qk_norm else qk) * qk_w
         qk = qk * cos + qk.roll(hs // 2, dims=-1) * sin
-        q, k, v = qk[:n_head], qk[n_head:], _product(h, v_w).view(nkv, hs)
+        q, k, v = qk[:n_head], _cached(qk[n_head:], kv[0]), _cached(_product(h, v_w).view(nkv, hs), kv[0])
         new.append(torch.stack((k, v)))
         x = x + _product(_attend(q, k, v, *kv), o_w)
         h = F.rms_norm(x, (C,), ln2, eps)
@@ -187,6 +200,11 @@ def detached(weights, dtype: torch.dtype | None = None, memo: dict | None = None
     return memo[id(weights)]
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The 16-bit type :func:`round_weights` rounded the model's matrices to (None: not rounded)."""
+    return getattr(model, "weights_dtype", None)
+
+
 _FLAT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its tensors' versions, flat weights)
 
 
@@ -195,7 +213,7 @@ def flat_weights(model: torch.nn.Module, weights: tuple) -> tuple:
     :func:`round_weights` gave the model: made once per model and again after any of its parameters or buffers
     changes (a Batch makes a decoder per generation; the copy is the size of the model)."""
     tensors = [*model.parameters(), *model.buffers()]
-    dtype = getattr(model, "weights_dtype", None)
+    dtype = weights_dtype(model)
     if any(t.is_inference() for t in tensors):  # no version counter to tell a change: lay out every time
         return flatten(detached(weights, dtype))
     version = (dtype, tuple((t.data_ptr(), t._version) for t in tensors))
@@ -222,15 +240,42 @@ class CompiledStep:
     # rows, which makes the loop compute-bound; these are vectors of a few hundred floats, so keeping them costs
     # nothing (6L/384d: 3.4 vs 4.0 ms a step, interleaved).
     # Inductor's checks of its inputs' sizes and strides are off: dynamo's guards check the same before each call
-    # (4L/128d: 5% of a step).
-    OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False}
+    # (4L/128d: 5% of a step). Casts to 16 bits round as they do eagerly (new keys and values rounded as the
+    # cache holds them); by default Inductor drops a down-and-up cast pair in a fused loop.
+    OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False, "emulate_precision_casts": True}
 
-    def __init__(self, fn, flat: tuple, n_head: int, eps: float):
-        """``flat``: the weights as :func:`flat_weights` gives them, (buffers, layout)."""
-        self.fn, self.n_head, self.eps = fn, n_head, eps
+    def __init__(self, fn, flat: tuple, n_head: int, eps: float, kv_dtype: torch.dtype | None = None):
+        """``flat``: the weights as :func:`flat_weights` gives them, (buffers, layout). ``kv_dtype``: the 16-bit
+        type the decoder rounds keys and values to (a model with 16-bit weights): the step then reads a copy of
+        row 0's cache in that type (:meth:`past`), half the bytes."""
+        self.fn, self.n_head, self.eps, self.kv_dtype = fn, n_head, eps, kv_dtype
         self.buffers, self.layout = flat
         self.fn_compiled = None  # fn compiled for this model's shape, found at the first call (which compiles it)
         self.steps = 0  # steps it has run
+        self.mirror: torch.Tensor | None = None  # row 0's keys and values in kv_dtype, like the cache's row 0
+        self.mirrored = 0  # positions [0, mirrored) of the mirror hold row 0's
+
+    def past(self, row0: torch.Tensor, p: int) -> list:
+        """What the step reads of row 0's cache ``row0`` (n_layer, 2, heads, block_size, hs), p tokens: each layer's
+        (keys, values) views, of ``row0`` or of its 16-bit mirror, which is brought up to date first."""
+        if self.kv_dtype is not None:
+            if self.mirror is None:
+                self.mirror = torch.empty(row0.shape, dtype=self.kv_dtype, device=row0.device)
+            if self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
+                self.mirror[:, :, :, self.mirrored:p].copy_(row0[:, :, :, self.mirrored:p])
+            self.mirrored = p
+            row0 = self.mirror
+        return [(keys[:, :p], values[:, :p]) for keys, values in row0]
+
+    def wrote(self, new: torch.Tensor, p: int) -> None:
+        """The step's new keys and values ``new`` (n_layer, 2, heads, hs) went to position p of row 0."""
+        if self.mirror is not None and self.mirrored == p:
+            self.mirror[:, :, :, p] = new
+            self.mirrored = p + 1
+
+    def forget(self) -> None:
+        """Row 0 holds another sequence now (a new one, one moved there, or none): the mirror is out of date."""
+        self.mirrored = 0
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, past: tuple):
         """past: each layer's (keys, values), (nkv, p, hs) each, views of a decoder's cache whose strides do not
@@ -240,7 +285,7 @@ class CompiledStep:
         if _FAILED:
             return None
         if self.fn_compiled is None:
-            key = (self.fn, self.n_head, self.eps, self.layout, tuple(b.dtype for b in self.buffers))
+            key = (self.fn, self.n_head, self.eps, self.layout, tuple(b.dtype for b in self.buffers), self.kv_dtype)
             if key not in _COMPILED:
                 _COMPILED[key] = torch.compile(_bound(self.fn, self.layout, self.n_head, self.eps), fullgraph=True,
                                                options=self.OPTIONS)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
-from .compiled import CompiledStep, flat_weights, gpt_step, modern_step
+from .compiled import CompiledStep, flat_weights, gpt_step, modern_step, weights_dtype
 from .dense import _dense1, dense
 from .gpt import GPT
 from .modern import ModernLM
@@ -120,6 +120,7 @@ class KVDecoder(Decoder):
         self.window = model.config.block_size
         self.scale = 1.0 / math.sqrt(head_size)
         self.dtype = dtype
+        self.kv_dtype = weights_dtype(model)  # keys and values rounded to it (16-bit weights, as llama.cpp's F16)
         self.kv = None
         self.dirty: list[int] = []  # positions [0, dirty) of a row may hold an earlier sequence's keys
         super().__init__(model, rows, device)
@@ -131,9 +132,7 @@ class KVDecoder(Decoder):
                          dtype=self.dtype)
         if self.kv is not None:
             kv[:, :, :self.capacity].copy_(self.kv)
-        self.kv = kv
-        self.k, self.v = kv[:, 0], kv[:, 1]  # (n_layer, rows, heads, block_size, hs) each
-        self.row0 = list(zip(self.k[:, 0], self.v[:, 0]))  # each layer's row-0 (keys, values), (heads, block_size, hs)
+        self.kv, self.k, self.v = kv, kv[:, 0], kv[:, 1]  # k, v: (n_layer, rows, heads, block_size, hs) each
         # where a head's new key (then value) goes in a layer's buffer seen as (2 * rows * heads * block_size, hs)
         offsets = torch.arange(heads, device=self.device) * window  # (heads,)
         self.kv_offsets = torch.cat([offsets, offsets + rows * heads * window])  # (2 heads,)
@@ -142,6 +141,9 @@ class KVDecoder(Decoder):
         self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)  # (rows,) = lengths, on device
         self.positions[:self.capacity] = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
         super()._grow(rows)
+
+    def _cached(self, x: torch.Tensor) -> torch.Tensor:  # keys or values as the cache holds them
+        return x if self.kv_dtype is None else x.to(self.kv_dtype).to(x.dtype)
 
     def _clean(self, row: int, start: int) -> None:
         """Zero what an earlier sequence left at positions >= start of ``row``: a masked position's weight
@@ -153,6 +155,8 @@ class KVDecoder(Decoder):
 
     def _set_length(self, row: int, n: int) -> None:
         self.lengths[row] = n
+        if row == 0 and self.compiled is not None:
+            self.compiled.forget()  # a new sequence, or one moved here, or none
         self.positions[row] = n
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -246,11 +250,12 @@ class KVDecoder(Decoder):
         """:meth:`step` of row 0 alone through the compiled step: its logits (1, V), or None where it could not be
         compiled (nothing written: the eager step follows)."""
         p = self.lengths[0]
-        out = self.compiled(tokens, self.positions[:1], [(keys[:, :p], values[:, :p]) for keys, values in self.row0])
+        out = self.compiled(tokens, self.positions[:1], self.compiled.past(self.kv[:, :, 0], p))
         if out is None:
             return None
         logits, new = out
         self.kv[:, :, 0, :, p] = new  # (n_layer, 2, heads, hs)
+        self.compiled.wrote(new, p)
         self._end(1)
         return logits
 
@@ -319,7 +324,7 @@ class GPTDecoder(KVDecoder):
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
             flat = flat_weights(model, (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, model.lm_head.weight,
                                         weights))
-            self.compiled = CompiledStep(gpt_step, flat, cfg.n_head, self.eps)
+            self.compiled = CompiledStep(gpt_step, flat, cfg.n_head, self.eps, weights_dtype(model))
         super().__init__(model, rows, device, cfg.n_head, cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -328,7 +333,7 @@ class GPTDecoder(KVDecoder):
         x = F.embedding(tokens, self.wte) + F.embedding(pos, self.wpe)  # (N, C)
         for (ln1_w, ln1_b, attn, proj, ln2_w, ln2_b, fc, out), kv in zip(self.layers, self.kv):
             qkv = attn(F.layer_norm(x, (C,), ln1_w, ln1_b, self.eps))  # (N, 3C)
-            kv.view(-1, hs).index_copy_(0, slots, qkv[:, C:].reshape(N * 2 * nh, hs))  # in place: no new cache
+            kv.view(-1, hs).index_copy_(0, slots, self._cached(qkv[:, C:].reshape(N * 2 * nh, hs)))  # in place
             x = proj.add_to(x, attend((qkv[:, :C] * self.scale).view(N, nh, hs), kv))  # heads side by side
             x = out.add_to(x, fc.gelu(F.layer_norm(x, (C,), ln2_w, ln2_b, self.eps)))
         return F.layer_norm(x, (C,), self.ln_f[0], self.ln_f[1], self.eps)
@@ -372,7 +377,7 @@ class ModernDecoder(KVDecoder):
                         mlp.up_proj.weight, mlp.down_proj.weight)] if compile else []
         if compile:
             flat = flat_weights(model, (self.embed, self.norm, model.lm_head.weight, self.cos, self.sin, raw))
-            self.compiled = CompiledStep(modern_step, flat, cfg.n_head, self.eps)
+            self.compiled = CompiledStep(modern_step, flat, cfg.n_head, self.eps, weights_dtype(model))
         super().__init__(model, rows, device, nkv, hs, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -386,7 +391,7 @@ class ModernDecoder(KVDecoder):
             qk = (F.rms_norm(qk, (hs,), None, eps) if qk_norm else qk) * qk_w  # QK-norm; queries scaled
             qk = torch.addcmul(qk * cos, qk.roll(hs // 2, dims=-1), sin)  # RoPE at each row's position
             new = torch.stack((qk[:, nh:], qkv[:, (nh + nkv) * hs:].view(n, nkv, hs)), dim=1)  # (n, 2, nkv, hs)
-            kv.view(-1, hs).index_copy_(0, slots, new.view(n * 2 * nkv, hs))  # in place: no new cache
+            kv.view(-1, hs).index_copy_(0, slots, self._cached(new.view(n * 2 * nkv, hs)))  # in place: no new cache
             x = o_proj.add_to(x, attend(qk[:, :nh], kv))
             gate, up = gate_up(F.rms_norm(x, (C,), ln2, eps)).chunk(2, dim=1)  # (n, H) each
             x = down.add_to(x, F.silu(gate) * up)
