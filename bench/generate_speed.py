@@ -14,7 +14,9 @@ Batch 1: greedy generation of ``--new-tokens`` (500) tokens after a ``--prompt-t
 
 - zaizai: :func:`zaizai.inference.generate.generate_ids` (its decode step over a preallocated KV cache);
   with ``--compile``, a second line: the same with its compiled decode step (``zaizai chat --compile``;
-  :mod:`zaizai.models.compiled`), compiled before the rounds.
+  :mod:`zaizai.models.compiled`), compiled before the rounds; with ``--weights float16``, a third line: that step
+  on a copy of the model rounded to float16 (``zaizai chat --compile --weights float16``), the bytes llama.cpp's
+  F16 file holds; its "llama" column is the one to read.
 - transformers: ``GPT2LMHeadModel.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)`` with its
   own KV cache, SDPA attention, on a copy of the same weights (the four Conv1D weights transposed).
 - llama.cpp (where llama-cpp-python is installed): the model exported by ``zaizai export --format gguf`` as
