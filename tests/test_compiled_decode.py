@@ -161,12 +161,8 @@ def test_sample_and_chat_with_compile_write_the_same_text_and_serve_compiles_fir
 
 def test_compile_decoding_says_when_it_does_not_apply():
     import io
-    from pathlib import Path
 
-    from zaizai.inference.loaded import Zaizai
-
-    model = make("rnn", n_layer=1)
-    bot = Zaizai(model, None, model.config, {}, {}, torch.device("cpu"), Path("."))
+    bot = _bot(make("rnn", n_layer=1))
     said = io.StringIO()
     assert bot.compile_decoding(say=said) is False and bot.compile is False
     assert "applies to gpt and modern models on CPU" in said.getvalue()
@@ -287,5 +283,34 @@ def test_16_bit_keys_and_values_follow_row_0_through_moves_new_sequences_and_bat
     both("prefill", 0, prompt(5, seed=2))  # a new sequence in row 0
     for token in (14, 15):
         both("step", torch.tensor([token]))
-    assert fast.compiled.steps == 7 and fast.compiled.mirror.dtype == torch.float16
+    assert fast.compiled.steps == 7 and fast.compiled.mirror[0][0].dtype == torch.float16
     torch.testing.assert_close(fast.kv[:, :, 0], eager.kv[:, :, 0], rtol=1e-5, atol=1e-4)
+
+
+def _bot(model):
+    from pathlib import Path
+
+    from zaizai.inference.loaded import Zaizai
+
+    return Zaizai(model, None, model.config, {}, {}, torch.device("cpu"), Path("."))
+
+
+def test_compile_decoding_refuses_an_unknown_weights_type_and_rounds_nothing_where_it_does_not_apply():
+    bot = _bot(make())
+    with pytest.raises(ZaizaiError, match="unknown weights type 'int8'"):
+        bot.compile_decoding(weights="int8")
+    rnn = make("rnn", n_layer=1)
+    before = [p.clone() for p in rnn.parameters()]
+    assert _bot(rnn).compile_decoding(weights="float16") is False
+    assert all(torch.equal(p, q) for p, q in zip(rnn.parameters(), before)) and not hasattr(rnn, "weights_dtype")
+
+
+@needs_compiler
+def test_compile_decoding_with_16_bit_weights_rounds_the_model_and_gives_its_text():
+    model, rounded = make(), make()
+    compiled.round_weights(rounded, torch.bfloat16)
+    bot = _bot(model)
+    assert bot.compile_decoding(weights="bfloat16") is True and model.weights_dtype == torch.bfloat16
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), rounded.parameters()))
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0)
+    assert list(bot.stream_ids(prompt(6), cfg)) == list(generate_ids(rounded, prompt(6), cfg))

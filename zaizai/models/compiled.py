@@ -47,13 +47,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tenso
             values: torch.Tensor) -> torch.Tensor:
     """One query per head against the cache and the new token: q (nh, hs), already scaled; k, v (nkv, hs) the
     new token's; keys, values (nkv, p, hs) the p tokens before it. Query head h reads key/value head
-    h // (nh / nkv). -> (nh * hs,). Written as bmm (Inductor turns a one-row bmm into loops of its own): 1.03-1.15x
-    faster at 100-900 tokens of cache than the same as elementwise products and sums (6L/384d, interleaved)."""
+    h // (nh / nkv). -> (nh * hs,). An fp32 cache is read with bmm (Inductor turns a one-row bmm into loops of its
+    own): 1.03-1.15x faster at 100-900 tokens of cache than elementwise products and sums (6L/384d, interleaved).
+    A 16-bit cache is read with the latter, widened in the loop: a bmm would take a widened copy of it."""
     nkv, p, hs = keys.shape
     q = q.view(nkv, -1, hs)  # (nkv, group, hs)
     if keys.dtype == torch.float32:
         old = torch.bmm(q, keys.transpose(1, 2))  # (nkv, group, p)
-    else:  # a 16-bit cache, widened in the loop (a bmm would take a widened copy of it)
+    else:
         old = (keys.unsqueeze(1).float() * q.unsqueeze(2)).sum(-1)
     new = (q * k.unsqueeze(1)).sum(-1, keepdim=True)  # (nkv, group, 1)
     att = torch.softmax(torch.cat([old, new], dim=-1), dim=-1)
@@ -65,9 +66,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tenso
     return y.reshape(-1)
 
 
-def _cached(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """x as the cache holds it: rounded to a 16-bit cache's type (see :class:`CompiledStep`), float32 still."""
-    return x if cache.dtype == torch.float32 else x.to(cache.dtype).float()
+def as_cached(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Keys or values ``x`` as a cache of ``dtype`` holds them: rounded to it, in x's own type still (None: as is).
+    A model with 16-bit weights rounds them to 16 bits, eagerly (the decoder) and compiled alike."""
+    return x if dtype is None or dtype == x.dtype else x.to(dtype).to(x.dtype)
 
 
 def gpt_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tuple, n_head: int, eps: float):
@@ -80,7 +82,7 @@ def gpt_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tuple
     new = []
     for (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), kv in zip(layers, past):
         q, k, v = _product(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), attn_w, attn_b).view(3, n_head, hs)
-        k, v = _cached(k, kv[0]), _cached(v, kv[0])
+        k, v = as_cached(k, kv[0].dtype), as_cached(v, kv[0].dtype)
         new.append(torch.stack((k, v)))
         x = x + _product(_attend(q * hs ** -0.5, k, v, *kv), proj_w, proj_b)
         h = F.gelu(_product(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b), approximate="tanh")
@@ -103,7 +105,8 @@ def modern_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tu
         qk = torch.cat([_product(h, q_w), _product(h, k_w)]).view(n_head + nkv, hs)
         qk = (F.rms_norm(qk, (hs,), None, eps) if qk_norm else qk) * qk_w
         qk = qk * cos + qk.roll(hs // 2, dims=-1) * sin
-        q, k, v = qk[:n_head], _cached(qk[n_head:], kv[0]), _cached(_product(h, v_w).view(nkv, hs), kv[0])
+        q, k, v = qk[:n_head], qk[n_head:], _product(h, v_w).view(nkv, hs)
+        k, v = as_cached(k, kv[0].dtype), as_cached(v, kv[0].dtype)
         new.append(torch.stack((k, v)))
         x = x + _product(_attend(q, k, v, *kv), o_w)
         h = F.rms_norm(x, (C,), ln2, eps)
@@ -224,15 +227,17 @@ def flat_weights(model: torch.nn.Module, weights: tuple) -> tuple:
     return held[1]
 
 
-_COMPILED: dict = {}  # (step function, the weights' shapes) -> its torch.compile'd form, shared by every decoder of
-# such a model (a Batch makes one per generation): each on a code object of its own, so that each model shape has
-# a cache of its own. On one code object, the ninth shape would pass torch's recompile limit (8), and the step
-# would then run uncompiled, where each (W * x).sum(-1) makes a copy of W: many times slower than the eager step.
+_COMPILED: dict = {}  # (step function, n_head, eps, weights' layout and dtypes, cache dtype) -> its torch.compile'd
+# form, shared by every decoder of such a model (a Batch makes one per generation): each on a code object of its
+# own, so that each model shape has a cache of its own. On one code object, the ninth shape would pass torch's
+# recompile limit (8), and the step would then run uncompiled, where each (W * x).sum(-1) makes a copy of W: many
+# times slower than the eager step.
 _FAILED: list[str] = []  # why compiling failed in this process (then every decoder steps eagerly)
 
 
 class CompiledStep:
-    """A decoder's compiled one-sequence step: ``fn`` (:func:`gpt_step` or :func:`modern_step`) on ``weights``."""
+    """A decoder's compiled one-sequence step: ``fn`` (:func:`gpt_step` or :func:`modern_step`) on the weights of
+    :func:`flat_weights`, and for 16-bit weights the 16-bit copy of row 0's cache it reads."""
 
     MIN_PAST = 2  # a cache of 0 or 1 token would be compiled again as a special size: the eager step takes those
     # Inductor's options for this graph: every intermediate kept in a buffer of its own. By default a product's
@@ -252,17 +257,19 @@ class CompiledStep:
         self.buffers, self.layout = flat
         self.fn_compiled = None  # fn compiled for this model's shape, found at the first call (which compiles it)
         self.steps = 0  # steps it has run
-        self.mirror: torch.Tensor | None = None  # row 0's keys and values in kv_dtype, like the cache's row 0
+        self.mirror: list | None = None  # row 0's keys and values in kv_dtype, each layer's (keys, values) as row0
         self.mirrored = 0  # positions [0, mirrored) of the mirror hold row 0's
 
-    def past(self, row0: torch.Tensor, p: int) -> list:
-        """What the step reads of row 0's cache ``row0`` (n_layer, 2, heads, block_size, hs), p tokens: each layer's
-        (keys, values) views, of ``row0`` or of its 16-bit mirror, which is brought up to date first."""
+    def past(self, row0: list, p: int) -> list:
+        """What the step reads of row 0's cache, p tokens: each layer's (keys, values), views of ``row0`` (each
+        layer's row-0 (keys, values), (heads, block_size, hs) each) or of its 16-bit mirror, brought up to date."""
         if self.kv_dtype is not None:
             if self.mirror is None:
-                self.mirror = torch.empty(row0.shape, dtype=self.kv_dtype, device=row0.device)
-            if self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
-                self.mirror[:, :, :, self.mirrored:p].copy_(row0[:, :, :, self.mirrored:p])
+                self.mirror = [(keys.to(self.kv_dtype), values.to(self.kv_dtype)) for keys, values in row0]
+            elif self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
+                for copy, layer in zip(self.mirror, row0):
+                    for mine, theirs in zip(copy, layer):
+                        mine[:, self.mirrored:p].copy_(theirs[:, self.mirrored:p])
             self.mirrored = p
             row0 = self.mirror
         return [(keys[:, :p], values[:, :p]) for keys, values in row0]
@@ -270,7 +277,8 @@ class CompiledStep:
     def wrote(self, new: torch.Tensor, p: int) -> None:
         """The step's new keys and values ``new`` (n_layer, 2, heads, hs) went to position p of row 0."""
         if self.mirror is not None and self.mirrored == p:
-            self.mirror[:, :, :, p] = new
+            for (keys, values), (k, v) in zip(self.mirror, new):
+                keys[:, p], values[:, p] = k, v
             self.mirrored = p + 1
 
     def forget(self) -> None:

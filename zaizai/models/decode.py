@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
-from .compiled import CompiledStep, flat_weights, gpt_step, modern_step, weights_dtype
+from .compiled import CompiledStep, as_cached, flat_weights, gpt_step, modern_step, weights_dtype
 from .dense import _dense1, dense
 from .gpt import GPT
 from .modern import ModernLM
@@ -133,6 +133,7 @@ class KVDecoder(Decoder):
         if self.kv is not None:
             kv[:, :, :self.capacity].copy_(self.kv)
         self.kv, self.k, self.v = kv, kv[:, 0], kv[:, 1]  # k, v: (n_layer, rows, heads, block_size, hs) each
+        self.row0 = list(zip(self.k[:, 0], self.v[:, 0]))  # each layer's row-0 (keys, values), (heads, block_size, hs)
         # where a head's new key (then value) goes in a layer's buffer seen as (2 * rows * heads * block_size, hs)
         offsets = torch.arange(heads, device=self.device) * window  # (heads,)
         self.kv_offsets = torch.cat([offsets, offsets + rows * heads * window])  # (2 heads,)
@@ -141,9 +142,6 @@ class KVDecoder(Decoder):
         self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)  # (rows,) = lengths, on device
         self.positions[:self.capacity] = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
         super()._grow(rows)
-
-    def _cached(self, x: torch.Tensor) -> torch.Tensor:  # keys or values as the cache holds them
-        return x if self.kv_dtype is None else x.to(self.kv_dtype).to(x.dtype)
 
     def _clean(self, row: int, start: int) -> None:
         """Zero what an earlier sequence left at positions >= start of ``row``: a masked position's weight
@@ -250,7 +248,7 @@ class KVDecoder(Decoder):
         """:meth:`step` of row 0 alone through the compiled step: its logits (1, V), or None where it could not be
         compiled (nothing written: the eager step follows)."""
         p = self.lengths[0]
-        out = self.compiled(tokens, self.positions[:1], self.compiled.past(self.kv[:, :, 0], p))
+        out = self.compiled(tokens, self.positions[:1], self.compiled.past(self.row0, p))
         if out is None:
             return None
         logits, new = out
@@ -333,7 +331,8 @@ class GPTDecoder(KVDecoder):
         x = F.embedding(tokens, self.wte) + F.embedding(pos, self.wpe)  # (N, C)
         for (ln1_w, ln1_b, attn, proj, ln2_w, ln2_b, fc, out), kv in zip(self.layers, self.kv):
             qkv = attn(F.layer_norm(x, (C,), ln1_w, ln1_b, self.eps))  # (N, 3C)
-            kv.view(-1, hs).index_copy_(0, slots, self._cached(qkv[:, C:].reshape(N * 2 * nh, hs)))  # in place
+            new = as_cached(qkv[:, C:].reshape(N * 2 * nh, hs), self.kv_dtype)  # this layer's keys and values
+            kv.view(-1, hs).index_copy_(0, slots, new)  # in place: no new cache
             x = proj.add_to(x, attend((qkv[:, :C] * self.scale).view(N, nh, hs), kv))  # heads side by side
             x = out.add_to(x, fc.gelu(F.layer_norm(x, (C,), ln2_w, ln2_b, self.eps)))
         return F.layer_norm(x, (C,), self.ln_f[0], self.ln_f[1], self.eps)
@@ -391,7 +390,7 @@ class ModernDecoder(KVDecoder):
             qk = (F.rms_norm(qk, (hs,), None, eps) if qk_norm else qk) * qk_w  # QK-norm; queries scaled
             qk = torch.addcmul(qk * cos, qk.roll(hs // 2, dims=-1), sin)  # RoPE at each row's position
             new = torch.stack((qk[:, nh:], qkv[:, (nh + nkv) * hs:].view(n, nkv, hs)), dim=1)  # (n, 2, nkv, hs)
-            kv.view(-1, hs).index_copy_(0, slots, self._cached(new.view(n * 2 * nkv, hs)))  # in place: no new cache
+            kv.view(-1, hs).index_copy_(0, slots, as_cached(new.view(-1, hs), self.kv_dtype))  # in place: no new cache
             x = o_proj.add_to(x, attend(qk[:, :nh], kv))
             gate, up = gate_up(F.rms_norm(x, (C,), ln2, eps)).chunk(2, dim=1)  # (n, H) each
             x = down.add_to(x, F.silu(gate) * up)
