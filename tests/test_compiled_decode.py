@@ -283,7 +283,7 @@ def test_16_bit_keys_and_values_follow_row_0_through_moves_new_sequences_and_bat
     both("prefill", 0, prompt(5, seed=2))  # a new sequence in row 0
     for token in (14, 15):
         both("step", torch.tensor([token]))
-    assert fast.compiled.steps == 7 and fast.compiled.mirror[0][0].dtype == torch.float16
+    assert fast.compiled.steps == 7 and fast.compiled.mirror.dtype == torch.float16
     torch.testing.assert_close(fast.kv[:, :, 0], eager.kv[:, :, 0], rtol=1e-5, atol=1e-4)
 
 

@@ -257,28 +257,28 @@ class CompiledStep:
         self.buffers, self.layout = flat
         self.fn_compiled = None  # fn compiled for this model's shape, found at the first call (which compiles it)
         self.steps = 0  # steps it has run
-        self.mirror: list | None = None  # row 0's keys and values in kv_dtype, each layer's (keys, values) as row0
+        self.mirror: torch.Tensor | None = None  # row 0's keys and values in kv_dtype, like the cache's row 0
         self.mirrored = 0  # positions [0, mirrored) of the mirror hold row 0's
 
     def past(self, row0: list, p: int) -> list:
         """What the step reads of row 0's cache, p tokens: each layer's (keys, values), views of ``row0`` (each
         layer's row-0 (keys, values), (heads, block_size, hs) each) or of its 16-bit mirror, brought up to date."""
         if self.kv_dtype is not None:
-            if self.mirror is None:
-                self.mirror = [(keys.to(self.kv_dtype), values.to(self.kv_dtype)) for keys, values in row0]
+            if self.mirror is None:  # (n_layer, 2, heads, block_size, hs), and each layer's (keys, values) views
+                self.mirror = torch.stack([torch.stack(layer) for layer in row0]).to(self.kv_dtype)
+                self.mirror_rows = list(zip(self.mirror[:, 0], self.mirror[:, 1]))
             elif self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
-                for copy, layer in zip(self.mirror, row0):
+                for copy, layer in zip(self.mirror_rows, row0):
                     for mine, theirs in zip(copy, layer):
                         mine[:, self.mirrored:p].copy_(theirs[:, self.mirrored:p])
             self.mirrored = p
-            row0 = self.mirror
+            row0 = self.mirror_rows
         return [(keys[:, :p], values[:, :p]) for keys, values in row0]
 
     def wrote(self, new: torch.Tensor, p: int) -> None:
         """The step's new keys and values ``new`` (n_layer, 2, heads, hs) went to position p of row 0."""
         if self.mirror is not None and self.mirrored == p:
-            for (keys, values), (k, v) in zip(self.mirror, new):
-                keys[:, p], values[:, p] = k, v
+            self.mirror[:, :, :, p] = new
             self.mirrored = p + 1
 
     def forget(self) -> None:
