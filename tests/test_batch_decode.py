@@ -221,6 +221,30 @@ def test_sequences_leave_at_stop_ids_and_when_cancelled():
     assert c.finish_reason == LENGTH
 
 
+def test_a_step_hands_its_tokens_back_before_the_decoder_takes_them():
+    """The first token comes straight from the prefill's logits: a step's tokens reach the caller before they go
+    through the decoder, which takes them when the batch next needs logits (the next step, or a join); a
+    sequence cancelled meanwhile costs no decoder step, and every sequence's tokens are its tokens alone."""
+    model = make()
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0)
+    ids = [prompt(4, seed=s) for s in (1, 2)]
+    alone = [list(generate_ids(model, i, cfg)) for i in ids]
+    batch = Batch(model)
+    fed = []  # rows in each decoder step
+    step = batch.decoder.step
+    batch.decoder.step = lambda tokens: fed.append(len(tokens)) or step(tokens)
+    a = batch.add(ids[0], cfg)
+    assert batch.step() == [(a, alone[0][0])] and fed == []
+    batch.cancel(a)  # its first token never goes through the decoder
+    b = batch.add(ids[1], cfg)
+    batch.step()
+    assert fed == []
+    c = batch.add(ids[0], cfg)  # b's token goes first, in one row; then c joins
+    assert fed == [1]
+    run(batch, [b, c])  # b's 6th token is its last: it leaves and c's 6th follows from one row
+    assert fed == [1, 2, 2, 2, 2, 1] and b.tokens == alone[1] and c.tokens == alone[0]
+
+
 def test_a_sequence_whose_scores_become_nan_fails_alone():
     model = make()
     with torch.no_grad():

@@ -12,9 +12,10 @@
 Sequences join (:meth:`Batch.add`, or several at once with :meth:`Batch.add_many`: all their prompts' tokens
 through the model's layers in one pass, ~3x faster for 32 short chat prompts than one by one) and leave (they
 finish, or :meth:`Batch.cancel`) between steps; each :meth:`Batch.step` samples one token for every sequence,
-each from its own logits with its own :class:`SamplingConfig` and seeded generator, then feeds all the new
-tokens through one forward step of the model's decoder (:mod:`zaizai.models.decode`), rows of different
-lengths side by side. A sequence's tokens are the same alone or in a batch: its sampling state is its own, and
+each from its own logits with its own :class:`SamplingConfig` and seeded generator, and hands them back at once;
+the new tokens go through one forward step of the model's decoder (:mod:`zaizai.models.decode`), rows of
+different lengths side by side, when the batch next needs logits (the next step, or a join): a token reaches the
+caller a decode step sooner (the first one too), and the work done is the same. A sequence's tokens are the same alone or in a batch: its sampling state is its own, and
 its logits differ from the alone ones by float rounding only (greedy decoding gives the same text unless two
 tokens tie to ~1e-6).
 
@@ -138,6 +139,7 @@ class Batch:
         self.window = self.decoder.window  # tokens a row holds; None: no limit (a recurrent state)
         self.keep = None if self.window is None else max(1, self.window * 3 // 4)  # kept when a window slides
         self.sequences: list[Sequence] = []  # sequences[i] is in the decoder's row i
+        self.pending = False  # whether every sequence's last token is still to go through the decoder
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -156,6 +158,7 @@ class Batch:
         checked = [r if isinstance(r, Checked) else self.check(*r) for r in requests]
         prompts = [r.ids for r in checked]
         with torch.inference_mode():
+            self._catch_up()  # the rows in use take their last tokens before new rows join
             seqs = [Sequence(r.ids, r.cfg, r.stop_ids, self.vocab_size, self.device) for r in checked]
             if self.window is not None:
                 prompts = [ids[-self.window:] for ids in prompts]
@@ -202,6 +205,7 @@ class Batch:
         id, or an error). A sequence whose token was its last (max_new_tokens) has ``seq.done`` set."""
         events = []
         with torch.inference_mode():
+            self._catch_up()
             for seq in self.sequences:
                 token = seq.choose()
                 if token is None or token in seq.stop_ids:
@@ -216,9 +220,14 @@ class Batch:
             for row in reversed(range(len(self.sequences))):
                 if self.sequences[row].done:
                     self._remove(row)
-            if self.sequences:
-                self._advance()
+        self.pending = True
         return events
+
+    def _catch_up(self) -> None:
+        """The last step's tokens through the decoder, if they have not gone yet."""
+        pending, self.pending = self.pending, False
+        if pending and self.sequences:
+            self._advance()
 
     def _advance(self) -> None:
         """Feed every sequence's new token through one decoder step; each gets its next logits."""

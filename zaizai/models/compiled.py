@@ -265,9 +265,11 @@ class CompiledStep:
         layer's row-0 (keys, values), (heads, block_size, hs) each) or of its 16-bit mirror, brought up to date."""
         if self.kv_dtype is not None:
             if self.mirror is None:  # (n_layer, 2, heads, block_size, hs), and each layer's (keys, values) views
-                self.mirror = torch.stack([torch.stack(layer) for layer in row0]).to(self.kv_dtype)
+                keys = row0[0][0]
+                self.mirror = torch.empty(len(row0), 2, *keys.shape, dtype=self.kv_dtype, device=keys.device)
                 self.mirror_rows = list(zip(self.mirror[:, 0], self.mirror[:, 1]))
-            elif self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
+                self.mirrored = 0
+            if self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
                 for copy, layer in zip(self.mirror_rows, row0):
                     for mine, theirs in zip(copy, layer):
                         mine[:, self.mirrored:p].copy_(theirs[:, self.mirrored:p])
