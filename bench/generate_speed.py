@@ -293,6 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_corpus_argument(ap)
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.weights == "float16" and args.dtype != "float32":
+        ap.error("--weights float16 rounds the float32 model's matrices; leave --dtype at float32")
     if args.prompt_tokens * 3 // 2 + max(args.new_tokens, args.batch_new_tokens) > 1024:
         ap.error("--prompt-tokens x 1.5 + --new-tokens must fit in block_size 1024")
     return args

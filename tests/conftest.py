@@ -37,6 +37,19 @@ def tiny_data_dir(tmp_path: Path, tiny_corpus: Path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_steps_cache(tmp_path_factory):
+    """Compiled decode steps (--compile) are kept in a folder of this test session (shared by its workers), not
+    the user's cache: each model shape is compiled once per session, and a run never finds another run's."""
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "zaizai-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZAIZAI_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: with two threads per test worker, cores shared with other work make OpenMP threads

@@ -122,6 +122,8 @@ def test_generate_speed_compile_and_weights_flags_add_compiled_lines(bench, caps
 
     generate_speed = bench("generate_speed")
     assert generate_speed.parse_args([]).compile is False and generate_speed.parse_args([]).weights == "float32"
+    with pytest.raises(SystemExit):  # a bfloat16 model rounded to float16: no such thing to measure
+        generate_speed.parse_args(["--dtype", "bfloat16", "--weights", "float16"])
     args = generate_speed.parse_args(["--compile", "--weights", "float16", "--rounds", "1", "--new-tokens", "6"])
     ours = decode_model(n_layer=2, n_head=2, block_size=32)
     hf = generate_speed.hf_copy(ours, torch.float32)

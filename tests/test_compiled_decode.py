@@ -27,12 +27,6 @@ KINDS = [  # (model, options): GPT-2; Qwen3-style with grouped-query attention; 
 ]
 
 
-def graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
 @needs_compiler
 @pytest.mark.parametrize("name, options", KINDS)
 @torch.inference_mode()
@@ -42,12 +36,11 @@ def test_compiled_steps_equal_the_eager_ones_compiled_once_for_every_length_and_
     assert fast.compiled is not None and eager.compiled is None
     ids = prompt(5)
     a, b = fast.prefill(0, ids), eager.prefill(0, ids)
-    before = None
-    for i in range(15):
+    for _ in range(15):
         token = b.argmax().view(1)
         a, b = fast.step(token), eager.step(token)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-        before = graphs() if i == 0 else before  # the first compiled step compiled it
+    runner, packages = fast.compiled.runner, dict(compiled._COMPILED)  # the first compiled step loaded it
     fast._room(5)  # a server's cache grows: the rows' views keep their strides, nothing compiles again
     eager._room(5)
     a, b = fast.prefill(0, ids[:3]), eager.prefill(0, ids[:3])
@@ -55,7 +48,7 @@ def test_compiled_steps_equal_the_eager_ones_compiled_once_for_every_length_and_
         token = b.argmax().view(1)
         a, b = fast.step(token), eager.step(token)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    assert graphs() == before
+    assert fast.compiled.runner is runner and compiled._COMPILED == packages
     assert fast.compiled.steps == 15 + 3  # every step: row 0 alone, at least MIN_PAST tokens before it
     assert fast.lengths == eager.lengths and fast.positions.tolist() == eager.positions.tolist()
     torch.testing.assert_close(fast.kv[:, :, 0], eager.kv[:, :, 0], rtol=1e-5, atol=1e-4)
@@ -90,12 +83,13 @@ def test_generation_gives_the_same_text_compiled_past_the_window(name, options):
 
 
 @torch.inference_mode()
-def test_a_compiler_that_fails_is_said_once_and_the_eager_step_goes_on(monkeypatch, capsys):
-    def broken(*args):
+def test_a_compiler_that_fails_is_said_once_and_the_eager_step_goes_on(monkeypatch, capsys, tmp_path):
+    def broken(*args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
+    monkeypatch.setenv("ZAIZAI_CACHE_DIR", str(tmp_path))  # nothing compiled yet
     monkeypatch.setattr(compiled, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)  # it fails when first called, as without gcc
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)  # as without gcc
     monkeypatch.setattr(compiled, "_FAILED", [])
     model = make()
     fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
@@ -107,6 +101,7 @@ def test_a_compiler_that_fails_is_said_once_and_the_eager_step_goes_on(monkeypat
     assert err.count("\n") == 1 and "could not compile the decode step (InvalidCxxCompiler: No working C++" in err
     assert "C++ compiler" in err and fast.compiled.steps == 0
     assert fast.lengths == eager.lengths  # nothing was written by the failed call
+    assert not list(tmp_path.rglob("*.pt2"))
 
 
 def test_compile_applies_to_gpt_and_modern_on_cpu_only():
@@ -168,23 +163,42 @@ def test_compile_decoding_says_when_it_does_not_apply():
     assert "applies to gpt and modern models on CPU" in said.getvalue()
 
 
+def _steps_equal_eager(model, tokens=(7, 8, 9)) -> int:
+    """Steps of a compiled and an eager decoder of ``model`` after the same prompt: equal logits. -> the compiled
+    steps that ran."""
+    fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
+    fast.prefill(0, prompt(4)), eager.prefill(0, prompt(4))
+    for token in tokens:
+        torch.testing.assert_close(fast.step(torch.tensor([token])), eager.step(torch.tensor([token])),
+                                   rtol=1e-5, atol=1e-4)
+    return fast.compiled.steps
+
+
 @needs_compiler
 @torch.inference_mode()
-def test_each_model_shape_compiles_on_its_own_past_the_recompile_limit():
-    """A process that decodes models of many shapes (more than torch's recompile limit, 8) keeps each compiled:
-    with the limit lowered to 1, a second shape still compiles (a graph of its own) and gives the eager logits."""
-    import torch._dynamo.config
-
-    before = graphs()
-    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch's undo deletes the config entry)
-        for width in (40, 56):
-            model = make(n_embd=width)
-            fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
-            fast.prefill(0, prompt(4)), eager.prefill(0, prompt(4))
-            for token in (7, 8):
-                torch.testing.assert_close(fast.step(torch.tensor([token])), eager.step(torch.tensor([token])),
-                                           rtol=1e-5, atol=1e-4)
-    assert graphs() == before + 2
+def test_each_model_shape_is_compiled_once_and_kept_on_disk_for_later_runs(monkeypatch, tmp_path):
+    """The compiled step of a model shape is a package in the cache folder: a later process (here: the in-process
+    table emptied) loads it without compiling; another shape gets a package of its own; a damaged package is
+    compiled again; where the cache folder cannot be written, the step is compiled all the same."""
+    monkeypatch.setenv("ZAIZAI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    built = len(compiled.BUILT)
+    assert _steps_equal_eager(make(n_embd=40)) == 3
+    packages = sorted((tmp_path / "compiled").glob("step-*.pt2"))
+    assert len(compiled.BUILT) == built + 1 and len(packages) == 1
+    monkeypatch.setattr(compiled, "_COMPILED", {})  # a new process
+    assert _steps_equal_eager(make(n_embd=40)) == 3 and len(compiled.BUILT) == built + 1  # loaded, not compiled
+    assert _steps_equal_eager(make(n_embd=56)) == 3 and len(compiled.BUILT) == built + 2
+    assert len(list((tmp_path / "compiled").glob("step-*.pt2"))) == 2
+    packages[0].write_bytes(b"not a package")
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    assert _steps_equal_eager(make(n_embd=40)) == 3 and len(compiled.BUILT) == built + 3
+    assert packages[0].read_bytes()[:2] == b"PK"  # a package (a zip file) again, in its place
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("ZAIZAI_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    assert _steps_equal_eager(make(n_embd=40)) == 3 and len(compiled.BUILT) == built + 4
 
 
 def matrices(model) -> list[torch.Tensor]:

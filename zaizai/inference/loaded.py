@@ -112,8 +112,8 @@ class Zaizai:
                 print("注意 note: --compile applies to gpt and modern models on CPU; decoding as usual", file=say)
             return False
         if say is not None:
-            print("编译解码步骤 compiling the decode step (~20 s the first time, a few seconds after that) ...",
-                  file=say, flush=True)
+            print("编译解码步骤 compiling the decode step (~20-30 s the first time for a model of this shape; then "
+                  "loaded from the cache) ...", file=say, flush=True)
         if WEIGHTS[weights] is not None:
             round_weights(self.model, WEIGHTS[weights])
         self.compile = True

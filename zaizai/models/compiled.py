@@ -27,10 +27,14 @@ line, and goes on with the eager step, which gives the same logits to float roun
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import os
 import sys
-import types
+import warnings
 import weakref
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -116,11 +120,10 @@ def modern_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tu
 
 def _bound(fn, layout, n_head: int, eps: float):
     """``fn`` (:func:`gpt_step` or :func:`modern_step`) of the weights :func:`flatten` laid out as ``layout``, as a
-    function of (token, pos, past, buffers), on a code object of its own: dynamo keeps one cache of compiled code
-    per code object, and its contents are this model shape's alone (see _COMPILED)."""
+    function of (token, pos, past, buffers): what is compiled."""
     def step(token, pos, past, buffers):
         return fn(token, pos, past, unflatten(buffers, layout), n_head, eps)
-    return types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
+    return step
 
 
 ALIGN = 32  # elements: each tensor of a flat buffer starts on a 64-byte line (16-bit) or two (fp32)
@@ -227,12 +230,93 @@ def flat_weights(model: torch.nn.Module, weights: tuple) -> tuple:
     return held[1]
 
 
-_COMPILED: dict = {}  # (step function, n_head, eps, weights' layout and dtypes, cache dtype) -> its torch.compile'd
-# form, shared by every decoder of such a model (a Batch makes one per generation): each on a code object of its
-# own, so that each model shape has a cache of its own. On one code object, the ninth shape would pass torch's
-# recompile limit (8), and the step would then run uncompiled, where each (W * x).sum(-1) makes a copy of W: many
-# times slower than the eager step.
+_COMPILED: dict = {}  # package key (see _package_key) -> its loaded step, shared by every decoder of such a model (a
+# Batch makes one per generation)
 _FAILED: list[str] = []  # why compiling failed in this process (then every decoder steps eagerly)
+BUILT: list[str] = []  # the keys of the packages this process compiled (the others it loaded from the cache)
+
+
+def cache_dir() -> Path:
+    """Where compiled decode steps are kept between runs: $ZAIZAI_CACHE_DIR, else $XDG_CACHE_HOME/zaizai, else
+    ~/.cache/zaizai (one .pt2 package per model shape, torch version and CPU; a few MB each)."""
+    if os.environ.get("ZAIZAI_CACHE_DIR"):
+        return Path(os.environ["ZAIZAI_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaizai"
+
+
+def _cpu() -> str:
+    """The CPU the code is compiled for: Inductor picks its vector instructions from these flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    import platform
+
+    return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()} {flags.strip()}"
+
+
+def _package_key(step: CompiledStep, past: tuple, window: int) -> str:
+    """What a compiled step's code depends on, hashed: this module's source, torch, the CPU and thread count,
+    the step's function, the model's shape and the dtypes and strides of what it is given."""
+    parts = [Path(__file__).read_bytes(), torch.__version__, _cpu(), torch.get_num_threads(), step.fn.__name__,
+             step.n_head, step.eps, step.layout, [(b.dtype, b.shape) for b in step.buffers], step.kv_dtype, window,
+             [(t.dtype, t.shape[0], t.shape[2], t.stride()) for kv in past for t in kv], sorted(step.OPTIONS.items())]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, token, pos, past, buffers):
+        return self.fn(token, pos, past, buffers)
+
+
+def _build(step: CompiledStep, token: torch.Tensor, pos: torch.Tensor, past: tuple, window: int) -> bytes:
+    """The step compiled ahead of time (torch.export, then AOTInductor) for every cache length from MIN_PAST to
+    window - 1: a .pt2 package's bytes."""
+    p = torch.export.Dim("p", min=step.MIN_PAST, max=window - 1)
+    dynamic = (None, None, tuple(({1: p}, {1: p}) for _ in past), tuple(None for _ in step.buffers))
+    package = io.BytesIO()
+    with warnings.catch_warnings():  # torch's own deprecation notes about its internals: nothing a user can do
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.export.export(_Step(_bound(step.fn, step.layout, step.n_head, step.eps)),
+                                      (token, pos, past, step.buffers), dynamic_shapes=dynamic)
+        torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=dict(step.OPTIONS))
+    return package.getvalue()
+
+
+def _load(step: CompiledStep, token: torch.Tensor, pos: torch.Tensor, past: tuple, window: int):
+    """The compiled step for this model shape: from the cache (:func:`cache_dir`), or compiled now and kept there
+    (written atomically; where the cache cannot be written, in a temporary folder for this process)."""
+    from ..common.fileio import atomic_write
+
+    key = _package_key(step, past, window)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    path = cache_dir() / "compiled" / f"step-{key}.pt2"
+    runner = None
+    if path.is_file():
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception:  # noqa: BLE001 - unreadable (another torch, a damaged file): compile it again
+            runner = None
+    if runner is None:
+        data = _build(step, token, pos, past, window)
+        BUILT.append(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+        except OSError:
+            import tempfile
+
+            path = Path(tempfile.mkdtemp(prefix="zaizai-compiled-")) / path.name
+            path.write_bytes(data)
+        runner = torch._inductor.aoti_load_package(str(path))
+    _COMPILED[key] = runner
+    return runner
 
 
 class CompiledStep:
@@ -244,23 +328,23 @@ class CompiledStep:
     # input (an embedding lookup and a layer norm, say) is recomputed inside its loop for each of the weight's
     # rows, which makes the loop compute-bound; these are vectors of a few hundred floats, so keeping them costs
     # nothing (6L/384d: 3.4 vs 4.0 ms a step, interleaved).
-    # Inductor's checks of its inputs' sizes and strides are off: dynamo's guards check the same before each call
-    # (4L/128d: 5% of a step). Casts to 16 bits round as they do eagerly (new keys and values rounded as the
-    # cache holds them); by default Inductor drops a down-and-up cast pair in a fused loop.
-    OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False, "emulate_precision_casts": True}
+    # Casts to 16 bits round as they do eagerly (new keys and values rounded as the cache holds them); by default
+    # Inductor drops a down-and-up cast pair in a fused loop.
+    OPTIONS = {"realize_opcount_threshold": 0, "emulate_precision_casts": True}
 
-    def __init__(self, fn, flat: tuple, n_head: int, eps: float, kv_dtype: torch.dtype | None = None):
-        """``flat``: the weights as :func:`flat_weights` gives them, (buffers, layout). ``kv_dtype``: the 16-bit
-        type the decoder rounds keys and values to (a model with 16-bit weights): the step then reads a copy of
-        row 0's cache in that type (:meth:`past`), half the bytes."""
-        self.fn, self.n_head, self.eps, self.kv_dtype = fn, n_head, eps, kv_dtype
+    def __init__(self, fn, flat: tuple, n_head: int, eps: float, window: int, kv_dtype: torch.dtype | None = None):
+        """``flat``: the weights as :func:`flat_weights` gives them, (buffers, layout). ``window``: the tokens a
+        cache row holds (block_size). ``kv_dtype``: the 16-bit type the decoder rounds keys and values to (a model
+        with 16-bit weights): the step then reads a copy of row 0's cache in that type (:meth:`past`), half the
+        bytes."""
+        self.fn, self.n_head, self.eps, self.window, self.kv_dtype = fn, n_head, eps, window, kv_dtype
         self.buffers, self.layout = flat
-        self.fn_compiled = None  # fn compiled for this model's shape, found at the first call (which compiles it)
+        self.runner = None  # the compiled step for this model's shape, found at the first call (which compiles it)
         self.steps = 0  # steps it has run
         self.mirror: torch.Tensor | None = None  # row 0's keys and values in kv_dtype, like the cache's row 0
         self.mirrored = 0  # positions [0, mirrored) of the mirror hold row 0's
 
-    def past(self, row0: list, p: int) -> list:
+    def past(self, row0: list, p: int) -> tuple:
         """What the step reads of row 0's cache, p tokens: each layer's (keys, values), views of ``row0`` (each
         layer's row-0 (keys, values), (heads, block_size, hs) each) or of its 16-bit mirror, brought up to date."""
         if self.kv_dtype is not None:
@@ -275,7 +359,7 @@ class CompiledStep:
                         mine[:, self.mirrored:p].copy_(theirs[:, self.mirrored:p])
             self.mirrored = p
             row0 = self.mirror_rows
-        return [(keys[:, :p], values[:, :p]) for keys, values in row0]
+        return tuple((keys[:, :p], values[:, :p]) for keys, values in row0)
 
     def wrote(self, new: torch.Tensor, p: int) -> None:
         """The step's new keys and values ``new`` (n_layer, 2, heads, hs) went to position p of row 0."""
@@ -294,17 +378,10 @@ class CompiledStep:
         caller steps eagerly)."""
         if _FAILED:
             return None
-        if self.fn_compiled is None:
-            key = (self.fn, self.n_head, self.eps, self.layout, tuple(b.dtype for b in self.buffers), self.kv_dtype)
-            if key not in _COMPILED:
-                _COMPILED[key] = torch.compile(_bound(self.fn, self.layout, self.n_head, self.eps), fullgraph=True,
-                                               options=self.OPTIONS)
-            self.fn_compiled = _COMPILED[key]
-            for keys, values in past:  # the cache's length: one compilation for every length
-                torch._dynamo.mark_dynamic(keys, 1)
-                torch._dynamo.mark_dynamic(values, 1)
         try:
-            out = self.fn_compiled(token, pos, past, self.buffers)
+            if self.runner is None:
+                self.runner = _load(self, token, pos, past, self.window)
+            out = self.runner(token, pos, past, self.buffers)
         except Exception as e:  # noqa: BLE001 - a compiler missing or failing: the eager step gives the same logits
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             _FAILED.append(reason)

@@ -322,7 +322,7 @@ class GPTDecoder(KVDecoder):
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
             flat = flat_weights(model, (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, model.lm_head.weight,
                                         weights))
-            self.compiled = CompiledStep(gpt_step, flat, cfg.n_head, self.eps, weights_dtype(model))
+            self.compiled = CompiledStep(gpt_step, flat, cfg.n_head, self.eps, cfg.block_size, weights_dtype(model))
         super().__init__(model, rows, device, cfg.n_head, cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -376,7 +376,7 @@ class ModernDecoder(KVDecoder):
                         mlp.up_proj.weight, mlp.down_proj.weight)] if compile else []
         if compile:
             flat = flat_weights(model, (self.embed, self.norm, model.lm_head.weight, self.cos, self.sin, raw))
-            self.compiled = CompiledStep(modern_step, flat, cfg.n_head, self.eps, weights_dtype(model))
+            self.compiled = CompiledStep(modern_step, flat, cfg.n_head, self.eps, cfg.block_size, weights_dtype(model))
         super().__init__(model, rows, device, nkv, hs, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
