@@ -186,6 +186,7 @@ def test_each_model_shape_is_compiled_once_and_kept_on_disk_for_later_runs(monke
     assert _steps_equal_eager(make(n_embd=40)) == 3
     packages = sorted((tmp_path / "compiled").glob("step-*.pt2"))
     assert len(compiled.BUILT) == built + 1 and len(packages) == 1
+    assert [type(run).__name__ for run in compiled._COMPILED.values()] == ["function"]  # called directly (_direct)
     monkeypatch.setattr(compiled, "_COMPILED", {})  # a new process
     assert _steps_equal_eager(make(n_embd=40)) == 3 and len(compiled.BUILT) == built + 1  # loaded, not compiled
     assert _steps_equal_eager(make(n_embd=56)) == 3 and len(compiled.BUILT) == built + 2
@@ -328,3 +329,28 @@ def test_compile_decoding_with_16_bit_weights_rounds_the_model_and_gives_its_tex
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), rounded.parameters()))
     cfg = SamplingConfig(max_new_tokens=20, temperature=0)
     assert list(bot.stream_ids(prompt(6), cfg)) == list(generate_ids(rounded, prompt(6), cfg))
+
+
+def test_a_loaded_package_is_called_on_its_inputs_in_the_order_its_own_call_lays_them_out():
+    """_direct skips the package's per-call pytree lay-out: it gives the loader the tensors in the order that lay-out
+    gives (token, pos, each layer's keys and values, the weight buffers); without such a loader, the runner itself."""
+    from torch.utils import _pytree
+
+    class Loader:
+        def boxed_run(self, flat):
+            self.flat = flat
+            return ["logits", "new"]
+
+    class Runner:
+        loader = Loader()
+
+    token, pos = torch.tensor([5]), torch.tensor([3])
+    past = tuple((torch.zeros(2, 3, 4), torch.ones(2, 3, 4)) for _ in range(3))
+    buffers = (torch.zeros(8), torch.zeros(8, dtype=torch.float16))
+    call = compiled._direct(Runner(), (token, pos, past, buffers))
+    assert call(token, pos, past, buffers) == ["logits", "new"]
+    expected = _pytree.tree_leaves(((token, pos, past, buffers), {}))
+    assert len(Runner.loader.flat) == 2 + 6 + 2 == len(expected)
+    assert all(a is b for a, b in zip(Runner.loader.flat, expected))
+    plain = object()
+    assert compiled._direct(plain, (token, pos, past, buffers)) is plain
