@@ -33,6 +33,7 @@ line, and goes on with the eager step, which gives the same logits to float roun
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -250,8 +251,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaizai"
 
 
-def _cpu() -> str:
-    """The CPU the code is compiled for: Inductor picks its vector instructions from these flags."""
+@functools.lru_cache(maxsize=None)
+def _machine() -> str:
+    """This module's source, torch's version and the CPU the code is compiled for (Inductor picks its vector
+    instructions from the CPU's flags)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -259,13 +262,15 @@ def _cpu() -> str:
         flags = ""
     import platform
 
-    return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()} {flags.strip()}"
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    cpu = f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()} {flags.strip()}"
+    return f"{source} {torch.__version__} {cpu}"
 
 
 def _package_key(step: CompiledStep, past: tuple, window: int) -> str:
     """What a compiled step's code depends on, hashed: this module's source, torch, the CPU and thread count,
     the step's function, the model's shape and the dtypes and strides of what it is given."""
-    parts = [Path(__file__).read_bytes(), torch.__version__, _cpu(), torch.get_num_threads(), step.fn.__name__,
+    parts = [_machine(), torch.get_num_threads(), step.fn.__name__,
              step.n_head, step.eps, step.layout, [(b.dtype, b.shape) for b in step.buffers], step.kv_dtype, window,
              [(t.dtype, t.shape[0], t.shape[2], t.stride()) for kv in past for t in kv], sorted(step.OPTIONS.items())]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
