@@ -354,3 +354,16 @@ def test_a_loaded_package_is_called_on_its_inputs_in_the_order_its_own_call_lays
     assert all(a is b for a, b in zip(Runner.loader.flat, expected))
     plain = object()
     assert compiled._direct(plain, (token, pos, past, buffers)) is plain
+
+
+def test_the_cache_folder_is_zaizai_cache_dir_else_xdg_cache_home_else_the_home_folders(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.delenv("ZAIZAI_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compiled.cache_dir() == tmp_path / "home" / ".cache" / "zaizai"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compiled.cache_dir() == tmp_path / "xdg" / "zaizai"
+    monkeypatch.setenv("ZAIZAI_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiled.cache_dir() == Path(tmp_path / "mine")

@@ -248,7 +248,14 @@ def cache_dir() -> Path:
     ~/.cache/zaizai (one .pt2 package per model shape, torch version and CPU; a few MB each)."""
     if os.environ.get("ZAIZAI_CACHE_DIR"):
         return Path(os.environ["ZAIZAI_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaizai"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "zaizai"
+    try:
+        return Path.home() / ".cache" / "zaizai"
+    except RuntimeError:  # no home folder to be found: the temporary folder
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "zaizai-cache"
 
 
 @functools.lru_cache(maxsize=None)
