@@ -38,7 +38,9 @@ import hashlib
 import io
 import math
 import os
+import platform
 import sys
+import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -253,8 +255,6 @@ def cache_dir() -> Path:
     try:
         return Path.home() / ".cache" / "zaizai"
     except RuntimeError:  # no home folder to be found: the temporary folder
-        import tempfile
-
         return Path(tempfile.gettempdir()) / "zaizai-cache"
 
 
@@ -267,8 +267,6 @@ def _machine() -> str:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    import platform
-
     source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     cpu = f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()} {flags.strip()}"
     return f"{source} {torch.__version__} {cpu}"
@@ -328,8 +326,6 @@ def _load(step: CompiledStep, token: torch.Tensor, pos: torch.Tensor, past: tupl
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
         except OSError:
-            import tempfile
-
             path = Path(tempfile.mkdtemp(prefix="zaizai-compiled-")) / path.name
             path.write_bytes(data)
         runner = torch._inductor.aoti_load_package(str(path))
@@ -351,8 +347,8 @@ def _direct(runner, example: tuple):
     from torch.utils import _pytree
 
     run = getattr(getattr(runner, "loader", None), "boxed_run", None)
-    leaves = _pytree.tree_leaves((example, {}))
-    if run is None or len(leaves) != len(_flat(*example)) or any(a is not b for a, b in zip(leaves, _flat(*example))):
+    leaves, flat = _pytree.tree_leaves((example, {})), _flat(*example)
+    if run is None or len(leaves) != len(flat) or any(a is not b for a, b in zip(leaves, flat)):
         return runner
     return lambda token, pos, past, buffers: run(_flat(token, pos, past, buffers))
 
