@@ -245,6 +245,25 @@ def test_a_step_hands_its_tokens_back_before_the_decoder_takes_them():
     assert fed == [1, 2, 2, 2, 2, 1] and b.tokens == alone[1] and c.tokens == alone[0]
 
 
+def test_a_decode_step_that_fails_at_a_join_fails_the_batch_from_then_on():
+    """The running rows' tokens go through the decoder when another sequence joins: if that step fails, the join
+    raises, and so does every later step and join (the running sequences have no logits to go on from)."""
+    model = make()
+    batch = Batch(model)
+    batch.add(prompt(4, seed=1), SamplingConfig(max_new_tokens=9, temperature=0))
+    batch.step()
+
+    def broken(tokens):
+        raise RuntimeError("out of memory")
+
+    batch.decoder.step = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batch.add(prompt(3, seed=2), SamplingConfig(max_new_tokens=9, temperature=0))
+    for again in (batch.step, lambda: batch.add(prompt(3, seed=2), SamplingConfig(max_new_tokens=9))):
+        with pytest.raises(ZaizaiError, match=r"cannot go on: its decode step failed \(RuntimeError: out of memory\)"):
+            again()
+
+
 def test_a_sequence_whose_scores_become_nan_fails_alone():
     model = make()
     with torch.no_grad():

@@ -15,9 +15,10 @@ finish, or :meth:`Batch.cancel`) between steps; each :meth:`Batch.step` samples 
 each from its own logits with its own :class:`SamplingConfig` and seeded generator, and hands them back at once;
 the new tokens go through one forward step of the model's decoder (:mod:`zaizai.models.decode`), rows of
 different lengths side by side, when the batch next needs logits (the next step, or a join): a token reaches the
-caller a decode step sooner (the first one too), and the work done is the same. A sequence's tokens are the same alone or in a batch: its sampling state is its own, and
-its logits differ from the alone ones by float rounding only (greedy decoding gives the same text unless two
-tokens tie to ~1e-6).
+caller a decode step sooner (the first one too), and the work done is the same. If that decode step fails, the
+batch fails from then on (every later step and join raises): its sequences have no logits to go on from. A
+sequence's tokens are the same alone or in a batch: its sampling state is its own, and its logits differ from the
+alone ones by float rounding only (greedy decoding gives the same text unless two tokens tie to ~1e-6).
 
 A sequence whose logits stop being finite (nan/inf: broken weights, an overflow), or whose draw cannot be made
 (finite scores so large that its temperature takes them to inf), ends with ``finish_reason == "error"`` and
@@ -140,6 +141,7 @@ class Batch:
         self.keep = None if self.window is None else max(1, self.window * 3 // 4)  # kept when a window slides
         self.sequences: list[Sequence] = []  # sequences[i] is in the decoder's row i
         self.pending = False  # whether every sequence's last token is still to go through the decoder
+        self.failed: str | None = None  # why a decode step failed (the batch cannot go on)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -224,10 +226,17 @@ class Batch:
         return events
 
     def _catch_up(self) -> None:
-        """The last step's tokens through the decoder, if they have not gone yet."""
+        """The last step's tokens through the decoder, if they have not gone yet. Raises ZaizaiError once a decode
+        step has failed (then, and at every later call)."""
+        if self.failed is not None:
+            raise ZaizaiError(f"this batch cannot go on: its decode step failed ({self.failed})")
         pending, self.pending = self.pending, False
         if pending and self.sequences:
-            self._advance()
+            try:
+                self._advance()
+            except Exception as e:
+                self.failed = f"{type(e).__name__}: {e}"
+                raise
 
     def _advance(self) -> None:
         """Feed every sequence's new token through one decoder step; each gets its next logits."""
