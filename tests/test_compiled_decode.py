@@ -27,6 +27,15 @@ KINDS = [  # (model, options): GPT-2; Qwen3-style with grouped-query attention; 
 ]
 
 
+def greedy_steps_equal(fast, eager, ids: list[int], n: int) -> None:
+    """Prefill row 0 of a compiled and an eager decoder with ``ids``, then n greedy steps: equal logits each time."""
+    a, b = fast.prefill(0, ids), eager.prefill(0, ids)
+    for _ in range(n):
+        token = b.argmax().view(1)
+        a, b = fast.step(token), eager.step(token)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 @needs_compiler
 @pytest.mark.parametrize("name, options", KINDS)
 @torch.inference_mode()
@@ -35,19 +44,11 @@ def test_compiled_steps_equal_the_eager_ones_compiled_once_for_every_length_and_
     fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
     assert fast.compiled is not None and eager.compiled is None
     ids = prompt(5)
-    a, b = fast.prefill(0, ids), eager.prefill(0, ids)
-    for _ in range(15):
-        token = b.argmax().view(1)
-        a, b = fast.step(token), eager.step(token)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    greedy_steps_equal(fast, eager, ids, 15)
     runner, packages = fast.compiled.runner, dict(compiled._COMPILED)  # the first compiled step loaded it
     fast._room(5)  # a server's cache grows: the rows' views keep their strides, nothing compiles again
     eager._room(5)
-    a, b = fast.prefill(0, ids[:3]), eager.prefill(0, ids[:3])
-    for _ in range(3):
-        token = b.argmax().view(1)
-        a, b = fast.step(token), eager.step(token)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    greedy_steps_equal(fast, eager, ids[:3], 3)
     assert fast.compiled.runner is runner and compiled._COMPILED == packages
     assert fast.compiled.steps == 15 + 3  # every step: row 0 alone, at least MIN_PAST tokens before it
     assert fast.lengths == eager.lengths and fast.positions.tolist() == eager.positions.tolist()
@@ -163,14 +164,10 @@ def test_compile_decoding_says_when_it_does_not_apply():
     assert "applies to gpt and modern models on CPU" in said.getvalue()
 
 
-def _steps_equal_eager(model, tokens=(7, 8, 9)) -> int:
-    """Steps of a compiled and an eager decoder of ``model`` after the same prompt: equal logits. -> the compiled
-    steps that ran."""
+def _steps_equal_eager(model) -> int:
+    """3 greedy steps of a compiled and an eager decoder of ``model``: equal logits. -> the compiled steps that ran."""
     fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
-    fast.prefill(0, prompt(4)), eager.prefill(0, prompt(4))
-    for token in tokens:
-        torch.testing.assert_close(fast.step(torch.tensor([token])), eager.step(torch.tensor([token])),
-                                   rtol=1e-5, atol=1e-4)
+    greedy_steps_equal(fast, eager, prompt(4), 3)
     return fast.compiled.steps
 
 
@@ -265,12 +262,7 @@ def test_a_16_bit_compiled_step_reads_half_the_bytes_and_gives_the_rounded_model
     assert len(sixteen) == 1 and len(fast.compiled.buffers) == 2
     stored = {id(p): p.numel() for p in matrices(model)}  # tied embeddings once
     assert sum(stored.values()) <= sixteen[0].numel() < sum(stored.values()) + compiled.ALIGN * len(stored)
-    ids = prompt(5)
-    a, b = fast.prefill(0, ids), eager.prefill(0, ids)
-    for _ in range(8):
-        token = b.argmax().view(1)
-        a, b = fast.step(token), eager.step(token)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    greedy_steps_equal(fast, eager, prompt(5), 8)
     assert fast.compiled.steps == 8
     cfg = SamplingConfig(max_new_tokens=30, temperature=0)
     assert list(generate_ids(model, prompt(6), cfg, compile=True)) == list(generate_ids(model, prompt(6), cfg))
