@@ -51,8 +51,12 @@ def test_compiled_steps_equal_the_eager_ones_compiled_once_for_every_length_and_
     greedy_steps_equal(fast, eager, ids[:3], 3)
     assert fast.compiled.runner is runner and compiled._COMPILED == packages
     assert fast.compiled.steps == 15 + 3  # every step: row 0 alone, at least MIN_PAST tokens before it
-    assert fast.lengths == eager.lengths and fast.positions.tolist() == eager.positions.tolist()
-    torch.testing.assert_close(fast.kv[:, :, 0], eager.kv[:, :, 0], rtol=1e-5, atol=1e-4)
+    assert fast.lengths == eager.lengths
+    torch.testing.assert_close(fast.kv[:, :, 0], eager.kv[:, :, 0], rtol=1e-5, atol=1e-4)  # it wrote row 0's cache
+    for d in (fast, eager):  # a second row joins: the eager step of both rows reads what the compiled steps wrote
+        d.prefill(1, prompt(4, seed=1))
+    torch.testing.assert_close(fast.step([7, 8]), eager.step([7, 8]), rtol=1e-5, atol=1e-4)
+    assert fast.compiled.steps == 18 and fast.positions[:2].tolist() == eager.positions[:2].tolist()
 
 
 @needs_compiler
@@ -81,6 +85,21 @@ def test_generation_gives_the_same_text_compiled_past_the_window(name, options):
                                 SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=20, seed=3)]):
         ids = prompt(10, seed=seed)  # 10 + 40 tokens: the 24-token window slides twice
         assert list(generate_ids(model, ids, cfg, compile=True)) == list(generate_ids(model, ids, cfg))
+
+
+@needs_compiler
+def test_the_compiled_step_gives_the_greedy_token_and_says_when_the_logits_are_not_finite():
+    from zaizai.inference.batch import Batch
+
+    batch = Batch(make(), compile=True)
+    seq = batch.add(prompt(5), SamplingConfig(max_new_tokens=10, temperature=0))
+    tokens = [batch.step()[0][1] for _ in range(4)]
+    with torch.inference_mode():
+        batch.step()  # the pending token through the compiled step: its argmax and finiteness come with the logits
+        assert batch.decoder.compiled.steps == 4 and seq.finite and seq.best == int(seq.logits.argmax())
+        batch.decoder.kv[:, :, 0, :, 1] = float("nan")  # row 0's cache broken: the next step's logits are nan
+    assert batch.step() == [(seq, None)] and seq.finish_reason == "error" and "nan/inf" in seq.error
+    assert tokens == list(generate_ids(make(), prompt(5), SamplingConfig(max_new_tokens=4, temperature=0)))
 
 
 @torch.inference_mode()
@@ -181,9 +200,9 @@ def test_each_model_shape_is_compiled_once_and_kept_on_disk_for_later_runs(monke
     monkeypatch.setattr(compiled, "_COMPILED", {})
     built, real, made = len(compiled.BUILT), compiled._build, {}
 
-    def build(step, token, pos, past, window):  # each shape's C++ compiled once: a second build gives its bytes
-        key = compiled._package_key(step, past, window)
-        made[key] = made.get(key) or real(step, token, pos, past, window)
+    def build(step, example, window):  # each shape's C++ compiled once: a second build gives its bytes
+        key = compiled._package_key(step, compiled._nest(example, *step.shape)[2], window)
+        made[key] = made.get(key) or real(step, example, window)
         return made[key]
 
     monkeypatch.setattr(compiled, "_build", build)
@@ -332,27 +351,37 @@ def test_compile_decoding_with_16_bit_weights_rounds_the_model_and_gives_its_tex
 
 def test_a_loaded_package_is_called_on_its_inputs_in_the_order_its_own_call_lays_them_out():
     """_direct skips the package's per-call pytree lay-out: it gives the loader the tensors in the order that lay-out
-    gives (token, pos, each layer's keys and values, the weight buffers); without such a loader, the runner itself."""
+    gives (token, span, each layer's keys and values read, then written, the weight buffers), a copy of the list
+    (the loader empties it); without such a loader, the runner itself on the arguments again."""
     from torch.utils import _pytree
 
     class Loader:
         def boxed_run(self, flat):
-            self.flat = flat
-            return ["logits", "new"]
+            self.flat = list(flat)
+            flat.clear()
+            return ["logits", "choice"]
 
     class Runner:
         loader = Loader()
 
-    token, pos = torch.tensor([5]), torch.tensor([3])
+        def __call__(self, *args):
+            self.args = args
+            return ["called"]
+
+    token, span = torch.tensor([5]), torch.empty(3)
     past = tuple((torch.zeros(2, 3, 4), torch.ones(2, 3, 4)) for _ in range(3))
+    stored = tuple((torch.zeros(2, 3, 4), torch.ones(2, 3, 4)) for _ in range(3))
     buffers = (torch.zeros(8), torch.zeros(8, dtype=torch.float16))
-    call = compiled._direct(Runner(), (token, pos, past, buffers))
-    assert call(token, pos, past, buffers) == ["logits", "new"]
-    expected = _pytree.tree_leaves(((token, pos, past, buffers), {}))
-    assert len(Runner.loader.flat) == 2 + 6 + 2 == len(expected)
+    flat = compiled._flat(token, span, past, stored, buffers)
+    call = compiled._direct(Runner(), flat, (3, 3))
+    assert call(flat) == ["logits", "choice"] and call(flat) == ["logits", "choice"]  # flat is not emptied
+    expected = _pytree.tree_leaves(((token, span, past, stored, buffers), {}))
+    assert len(Runner.loader.flat) == 2 + 6 + 6 + 2 == len(expected) == len(flat)
     assert all(a is b for a, b in zip(Runner.loader.flat, expected))
-    plain = object()
-    assert compiled._direct(plain, (token, pos, past, buffers)) is plain
+    plain = Runner()
+    plain.loader = None
+    assert compiled._direct(plain, flat, (3, 3))(flat) == ["called"]
+    assert [len(part) for part in plain.args] == [1, 3, 3, 3, 2] and plain.args[2][1][0] is past[1][0]
 
 
 def test_the_cache_folder_is_zaizai_cache_dir_else_xdg_cache_home_else_the_home_folders(monkeypatch, tmp_path):

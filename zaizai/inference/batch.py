@@ -79,6 +79,7 @@ class Sequence:
         self.window: list[int] | None = None  # the tokens in its row of a bounded (KV) cache, to slide it
         self.logits: torch.Tensor | None = None  # (V,) the next token's logits
         self.finite = True  # whether those logits are all finite
+        self.best: int | None = None  # their argmax, where the decoder found it (None: not known)
 
     @property
     def done(self) -> bool:
@@ -95,6 +96,8 @@ class Sequence:
                                 "the weights may be broken (try another checkpoint)")
             return None
         cfg = self.cfg
+        if cfg.temperature == 0 and self.best is not None and self.seen is None and self.blocker is None:
+            return self.best  # the decoder's own argmax of these logits
         logits = self.logits.unsqueeze(0)  # (1, V)
         if self.seen is not None:
             logits = apply_repetition_penalty(logits.float(), self.seen, cfg.repetition_penalty)
@@ -250,7 +253,11 @@ class Batch:
         for seq, token in zip(self.sequences, tokens):
             if seq.window is not None:
                 seq.window.append(token)
-        logits = self.decoder.step(torch.tensor(tokens, dtype=torch.long, device=self.device))  # (n, V)
+        logits = self.decoder.step(tokens)  # (n, V)
+        if self.decoder.choice is not None:  # one row, its argmax and finiteness found by the step itself
+            best, ok = self.decoder.choice.tolist()
+            self.sequences[0].logits, self.sequences[0].finite, self.sequences[0].best = logits[0], ok == 1, best
+            return
         finite = (logits.abs().amax(dim=1) < math.inf).tolist()  # nan too is not < inf (3x faster than isfinite)
         for seq, row_logits, ok in zip(self.sequences, logits, finite):
-            seq.logits, seq.finite = row_logits, ok
+            seq.logits, seq.finite, seq.best = row_logits, ok, None

@@ -56,26 +56,23 @@ def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
     return y if b is None else y + b
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
-            values: torch.Tensor) -> torch.Tensor:
-    """One query per head against the cache and the new token: q (nh, hs), already scaled; k, v (nkv, hs) the
-    new token's; keys, values (nkv, p, hs) the p tokens before it. Query head h reads key/value head
-    h // (nh / nkv). -> (nh * hs,). An fp32 cache is read with bmm (Inductor turns a one-row bmm into loops of its
-    own): 1.03-1.15x faster at 100-900 tokens of cache than elementwise products and sums (6L/384d, interleaved).
-    A 16-bit cache is read with the latter, widened in the loop: a bmm would take a widened copy of it."""
-    nkv, p, hs = keys.shape
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One query per head against the cache, the new token's keys and values included: q (nh, hs), already
+    scaled; keys, values (nkv, n, hs). Query head h reads key/value head h // (nh / nkv). -> (nh * hs,). An fp32
+    cache is read with bmm (Inductor turns a one-row bmm into loops of its own): 1.03-1.15x faster at 100-900
+    tokens of cache than elementwise products and sums (6L/384d, interleaved). A 16-bit cache is read with the
+    latter, widened in the loop: a bmm would take a widened copy of it."""
+    nkv, n, hs = keys.shape
     q = q.view(nkv, -1, hs)  # (nkv, group, hs)
     if keys.dtype == torch.float32:
-        old = torch.bmm(q, keys.transpose(1, 2))  # (nkv, group, p)
+        att = torch.bmm(q, keys.transpose(1, 2))  # (nkv, group, n)
     else:
-        old = (keys.unsqueeze(1).float() * q.unsqueeze(2)).sum(-1)
-    new = (q * k.unsqueeze(1)).sum(-1, keepdim=True)  # (nkv, group, 1)
-    att = torch.softmax(torch.cat([old, new], dim=-1), dim=-1)
+        att = (keys.unsqueeze(1).float() * q.unsqueeze(2)).sum(-1)
+    att = torch.softmax(att, dim=-1)
     if values.dtype == torch.float32:
-        y = torch.bmm(att[..., :p], values)  # (nkv, group, hs)
+        y = torch.bmm(att, values)  # (nkv, group, hs)
     else:
-        y = (att[..., :p].unsqueeze(-1) * values.unsqueeze(1).float()).sum(2)
-    y = y + att[..., p:] * v.unsqueeze(1)
+        y = (att.unsqueeze(-1) * values.unsqueeze(1).float()).sum(2)
     return y.reshape(-1)
 
 
@@ -85,53 +82,68 @@ def as_cached(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x if dtype is None or dtype == x.dtype else x.to(dtype).to(x.dtype)
 
 
-def gpt_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tuple, n_head: int, eps: float):
-    """GPT-2, one token: token (1,), pos (1,), past: each layer's (keys, values) before it, (nh, p, hs) each ->
-    (logits (1, V), the new token's keys and values (n_layer, 2, nh, hs))."""
+def _keep(k: torch.Tensor, v: torch.Tensor, p, rows: tuple, stored: tuple | None) -> tuple:
+    """The new token's keys and values k, v (nkv, hs) written at position p of one layer's rows (in place: the
+    compiled step writes into the decoder's cache): ``rows``, the (keys, values) (nkv, block_size, hs) the step
+    reads, and ``stored``, the decoder's own fp32 ones where the step reads a 16-bit copy (None: the rows are the
+    decoder's). -> the rows' first p + 1 (keys, values)."""
+    k, v = as_cached(k, rows[0].dtype), as_cached(v, rows[0].dtype)
+    for row, new in zip((*rows, *(stored or ())), (k, v, k, v)):
+        row.select(1, p).copy_(new)
+    return rows[0][:, :p + 1], rows[1][:, :p + 1]
+
+
+def gpt_step(token: torch.Tensor, p, past: tuple, stored: tuple, weights: tuple, n_head: int, eps: float):
+    """GPT-2, one token: token (1,) at position p; past: each layer's (keys, values) rows (nh, block_size, hs) each,
+    p tokens in them, and the new token's written at p (stored: see :func:`_keep`, one per layer, or ()) ->
+    logits (1, V)."""
     wte, wpe, lnf_w, lnf_b, head, layers = weights
     C = wte.size(1)
     hs = C // n_head
-    x = (wte[token].float() + wpe[pos].float())[0]  # (C,)
-    new = []
-    for (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), kv in zip(layers, past):
+    x = wte[token][0].float() + wpe[p].float()  # (C,)
+    for (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), rows, mine in zip(
+            layers, past, stored or (None,) * len(past)):
         q, k, v = _product(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), attn_w, attn_b).view(3, n_head, hs)
-        k, v = as_cached(k, kv[0].dtype), as_cached(v, kv[0].dtype)
-        new.append(torch.stack((k, v)))
-        x = x + _product(_attend(q * hs ** -0.5, k, v, *kv), proj_w, proj_b)
+        x = x + _product(_attend(q * hs ** -0.5, *_keep(k, v, p, rows, mine)), proj_w, proj_b)
         h = F.gelu(_product(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b), approximate="tanh")
         x = x + _product(h, out_w, out_b)
-    return _product(F.layer_norm(x, (C,), lnf_w, lnf_b, eps), head).unsqueeze(0), torch.stack(new)
+    return _product(F.layer_norm(x, (C,), lnf_w, lnf_b, eps), head).unsqueeze(0)
 
 
-def modern_step(token: torch.Tensor, pos: torch.Tensor, past: tuple, weights: tuple, n_head: int, eps: float):
-    """The modern (Qwen3-style) model, one token: as :func:`gpt_step`, the past (nkv, p, hs) each. Each layer's
-    ``qk_w`` (nh + nkv, hs) holds the QK-norm weights with the attention scale folded into the queries' rows, and
-    the sine table carries RoPE's sign (see :class:`~zaizai.models.decode.ModernDecoder`)."""
+def modern_step(token: torch.Tensor, p, past: tuple, stored: tuple, weights: tuple, n_head: int, eps: float):
+    """The modern (Qwen3-style) model, one token: as :func:`gpt_step`, the rows (nkv, block_size, hs) each. Each
+    layer's ``qk_w`` (nh + nkv, hs) holds the QK-norm weights with the attention scale folded into the queries'
+    rows, and the sine table carries RoPE's sign (see :class:`~zaizai.models.decode.ModernDecoder`)."""
     embed, norm_w, head, cos, sin, layers = weights
     C = embed.size(1)
     nkv, _, hs = past[0][0].shape
-    cos, sin = cos[pos], sin[pos]  # (1, hs)
+    cos, sin = cos[p], sin[p]  # (hs,)
     x = embed[token][0].float()  # (C,)
-    new = []
-    for (ln1, q_w, k_w, v_w, qk_norm, qk_w, o_w, ln2, gate_w, up_w, down_w), kv in zip(layers, past):
+    for (ln1, q_w, k_w, v_w, qk_norm, qk_w, o_w, ln2, gate_w, up_w, down_w), rows, mine in zip(
+            layers, past, stored or (None,) * len(past)):
         h = F.rms_norm(x, (C,), ln1, eps)
         qk = torch.cat([_product(h, q_w), _product(h, k_w)]).view(n_head + nkv, hs)
         qk = (F.rms_norm(qk, (hs,), None, eps) if qk_norm else qk) * qk_w
         qk = qk * cos + qk.roll(hs // 2, dims=-1) * sin
         q, k, v = qk[:n_head], qk[n_head:], _product(h, v_w).view(nkv, hs)
-        k, v = as_cached(k, kv[0].dtype), as_cached(v, kv[0].dtype)
-        new.append(torch.stack((k, v)))
-        x = x + _product(_attend(q, k, v, *kv), o_w)
+        x = x + _product(_attend(q, *_keep(k, v, p, rows, mine)), o_w)
         h = F.rms_norm(x, (C,), ln2, eps)
         x = x + _product(F.silu(_product(h, gate_w)) * _product(h, up_w), down_w)
-    return _product(F.rms_norm(x, (C,), norm_w, eps), head).unsqueeze(0), torch.stack(new)
+    return _product(F.rms_norm(x, (C,), norm_w, eps), head).unsqueeze(0)
 
 
 def _bound(fn, layout, n_head: int, eps: float):
-    """``fn`` (:func:`gpt_step` or :func:`modern_step`) of the weights :func:`flatten` laid out as ``layout``, as a
-    function of (token, pos, past, buffers): what is compiled."""
-    def step(token, pos, past, buffers):
-        return fn(token, pos, past, unflatten(buffers, layout), n_head, eps)
+    """``fn`` (:func:`gpt_step` or :func:`modern_step`) of the weights :func:`flatten` laid out as ``layout``, as
+    what is compiled: a function of (token (1,), span, past, stored, buffers), where the cache holds p = len(span)
+    tokens (span: any tensor that long, whose values are not read), past holds each layer's whole (keys, values)
+    rows (nkv, block_size, hs) (stored: see :func:`_keep`), and the new token goes to position p, its keys and
+    values written there. -> (logits (1, V), choice): choice (2,) int64 holds the logits' argmax (the greedy
+    token) and 1 if they are all finite, else 0. Its inputs stay the same tensors from step to step but the token
+    and the span (:meth:`CompiledStep.__call__`)."""
+    def step(token, span, past, stored, buffers):
+        logits = fn(token, span.shape[0], past, stored, unflatten(buffers, layout), n_head, eps)
+        choice = torch.stack([logits[0].argmax(), (logits.abs().amax() < math.inf).long()])  # nan is not < inf
+        return logits, choice
     return step
 
 
@@ -286,30 +298,33 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, token, pos, past, buffers):
-        return self.fn(token, pos, past, buffers)
+    def forward(self, token, span, past, stored, buffers):
+        return self.fn(token, span, past, stored, buffers)
 
 
-def _build(step: CompiledStep, token: torch.Tensor, pos: torch.Tensor, past: tuple, window: int) -> bytes:
+def _build(step: CompiledStep, example: list, window: int) -> bytes:
     """The step compiled ahead of time (torch.export, then AOTInductor) for every cache length from MIN_PAST to
-    window - 1: a .pt2 package's bytes."""
-    p = torch.export.Dim("p", min=step.MIN_PAST, max=window - 1)
-    dynamic = (None, None, tuple(({1: p}, {1: p}) for _ in past), tuple(None for _ in step.buffers))
+    window - 2 (the span's length): a .pt2 package's bytes. ``example``: its inputs, as :func:`_flat` lays them."""
+    p = torch.export.Dim("p", min=step.MIN_PAST, max=window - 2)
+    token, span, past, stored, buffers = _nest(example, *step.shape)
+    dynamic = (None, {0: p}, tuple((None, None) for _ in past), tuple((None, None) for _ in stored),
+               tuple(None for _ in buffers))
     package = io.BytesIO()
     with warnings.catch_warnings():  # torch's own deprecation notes about its internals: nothing a user can do
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.export.export(_Step(_bound(step.fn, step.layout, step.n_head, step.eps)),
-                                      (token, pos, past, step.buffers), dynamic_shapes=dynamic)
+                                      (token, span, past, stored, buffers), dynamic_shapes=dynamic)
         torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=dict(step.OPTIONS))
     return package.getvalue()
 
 
-def _load(step: CompiledStep, token: torch.Tensor, pos: torch.Tensor, past: tuple, window: int):
-    """The compiled step for this model shape: from the cache (:func:`cache_dir`), or compiled now and kept there
-    (written atomically; where the cache cannot be written, in a temporary folder for this process)."""
+def _load(step: CompiledStep, example: list, window: int):
+    """The compiled step for this model shape, a function of its inputs laid out as :func:`_flat` does: from the
+    cache (:func:`cache_dir`), or compiled now and kept there (written atomically; where the cache cannot be
+    written, in a temporary folder for this process)."""
     from ..common.fileio import atomic_write
 
-    key = _package_key(step, past, window)
+    key = _package_key(step, _nest(example, *step.shape)[2], window)
     if key in _COMPILED:
         return _COMPILED[key]
     path = cache_dir() / "compiled" / f"step-{key}.pt2"
@@ -320,7 +335,7 @@ def _load(step: CompiledStep, token: torch.Tensor, pos: torch.Tensor, past: tupl
         except Exception:  # noqa: BLE001 - unreadable (another torch, a damaged file): compile it again
             runner = None
     if runner is None:
-        data = _build(step, token, pos, past, window)
+        data = _build(step, example, window)
         BUILT.append(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,35 +344,55 @@ def _load(step: CompiledStep, token: torch.Tensor, pos: torch.Tensor, past: tupl
             path = Path(tempfile.mkdtemp(prefix="zaizai-compiled-")) / path.name
             path.write_bytes(data)
         runner = torch._inductor.aoti_load_package(str(path))
-    _COMPILED[key] = _direct(runner, (token, pos, past, step.buffers))
+    _COMPILED[key] = _direct(runner, example, step.shape)
     return _COMPILED[key]
 
 
-def _flat(token: torch.Tensor, pos: torch.Tensor, past: tuple, buffers: tuple) -> list:
-    flat = [token, pos]
-    for keys, values in past:
+def _flat(token: torch.Tensor | None, span: torch.Tensor | None, past, stored, buffers: tuple) -> list:
+    """The step's inputs in one list: token, span, each layer's keys and values (past, then stored), the weight
+    buffers."""
+    flat = [token, span]
+    for keys, values in (*past, *stored):
         flat += (keys, values)
     return [*flat, *buffers]
 
 
-def _direct(runner, example: tuple):
-    """``runner`` (a loaded package) called on its inputs in a flat list, as the package's own call passes them
-    after laying them out with torch's pytree (4L/128d: that lay-out took a quarter of a step's time). Where the
-    loaded package has no such entry point, or lays out ``example`` otherwise, the runner itself."""
+def _nest(flat: list, layers: int, stored: int) -> tuple:
+    """:func:`_flat`'s list as the step's arguments again, (token, span, past, stored, buffers), for ``layers``
+    layers' rows in past and ``stored`` in stored."""
+    mid, end = 2 + 2 * layers, 2 + 2 * (layers + stored)
+    pairs = lambda a, b: tuple(zip(flat[a:b:2], flat[a + 1:b:2]))  # noqa: E731
+    return flat[0], flat[1], pairs(2, mid), pairs(mid, end), tuple(flat[end:])
+
+
+def _direct(runner, example: list, shape: tuple[int, int]):
+    """``runner`` (a loaded package) as a function of its inputs in :func:`_flat`'s list, which its loader takes as
+    they are where torch's pytree lays out the step's arguments in that order (the package's own call lays them
+    out at every call: 4L/128d, a quarter of a step's time); else through the runner's own call."""
     from torch.utils import _pytree
 
     run = getattr(getattr(runner, "loader", None), "boxed_run", None)
-    leaves, flat = _pytree.tree_leaves((example, {})), _flat(*example)
-    if run is None or len(leaves) != len(flat) or any(a is not b for a, b in zip(leaves, flat)):
-        return runner
-    return lambda token, pos, past, buffers: run(_flat(token, pos, past, buffers))
+    leaves = _pytree.tree_leaves((_nest(example, *shape), {}))
+    if run is None or len(leaves) != len(example) or any(a is not b for a, b in zip(leaves, example)):
+        return lambda flat: runner(*_nest(flat, *shape))
+    return lambda flat: run(list(flat))  # a copy: the loader empties the list it is given
+
+
+@functools.lru_cache(maxsize=None)
+def _spans(window: int) -> list[torch.Tensor]:
+    """spans[p] (p < window) is p long: what tells the compiled step a cache's length. Its values are never read."""
+    span = torch.empty(window, dtype=torch.int8)
+    return [span[:p] for p in range(window)]
 
 
 class CompiledStep:
     """A decoder's compiled one-sequence step: ``fn`` (:func:`gpt_step` or :func:`modern_step`) on the weights of
     :func:`flat_weights`, and for 16-bit weights the 16-bit copy of row 0's cache it reads."""
 
-    MIN_PAST = 2  # a cache of 0 or 1 token would be compiled again as a special size: the eager step takes those
+    # The cache lengths it takes (tokens before the new one): MIN_PAST .. window - 2. A cache of 0 or 1 token, or
+    # one whose rows the new token fills (their first p + 1 are then contiguous), would be compiled again as a
+    # special size: the eager step takes those.
+    MIN_PAST = 2
     # Inductor's options for this graph: every intermediate kept in a buffer of its own. By default a product's
     # input (an embedding lookup and a layer norm, say) is recomputed inside its loop for each of the weight's
     # rows, which makes the loop compute-bound; these are vectors of a few hundred floats, so keeping them costs
@@ -366,56 +401,71 @@ class CompiledStep:
     # Inductor drops a down-and-up cast pair in a fused loop.
     OPTIONS = {"realize_opcount_threshold": 0, "emulate_precision_casts": True}
 
-    def __init__(self, fn, flat: tuple, n_head: int, eps: float, window: int, kv_dtype: torch.dtype | None = None):
+    def __init__(self, fn, flat: tuple, n_head: int, eps: float, window: int, layers: int,
+                 kv_dtype: torch.dtype | None = None):
         """``flat``: the weights as :func:`flat_weights` gives them, (buffers, layout). ``window``: the tokens a
-        cache row holds (block_size). ``kv_dtype``: the 16-bit type the decoder rounds keys and values to (a model
-        with 16-bit weights): the step then reads a copy of row 0's cache in that type (:meth:`past`), half the
-        bytes."""
+        cache row holds (block_size); ``layers``: the model's. ``kv_dtype``: the 16-bit type the decoder rounds
+        keys and values to (a model with 16-bit weights): the step then reads a copy of row 0's cache in that type
+        (:meth:`rows`), half the bytes."""
         self.fn, self.n_head, self.eps, self.window, self.kv_dtype = fn, n_head, eps, window, kv_dtype
+        self.shape = (layers, 0 if kv_dtype is None else layers)  # the layers' rows the step reads, and writes also
         self.buffers, self.layout = flat
         self.runner = None  # the compiled step for this model's shape, found at the first call (which compiles it)
         self.steps = 0  # steps it has run
         self.mirror: torch.Tensor | None = None  # row 0's keys and values in kv_dtype, like the cache's row 0
         self.mirrored = 0  # positions [0, mirrored) of the mirror hold row 0's
+        self.source: tuple = (None, None)  # the rows the inputs below hold: (what the step reads, row 0's)
+        self.inputs: list = []  # the step's inputs (_flat), the same tensors at every step but the span
+        self.spans: list = []  # spans[p]: a cache of p tokens (see _bound)
+        self.token = self.token_ids = None  # the token's tensor (1,), and its numpy view, to write it in place
 
-    def past(self, row0: list, p: int) -> tuple:
-        """What the step reads of row 0's cache, p tokens: each layer's (keys, values), views of ``row0`` (each
-        layer's row-0 (keys, values), (heads, block_size, hs) each) or of its 16-bit mirror, brought up to date."""
-        if self.kv_dtype is not None:
-            if self.mirror is None:  # (n_layer, 2, heads, block_size, hs), and each layer's (keys, values) views
-                keys = row0[0][0]
-                self.mirror = torch.empty(len(row0), 2, *keys.shape, dtype=self.kv_dtype, device=keys.device)
-                self.mirror_rows = list(zip(self.mirror[:, 0], self.mirror[:, 1]))
-                self.mirrored = 0
-            if self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
-                for copy, layer in zip(self.mirror_rows, row0):
-                    for mine, theirs in zip(copy, layer):
-                        mine[:, self.mirrored:p].copy_(theirs[:, self.mirrored:p])
-            self.mirrored = p
-            row0 = self.mirror_rows
-        return tuple((keys[:, :p], values[:, :p]) for keys, values in row0)
+    def takes(self, p: int) -> bool:
+        """Whether it steps after a cache of p tokens (else the eager step does)."""
+        return self.MIN_PAST <= p <= self.window - 2
 
-    def wrote(self, new: torch.Tensor, p: int) -> None:
-        """The step's new keys and values ``new`` (n_layer, 2, heads, hs) went to position p of row 0."""
-        if self.mirror is not None and self.mirrored == p:
-            self.mirror[:, :, :, p] = new
-            self.mirrored = p + 1
+    def rows(self, row0: list, p: int) -> list:
+        """What the step reads of row 0's cache, p tokens of it: each layer's (keys, values), ``row0`` (each
+        layer's row-0 (keys, values), (heads, block_size, hs) each) or its 16-bit mirror, brought up to date."""
+        if self.kv_dtype is None:
+            return row0
+        if self.mirror is None:  # (n_layer, 2, heads, block_size, hs), and each layer's (keys, values) views
+            keys = row0[0][0]
+            self.mirror = torch.empty(len(row0), 2, *keys.shape, dtype=self.kv_dtype, device=keys.device)
+            self.mirror_rows = list(zip(self.mirror[:, 0], self.mirror[:, 1]))
+            self.mirrored = 0
+        if self.mirrored < p:  # what eager steps wrote (a prefill, several rows): exact, the values are rounded
+            for copy, layer in zip(self.mirror_rows, row0):
+                for mine, theirs in zip(copy, layer):
+                    mine[:, self.mirrored:p].copy_(theirs[:, self.mirrored:p])
+        self.mirrored = p
+        return self.mirror_rows
 
     def forget(self) -> None:
         """Row 0 holds another sequence now (a new one, one moved there, or none): the mirror is out of date."""
         self.mirrored = 0
 
-    def __call__(self, token: torch.Tensor, pos: torch.Tensor, past: tuple):
-        """past: each layer's (keys, values), (nkv, p, hs) each, views of a decoder's cache whose strides do not
-        depend on how many rows it has (a server's cache grows: that must not compile the step again) -> (logits
-        (1, V), the new keys and values (n_layer, 2, nkv, hs)), or None where compiling failed (said once: the
-        caller steps eagerly)."""
+    def __call__(self, token: int, p: int, row0: list):
+        """The next token after row 0's p tokens: ``token`` goes to position p. ``row0``: each layer's row-0
+        (keys, values), (nkv, block_size, hs) each, views of a decoder's cache whose strides do not depend on how
+        many rows it has (a server's cache grows: that must not compile the step again). The token's keys and
+        values are written at position p of those rows (and of the mirror). -> (logits (1, V), choice (2,): the
+        greedy token, 1 if the logits are finite), or None where compiling failed (said once: the caller steps
+        eagerly, and nothing was written)."""
         if _FAILED:
             return None
         try:
+            rows = self.rows(row0, p)
+            if rows is not self.source[0] or row0 is not self.source[1]:  # the first step, a cache grown
+                self.token = torch.zeros(1, dtype=torch.long, device=row0[0][0].device)
+                self.token_ids = self.token.numpy()  # a write through numpy is no tensor operation (CPU only)
+                self.source = (rows, row0)
+                self.inputs = _flat(self.token, None, rows, row0 if rows is not row0 else (), self.buffers)
+                self.spans = _spans(self.window)
+            self.token_ids[0] = token
+            self.inputs[1] = self.spans[p]
             if self.runner is None:
-                self.runner = _load(self, token, pos, past, self.window)
-            out = self.runner(token, pos, past, self.buffers)
+                self.runner = _load(self, self.inputs, self.window)
+            out = self.runner(self.inputs)
         except Exception as e:  # noqa: BLE001 - a compiler missing or failing: the eager step gives the same logits
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             _FAILED.append(reason)
@@ -423,4 +473,6 @@ class CompiledStep:
                   "It needs a C++ compiler (gcc or clang; MSVC on Windows)", file=sys.stderr)
             return None
         self.steps += 1
+        if self.mirror is not None:
+            self.mirrored = p + 1
         return out

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 
 from ..common.errors import ZaizaiError
 from .compiled import CompiledStep, as_cached, flat_weights, gpt_step, modern_step, weights_dtype
+from .decode_rows import CacheDecoder, Decoder, RNNDecoder, StatelessDecoder
 from .dense import _dense1, dense
 from .gpt import GPT
 from .modern import ModernLM
-from .rnn import RNNLM, RNNState
+from .rnn import RNNLM
 
 
 def decoder_for(model, rows: int = 1, device: torch.device | str | None = None, compile: bool = False):
@@ -59,44 +60,6 @@ def decoder_for(model, rows: int = 1, device: torch.device | str | None = None, 
     if model.new_cache(1, device) is None:
         return StatelessDecoder(model, rows, device)
     return CacheDecoder(model, rows, device)
-
-
-class Decoder:
-    """What every decoder has: rows in use, their lengths, and a window (the most tokens a row holds; None: no limit)."""
-
-    window: int | None = None
-
-    def __init__(self, model, rows: int, device: torch.device):
-        self.model = model
-        self.device = device
-        self.vocab_size = model.config.vocab_size
-        self.capacity = 0
-        self.lengths: list[int] = []  # tokens in each row's cache
-        self._grow(max(1, rows))
-
-    def _grow(self, rows: int) -> None:
-        self.lengths += [0] * (rows - self.capacity)
-        self.capacity = rows
-
-    def _room(self, row: int) -> None:
-        if row >= self.capacity:
-            self._grow(max(row + 1, 2 * self.capacity))
-
-    def _ids(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-
-    def full(self, row: int) -> bool:
-        """The row has no room for another token: its sequence has to start a new window."""
-        return self.window is not None and self.lengths[row] >= self.window
-
-    def prefill_many(self, rows: list[int], prompts: list[list[int]]) -> list[torch.Tensor | None]:
-        """:meth:`prefill` of each of ``rows`` from its prompt: the next-token logits (V,) of each (None: no ids).
-        Here one at a time; a KV decoder runs all the prompts' tokens through its layers in one pass."""
-        return [self.prefill(row, ids) for row, ids in zip(rows, prompts, strict=True)]
-
-    def release(self, row: int) -> None:
-        """The row's sequence has left."""
-        self.lengths[row] = 0
 
 
 class KVDecoder(Decoder):
@@ -123,6 +86,7 @@ class KVDecoder(Decoder):
         self.kv_dtype = weights_dtype(model)  # keys and values rounded to it (16-bit weights, as llama.cpp's F16)
         self.kv = None
         self.dirty: list[int] = []  # positions [0, dirty) of a row may hold an earlier sequence's keys
+        self.stale = False  # whether positions[0] is behind lengths[0] (compiled steps do not write it)
         super().__init__(model, rows, device)
         self.arange = torch.arange(self.window, device=device)  # (block_size,)
 
@@ -232,29 +196,34 @@ class KVDecoder(Decoder):
 
         return attend
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (n,) int64, one for each row 0 .. n-1 -> the next-token logits (n, V) of each row."""
-        n = tokens.size(0)
-        if n == 1 and self.compiled is not None and self.compiled.MIN_PAST <= self.lengths[0] < self.window:
-            logits = self._step_compiled(tokens)
+    def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:
+        """tokens (n,) int64 (or a list of n ids), one for each row 0 .. n-1 -> the next-token logits (n, V) of
+        each row."""
+        n = len(tokens)
+        self.choice = None
+        if n == 1 and self.compiled is not None and self.compiled.takes(self.lengths[0]):
+            logits = self._step_compiled(int(tokens[0]))
             if logits is not None:
                 return logits
         L, pos, slots, hide = self._begin(n)
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         x = self._run(tokens, pos, slots, lambda q, kv: self._attend(q, kv, L, hide))
         self._end(n)
         return self.lm_head(x)  # (n, V)
 
-    def _step_compiled(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """:meth:`step` of row 0 alone through the compiled step: its logits (1, V), or None where it could not be
-        compiled (nothing written: the eager step follows)."""
+    def _step_compiled(self, token: int) -> torch.Tensor | None:
+        """:meth:`step` of row 0 alone through the compiled step: its logits (1, V) (and :attr:`choice`), or None
+        where it could not be compiled (nothing written: the eager step follows). At batch 1 of a small model
+        every tensor operation counts (each ~3-10 us, run with the caches just flushed by the weights' read): here
+        there is none but the step (which writes the cache), and row 0's position on the device is brought up to
+        date when an eager step needs it."""
         p = self.lengths[0]
-        out = self.compiled(tokens, self.positions[:1], self.compiled.past(self.row0, p))
+        out = self.compiled(token, p, self.row0)
         if out is None:
             return None
-        logits, new = out
-        self.kv[:, :, 0, :, p] = new  # (n_layer, 2, heads, hs)
-        self.compiled.wrote(new, p)
-        self._end(1)
+        logits, self.choice = out  # the token's keys and values went to row 0's position p
+        self.lengths[0] = p + 1
+        self.stale = True
         return logits
 
     def move(self, src: int, dst: int) -> None:
@@ -274,6 +243,8 @@ class KVDecoder(Decoder):
         """For a step of rows 0 .. n-1: L (keys each row's query reads, the new one included), pos (n,) where
         each new token goes, slots (n * 2 * heads,) where its keys and values go in a layer's buffer (in the
         order row, k|v, head), and hide (n, 1, L), True where a row has no key yet (None: same lengths)."""
+        if self.stale:  # compiled steps moved row 0 on
+            self.positions[0], self.stale = self.lengths[0], False
         lengths = self.lengths[:n]
         longest = max(lengths)
         if longest >= self.window:
@@ -322,7 +293,8 @@ class GPTDecoder(KVDecoder):
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
             flat = flat_weights(model, (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, model.lm_head.weight,
                                         weights))
-            self.compiled = CompiledStep(gpt_step, flat, cfg.n_head, self.eps, cfg.block_size, weights_dtype(model))
+            self.compiled = CompiledStep(gpt_step, flat, cfg.n_head, self.eps, cfg.block_size, cfg.n_layer,
+                                         weights_dtype(model))
         super().__init__(model, rows, device, cfg.n_head, cfg.n_embd // cfg.n_head, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -376,7 +348,8 @@ class ModernDecoder(KVDecoder):
                         mlp.up_proj.weight, mlp.down_proj.weight)] if compile else []
         if compile:
             flat = flat_weights(model, (self.embed, self.norm, model.lm_head.weight, self.cos, self.sin, raw))
-            self.compiled = CompiledStep(modern_step, flat, cfg.n_head, self.eps, cfg.block_size, weights_dtype(model))
+            self.compiled = CompiledStep(modern_step, flat, cfg.n_head, self.eps, cfg.block_size, cfg.n_layer,
+                                         weights_dtype(model))
         super().__init__(model, rows, device, nkv, hs, model.lm_head.weight.dtype)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
@@ -395,105 +368,3 @@ class ModernDecoder(KVDecoder):
             gate, up = gate_up(F.rms_norm(x, (C,), ln2, eps)).chunk(2, dim=1)  # (n, H) each
             x = down.add_to(x, F.silu(gate) * up)
         return F.rms_norm(x, (C,), self.norm, eps)
-
-
-class RNNDecoder(Decoder):
-    """Rows of GRU hidden states, (n_layer, rows, C); no window: a state summarises any length."""
-
-    def __init__(self, model: RNNLM, rows: int, device: torch.device):
-        self.hidden = None
-        super().__init__(model, rows, device)
-
-    def _grow(self, rows: int) -> None:
-        cfg = self.model.config
-        hidden = torch.zeros(cfg.n_layer, rows, cfg.n_embd, device=self.device, dtype=self.model.wte.weight.dtype)
-        if self.hidden is not None:
-            hidden[:, :self.capacity] = self.hidden
-        self.hidden = hidden
-        super()._grow(rows)
-
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor | None:
-        self._room(row)
-        self.hidden[:, row] = 0
-        self.lengths[row] = len(ids)
-        if not ids:
-            return None
-        state = RNNState()
-        logits, _ = self.model(self._ids(ids), cache=state, last_only=True)  # (1, 1, V)
-        self.hidden[:, row] = state.hidden[:, 0]
-        return logits[0, -1]
-
-    def move(self, src: int, dst: int) -> None:
-        self.hidden[:, dst] = self.hidden[:, src]
-        self.lengths[dst] = self.lengths[src]
-        self.release(src)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.size(0)
-        state = RNNState()
-        state.hidden = self.hidden[:, :n].contiguous()  # (n_layer, n, C)
-        logits, _ = self.model(tokens.view(n, 1), cache=state, last_only=True)  # (n, 1, V)
-        self.hidden[:, :n] = state.hidden
-        for i in range(n):
-            self.lengths[i] += 1
-        return logits[:, 0]
-
-
-class StatelessDecoder(Decoder):
-    """A model that needs no cache (bigram): the next token depends on the last one only."""
-
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor | None:
-        self._room(row)
-        self.lengths[row] = len(ids)
-        if not ids:
-            return None
-        logits, _ = self.model(self._ids(ids[-1:]), last_only=True)  # (1, 1, V)
-        return logits[0, -1]
-
-    def move(self, src: int, dst: int) -> None:
-        self.lengths[dst] = self.lengths[src]
-        self.release(src)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.size(0)
-        logits, _ = self.model(tokens.view(n, 1), last_only=True)  # (n, 1, V)
-        for i in range(n):
-            self.lengths[i] += 1
-        return logits[:, 0]
-
-
-class CacheDecoder(Decoder):
-    """Any model with a cache (``model.new_cache``): one cache per row, each step the model's own forward pass
-    row by row. Correct for every model, batched for none: a model gets its own decoder to share the step."""
-
-    def __init__(self, model, rows: int, device: torch.device):
-        self.caches: list = []
-        super().__init__(model, rows, device)
-        self.window = getattr(self.caches[0], "max_len", None)  # a KV cache's length; None for a recurrent state
-
-    def _grow(self, rows: int) -> None:
-        self.caches += [self.model.new_cache(1, self.device) for _ in range(rows - self.capacity)]
-        super()._grow(rows)
-
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor | None:
-        if self.window is not None and len(ids) > self.window:
-            raise ZaizaiError(f"a row holds {self.window} tokens (block_size), not {len(ids)}; crop the prompt")
-        self._room(row)
-        self.caches[row].reset()
-        self.lengths[row] = len(ids)
-        if not ids:
-            return None
-        logits, _ = self.model(self._ids(ids), cache=self.caches[row], last_only=True)  # (1, 1, V)
-        return logits[0, -1]
-
-    def move(self, src: int, dst: int) -> None:
-        self.caches[dst], self.caches[src] = self.caches[src], self.caches[dst]  # no copy: the rows trade caches
-        self.lengths[dst] = self.lengths[src]
-        self.release(src)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.size(0)
-        logits = [self.model(tokens[i].view(1, 1), cache=self.caches[i], last_only=True)[0][0, -1] for i in range(n)]
-        for i in range(n):
-            self.lengths[i] += 1
-        return torch.stack(logits)  # (n, V)
