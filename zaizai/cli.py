@@ -81,9 +81,9 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser, device: bool = True) 
 
 def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
-                        help="预先编译解码步骤（CPU 上 gpt/modern，单个生成约快 2-3 倍；需要 C++ 编译器，每种模型形状首次约 "
+                        help="预先编译解码步骤（CPU 上 gpt/modern，单个生成约快 2-4 倍；需要 C++ 编译器，每种模型形状首次约 "
                              "20-30 秒，之后从 ~/.cache/zaizai 载入）· compile the decode step ahead of time (gpt/modern "
-                             "on CPU: a lone generation ~2-3x faster; needs a C++ compiler; 20-30 s the first time for "
+                             "on CPU: a lone generation ~2-4x faster; needs a C++ compiler; 20-30 s the first time for "
                              "a model shape, then loaded from ~/.cache/zaizai)")
     parser.add_argument("--weights", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="解码权重精度（配合 --compile）：float16/bfloat16 读一半字节，约快 1.4 倍，计算仍是 float32 · "

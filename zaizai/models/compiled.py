@@ -4,17 +4,21 @@ At batch 1 a decode step reads every weight once and does little arithmetic with
 read from memory plus the cost of each operation launched. The eager step (:mod:`zaizai.models.decode`) launches
 ~15 library calls a layer, and oneDNN's matrix-vector products read fp32 weights at ~15 GB/s on the 2-core AMD
 EPYC this project measures on, where a plain ``sum()`` over the same weights reads 23 GB/s. Here the whole step,
-every layer and the output layer, is one pure function of the new token, its position and the cache before it;
+every layer and the output layer, is one function of the new token, its position and the cache;
 Inductor fuses it into C++ loops, each product written as ``(W * x).sum(-1)``: a reduction over each weight row,
 read once, in order (6L/384d, the 25 products alone: 2.7 ms against oneDNN's 3.8; ``bench/generate_speed.py``
 has the whole step). The transposed form, ``(W^T * x[:, None]).sum(0)``, reads 2.7x slower (7.6 GB/s). A step of
 several rows stays eager: there each weight is read once for all of them, which this form would not do.
 
-The function writes nothing: it returns the logits and the new token's keys and values, and the decoder writes
-them into its cache (a cache written inside the compiled graph is copied whole, 19 MB at 6L/384d, by
-functionalization). The cache's length is a dynamic size (``torch.export.Dim``), so one compilation serves every
-length. The weights are passed as one flat buffer per dtype (:func:`flat_weights`, made once per model), not ~80
-tensors.
+The step takes the decoder's cache rows as they are (each layer's whole keys and values of row 0, block_size
+long) and a span whose length is the cache's (a dynamic size, ``torch.export.Dim``: one compilation serves every
+length); it writes the new token's keys and values into those rows itself, in place (AOTInductor stores into the
+input; the attention then reads them with the rest), and returns the logits with their argmax and whether they are
+all finite (what the sampler would otherwise compute in three more tensor operations). So a step's inputs are the
+same tensors every time but the span (one of a list made once) and the token (written through a numpy view), and
+a token costs the compiled call and nothing else: at 4L/128d every tensor operation around it cost ~5-15 us, the
+caches just flushed by the weights' read. The weights are passed as one flat buffer per dtype
+(:func:`flat_weights`, made once per model), not ~80 tensors.
 
 Compiled ahead of time, not with ``torch.compile``: a token then costs one call into the package's C++, with no
 dynamo guards, no Python wrapper allocating each intermediate buffer, and no per-call pytree lay-out (:func:`_direct`).
@@ -26,6 +30,8 @@ needed a few seconds in every process).
 16-bit weights (``--weights float16``, :func:`round_weights`): the model's matrices rounded to float16 or bfloat16,
 which the compiled step reads at that size and widens in its loops: half the bytes of a token's read, the
 arithmetic still float32 (6L/384d's 25 products: 1.0 ms against 2.4). That is what llama.cpp's F16 file holds.
+Keys and values are rounded to 16 bits too; the step reads a 16-bit copy of row 0's cache (:meth:`CompiledStep.rows`)
+and writes the new token's into both.
 
 It needs a C++ compiler (gcc or clang; MSVC on Windows). Where compiling fails, the decoder says so once, in one
 line, and goes on with the eager step, which gives the same logits to float rounding: nothing else changes.
