@@ -64,17 +64,14 @@ def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """One query per head against the cache, the new token's keys and values included: q (nh, hs), already
-    scaled; keys, values (nkv, n, hs). Query head h reads key/value head h // (nh / nkv). -> (nh * hs,). An fp32
-    cache is read with bmm (Inductor turns a one-row bmm into loops of its own): 1.03-1.15x faster at 100-900
-    tokens of cache than elementwise products and sums (6L/384d, interleaved). A 16-bit cache is read with the
-    latter, widened in the loop: a bmm would take a widened copy of it."""
+    scaled; keys, values (nkv, n, hs). Query head h reads key/value head h // (nh / nkv). -> (nh * hs,). The scores
+    are a bmm (Inductor turns a one-row bmm into loops of its own; a 16-bit cache widened in them); the values'
+    sum is a bmm for an fp32 cache (1.03-1.15x faster at 100-900 tokens of cache than elementwise products and
+    sums, 6L/384d) and those products and sums for a 16-bit one (a bmm, or the scores as products and sums, were
+    slower: 6L/384d with float16 weights, 1,000 tokens of cache, a whole step 2.1 ms against 2.3 and 3.0)."""
     nkv, n, hs = keys.shape
     q = q.view(nkv, -1, hs)  # (nkv, group, hs)
-    if keys.dtype == torch.float32:
-        att = torch.bmm(q, keys.transpose(1, 2))  # (nkv, group, n)
-    else:
-        att = (keys.unsqueeze(1).float() * q.unsqueeze(2)).sum(-1)
-    att = torch.softmax(att, dim=-1)
+    att = torch.softmax(torch.bmm(q, keys.float().transpose(1, 2)), dim=-1)  # (nkv, group, n)
     if values.dtype == torch.float32:
         y = torch.bmm(att, values)  # (nkv, group, hs)
     else:
