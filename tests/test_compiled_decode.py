@@ -195,8 +195,17 @@ def _steps_equal_eager(model) -> int:
 def test_each_model_shape_is_compiled_once_and_kept_on_disk_for_later_runs(monkeypatch, tmp_path):
     """The compiled step of a model shape is a package in the cache folder: a later process (here: the in-process
     table emptied) loads it without compiling; another shape gets a package of its own; a damaged package is
-    compiled again; where the cache folder cannot be written, the step is compiled all the same."""
+    compiled again; where the cache folder cannot be written, the step is compiled all the same. A package unused
+    for KEEP_DAYS days is deleted when another is written; loading one marks it used."""
+    import os
+    import time
+
     monkeypatch.setenv("ZAIZAI_CACHE_DIR", str(tmp_path))
+    (tmp_path / "compiled").mkdir()
+    day = 86400
+    for name, age in [("step-old.pt2", compiled.KEEP_DAYS + 1), ("step-recent.pt2", compiled.KEEP_DAYS - 1)]:
+        (tmp_path / "compiled" / name).write_bytes(b"PK")
+        os.utime(tmp_path / "compiled" / name, (time.time() - age * day,) * 2)
     monkeypatch.setattr(compiled, "_COMPILED", {})
     built, real, made = len(compiled.BUILT), compiled._build, {}
 
@@ -207,11 +216,15 @@ def test_each_model_shape_is_compiled_once_and_kept_on_disk_for_later_runs(monke
 
     monkeypatch.setattr(compiled, "_build", build)
     assert _steps_equal_eager(make(n_embd=40)) == 3
+    assert not (tmp_path / "compiled" / "step-old.pt2").exists()  # unused for too long: deleted
+    (tmp_path / "compiled" / "step-recent.pt2").unlink()  # kept; out of the way now
     packages = sorted((tmp_path / "compiled").glob("step-*.pt2"))
     assert len(compiled.BUILT) == built + 1 and len(packages) == 1
     assert [type(run).__name__ for run in compiled._COMPILED.values()] == ["function"]  # called directly (_direct)
     monkeypatch.setattr(compiled, "_COMPILED", {})  # a new process
+    os.utime(packages[0], (time.time() - 10 * day,) * 2)
     assert _steps_equal_eager(make(n_embd=40)) == 3 and len(compiled.BUILT) == built + 1  # loaded, not compiled
+    assert time.time() - packages[0].stat().st_mtime < day  # and marked used
     assert _steps_equal_eager(make(n_embd=56)) == 3 and len(compiled.BUILT) == built + 2
     assert len(list((tmp_path / "compiled").glob("step-*.pt2"))) == 2
     packages[0].write_bytes(b"not a package")

@@ -323,8 +323,8 @@ def _build(step: CompiledStep, example: list, window: int) -> bytes:
 
 def _load(step: CompiledStep, example: list, window: int):
     """The compiled step for this model shape, a function of its inputs laid out as :func:`_flat` does: from the
-    cache (:func:`cache_dir`), or compiled now and kept there (written atomically; where the cache cannot be
-    written, in a temporary folder for this process)."""
+    cache (:func:`cache_dir`), or compiled now and kept there (written atomically, packages unused for KEEP_DAYS days
+    deleted; where the cache cannot be written, in a temporary folder for this process)."""
     from ..common.fileio import atomic_write
 
     key = _package_key(step, _nest(example, *step.shape)[2], window)
@@ -335,6 +335,7 @@ def _load(step: CompiledStep, example: list, window: int):
     if path.is_file():
         try:
             runner = torch._inductor.aoti_load_package(str(path))
+            os.utime(path)  # used now: see _prune
         except Exception:  # noqa: BLE001 - unreadable (another torch, a damaged file): compile it again
             runner = None
     if runner is None:
@@ -343,12 +344,29 @@ def _load(step: CompiledStep, example: list, window: int):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
+            _prune(path.parent)
         except OSError:
             path = Path(tempfile.mkdtemp(prefix="zaizai-compiled-")) / path.name
             path.write_bytes(data)
         runner = torch._inductor.aoti_load_package(str(path))
     _COMPILED[key] = _direct(runner, example, step.shape)
     return _COMPILED[key]
+
+
+KEEP_DAYS = 30  # a package not used for this long is deleted when another is compiled (an old torch's, a model's
+# shape no longer used): the folder does not grow for ever
+
+
+def _prune(folder: Path) -> None:
+    """Delete the packages in ``folder`` not used (loaded or written) for KEEP_DAYS days."""
+    import time
+
+    for old in folder.glob("step-*.pt2"):
+        try:
+            if time.time() - old.stat().st_mtime > KEEP_DAYS * 86400:
+                old.unlink()
+        except OSError:  # another process's, gone already, or not ours to delete: leave it
+            pass
 
 
 def _flat(token: torch.Tensor | None, span: torch.Tensor | None, past, stored, buffers: tuple) -> list:
