@@ -102,10 +102,10 @@ class Zaizai:
         :mod:`zaizai.models.compiled`), compiled here, so that the first reply does not wait for it (20-30 s the
         first time for a model of this shape; later runs load it from the cache, ~/.cache/zaizai). False, and
         nothing changes, for a model or device it does not apply to. Where compiling fails, one line on stderr says
-        so and generation goes on without it. ``say``: where to write a line saying what happens (``zaizai chat --compile``). ``weights``: float16 or
-        bfloat16 rounds the model's matrices to that type for good (every later step, compiled or not, computes
-        with the rounded values), and the compiled step reads them at that size: half the bytes, arithmetic in
-        float32 (:func:`~zaizai.models.compiled.round_weights`)."""
+        so and generation goes on without it. ``say``: where to write a line saying what happens (``zaizai chat
+        --compile``). ``weights``: float16 or bfloat16 rounds the model's matrices to that type for good (every
+        later step, compiled or not, computes with the rounded values), and the compiled step reads them at that
+        size: half the bytes, arithmetic in float32 (:func:`~zaizai.models.compiled.round_weights`)."""
         check_weights(True, weights)
         if self.model_config.model not in ("gpt", "modern") or self.device.type != "cpu":
             if say is not None:

@@ -12,7 +12,8 @@ from .rnn import RNNLM, RNNState
 
 
 class Decoder:
-    """What every decoder has: rows in use, their lengths, and a window (the most tokens a row holds; None: no limit)."""
+    """What every decoder has: rows in use, their lengths, and a window (the most tokens a row holds; None: no
+    limit)."""
 
     window: int | None = None
     # after a step of one row, where the step found them (the compiled step): (2,) int64, the greedy token (the
