@@ -61,6 +61,24 @@ def test_compiled_steps_equal_the_eager_ones_compiled_once_for_every_length_and_
 
 @needs_compiler
 @torch.inference_mode()
+def test_with_16_bit_weights_the_compiled_steps_write_the_cache_the_eager_steps_read():
+    """16-bit weights: the compiled step reads a 16-bit copy of row 0's cache and writes the new keys and values into
+    it and into the decoder's own cache, rounded as the eager step rounds them: a row that joins later steps
+    eagerly beside it with the same logits as an eager decoder's."""
+    model = make("modern", n_head=4, n_kv_head=2)
+    compiled.round_weights(model, torch.float16)
+    fast, eager = decoder_for(model, 1, compile=True), decoder_for(model, 1)
+    greedy_steps_equal(fast, eager, prompt(5), 6)
+    assert fast.compiled.steps == 6 and fast.compiled.mirrored == 11
+    torch.testing.assert_close(fast.kv[:, :, 0, :, :11], eager.kv[:, :, 0, :, :11], rtol=1e-5, atol=1e-4)
+    for d in (fast, eager):
+        d.prefill(1, prompt(4, seed=1))
+    torch.testing.assert_close(fast.step([7, 8]), eager.step([7, 8]), rtol=1e-5, atol=1e-4)
+    assert fast.compiled.steps == 6
+
+
+@needs_compiler
+@torch.inference_mode()
 def test_several_rows_and_a_full_row_step_as_before():
     model = make()
     fast, eager = decoder_for(model, 2, compile=True), decoder_for(model, 2)
