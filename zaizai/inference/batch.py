@@ -18,7 +18,9 @@ different lengths side by side, when the batch next needs logits (the next step,
 caller a decode step sooner (the first one too), and the work done is the same. If that decode step fails, the
 batch fails from then on (every later step and join raises): its sequences have no logits to go on from. A
 sequence's tokens are the same alone or in a batch: its sampling state is its own, and its logits differ from the
-alone ones by float rounding only (greedy decoding gives the same text unless two tokens tie to ~1e-6).
+alone ones by float rounding only (greedy decoding gives the same text unless two tokens tie to ~1e-6). Where the
+decoder's step finds the logits' argmax and finiteness itself (the compiled step of a lone sequence), a greedy
+sequence without penalties takes them from it instead of computing them again.
 
 A sequence whose logits stop being finite (nan/inf: broken weights, an overflow), or whose draw cannot be made
 (finite scores so large that its temperature takes them to inf), ends with ``finish_reason == "error"`` and
