@@ -298,6 +298,17 @@ def test_flat_weights_are_made_once_per_model_and_again_after_a_change():
                        model.transformer.ln_f.weight)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_tied_embeddings_are_stored_once_in_the_flat_weights(dtype):
+    model = make()  # GPT-2: the output layer's weight is the token embedding's
+    assert model.lm_head.weight is model.transformer.wte.weight
+    if dtype is not None:
+        compiled.round_weights(model, dtype)
+    buffers = decoder_for(model, 1, compile=True).compiled.buffers
+    padded = sum(-(-p.numel() // compiled.ALIGN) * compiled.ALIGN for p in model.parameters())  # each once
+    assert sum(b.numel() for b in buffers) == padded
+
+
 @needs_compiler
 @pytest.mark.parametrize("name, options", KINDS[:2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

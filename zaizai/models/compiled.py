@@ -217,16 +217,15 @@ def round_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def detached(weights, dtype: torch.dtype | None = None, memo: dict | None = None):
     """``weights`` (tuples and lists of tensors and flags) with every tensor detached: the compiled step takes
     no part in autograd. ``dtype``: the model's 2-D parameters (rounded to it by :func:`round_weights`) stored in
-    it, one copy for a tensor named twice (tied embeddings)."""
+    it. A tensor named twice (tied embeddings) gives one detached tensor, so :func:`flatten` stores it once."""
     memo = {} if memo is None else memo
     if isinstance(weights, (tuple, list)):
         return tuple(detached(w, dtype, memo) for w in weights)
     if not isinstance(weights, torch.Tensor):
         return weights
-    if dtype is None or not isinstance(weights, torch.nn.Parameter) or weights.dim() != 2:
-        return weights.detach()
     if id(weights) not in memo:
-        memo[id(weights)] = weights.detach().to(dtype)
+        to_dtype = dtype is not None and isinstance(weights, torch.nn.Parameter) and weights.dim() == 2
+        memo[id(weights)] = weights.detach().to(dtype) if to_dtype else weights.detach()
     return memo[id(weights)]
 
 
