@@ -227,9 +227,9 @@ def test_each_model_shape_is_compiled_once_and_kept_on_disk_for_later_runs(monke
     monkeypatch.setattr(compiled, "_COMPILED", {})
     built, real, made = len(compiled.BUILT), compiled._build, {}
 
-    def build(step, example, window):  # each shape's C++ compiled once: a second build gives its bytes
-        key = compiled._package_key(step, compiled._nest(example, *step.shape)[2], window)
-        made[key] = made.get(key) or real(step, example, window)
+    def build(step, example):  # each shape's C++ compiled once: a second build gives its bytes
+        key = compiled._package_key(step, compiled._nest(example, *step.shape)[2])
+        made[key] = made.get(key) or real(step, example)
         return made[key]
 
     monkeypatch.setattr(compiled, "_build", build)

@@ -286,12 +286,12 @@ def _machine() -> str:
     return f"{source} {torch.__version__} {cpu}"
 
 
-def _package_key(step: CompiledStep, past: tuple, window: int) -> str:
+def _package_key(step: CompiledStep, past: tuple) -> str:
     """What a compiled step's code depends on, hashed: this module's source, torch, the CPU and thread count,
     the step's function, the model's shape and the dtypes and strides of what it is given."""
     parts = [_machine(), torch.get_num_threads(), step.fn.__name__,
-             step.n_head, step.eps, step.layout, [(b.dtype, b.shape) for b in step.buffers], step.kv_dtype, window,
-             [(t.dtype, t.shape[0], t.shape[2], t.stride()) for kv in past for t in kv], sorted(step.OPTIONS.items())]
+             step.n_head, step.eps, step.layout, [(b.dtype, b.shape) for b in step.buffers], step.kv_dtype,
+             step.window, [(t.dtype, t.shape[0], t.shape[2], t.stride()) for kv in past for t in kv], sorted(step.OPTIONS.items())]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
@@ -304,10 +304,11 @@ class _Step(torch.nn.Module):
         return self.fn(token, span, past, stored, buffers)
 
 
-def _build(step: CompiledStep, example: list, window: int) -> bytes:
-    """The step compiled ahead of time (torch.export, then AOTInductor) for every cache length from MIN_PAST to
-    window - 2 (the span's length): a .pt2 package's bytes. ``example``: its inputs, as :func:`_flat` lays them."""
-    p = torch.export.Dim("p", min=step.MIN_PAST, max=window - 2)
+def _build(step: CompiledStep, example: list) -> bytes:
+    """The step compiled ahead of time (torch.export, then AOTInductor) for every cache length it takes (the span's
+    length; :meth:`CompiledStep.takes`): a .pt2 package's bytes. ``example``: its inputs, as :func:`_flat` lays
+    them."""
+    p = torch.export.Dim("p", min=step.MIN_PAST, max=step.window - 2)
     token, span, past, stored, buffers = _nest(example, *step.shape)
     dynamic = (None, {0: p}, tuple((None, None) for _ in past), tuple((None, None) for _ in stored),
                tuple(None for _ in buffers))
@@ -320,13 +321,13 @@ def _build(step: CompiledStep, example: list, window: int) -> bytes:
     return package.getvalue()
 
 
-def _load(step: CompiledStep, example: list, window: int):
+def _load(step: CompiledStep, example: list):
     """The compiled step for this model shape, a function of its inputs laid out as :func:`_flat` does: from the
     cache (:func:`cache_dir`), or compiled now and kept there (written atomically, packages unused for KEEP_DAYS days
     deleted; where the cache cannot be written, in a temporary folder for this process)."""
     from ..common.fileio import atomic_write
 
-    key = _package_key(step, _nest(example, *step.shape)[2], window)
+    key = _package_key(step, _nest(example, *step.shape)[2])
     if key in _COMPILED:
         return _COMPILED[key]
     path = cache_dir() / "compiled" / f"step-{key}.pt2"
@@ -338,7 +339,7 @@ def _load(step: CompiledStep, example: list, window: int):
         except Exception:  # noqa: BLE001 - unreadable (another torch, a damaged file): compile it again
             runner = None
     if runner is None:
-        data = _build(step, example, window)
+        data = _build(step, example)
         BUILT.append(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -436,8 +437,9 @@ class CompiledStep:
         self.mirrored = 0  # positions [0, mirrored) of the mirror hold row 0's
         self.source: tuple = (None, None)  # the rows the inputs below hold: (what the step reads, row 0's)
         self.inputs: list = []  # the step's inputs (_flat), the same tensors at every step but the span
-        self.spans: list = []  # spans[p]: a cache of p tokens (see _bound)
-        self.token = self.token_ids = None  # the token's tensor (1,), and its numpy view, to write it in place
+        self.spans = _spans(window)  # spans[p]: a cache of p tokens (see _bound)
+        self.token = torch.zeros(1, dtype=torch.long)  # the token (CPU: what --compile runs on), written in place
+        self.token_ids = self.token.numpy()  # through numpy: a write that is no tensor operation
 
     def takes(self, p: int) -> bool:
         """Whether it steps after a cache of p tokens (else the eager step does)."""
@@ -476,15 +478,12 @@ class CompiledStep:
         try:
             rows = self.rows(row0, p)
             if rows is not self.source[0] or row0 is not self.source[1]:  # the first step, a cache grown
-                self.token = torch.zeros(1, dtype=torch.long, device=row0[0][0].device)
-                self.token_ids = self.token.numpy()  # a write through numpy is no tensor operation (CPU only)
                 self.source = (rows, row0)
                 self.inputs = _flat(self.token, None, rows, row0 if rows is not row0 else (), self.buffers)
-                self.spans = _spans(self.window)
             self.token_ids[0] = token
             self.inputs[1] = self.spans[p]
             if self.runner is None:
-                self.runner = _load(self, self.inputs, self.window)
+                self.runner = _load(self, self.inputs)
             out = self.runner(self.inputs)
         except Exception as e:  # noqa: BLE001 - a compiler missing or failing: the eager step gives the same logits
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

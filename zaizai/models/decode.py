@@ -214,7 +214,7 @@ class KVDecoder(Decoder):
     def _step_compiled(self, token: int) -> torch.Tensor | None:
         """:meth:`step` of row 0 alone through the compiled step: its logits (1, V) (and :attr:`choice`), or None
         where it could not be compiled (nothing written: the eager step follows). At batch 1 of a small model
-        every tensor operation counts (each ~3-10 us, run with the caches just flushed by the weights' read): here
+        every tensor operation counts (each ~5-15 us, run with the caches just flushed by the weights' read): here
         there is none but the step (which writes the cache), and row 0's position on the device is brought up to
         date when an eager step needs it."""
         p = self.lengths[0]
